@@ -1,0 +1,1 @@
+"""miroir-pipeline: chunked, resumable Meilisearch dump imports and reshard backfills."""

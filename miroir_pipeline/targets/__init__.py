@@ -1,0 +1,1 @@
+"""Node targets: local node store and Meilisearch nodes."""
