@@ -76,8 +76,13 @@ def test_miroir_rust_fixtures(key: str, shards: int, expected: int) -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(1, "1"), (0, "0"), (18446744073709551615, "18446744073709551615"), (-42, "-42"),
-     (-9223372036854775808, "-9223372036854775808")],
+    [
+        (1, "1"),
+        (0, "0"),
+        (18446744073709551615, "18446744073709551615"),
+        (-42, "-42"),
+        (-9223372036854775808, "-9223372036854775808"),
+    ],
 )
 def test_integer_key_hashes_as_its_decimal_text(value: int, text: str) -> None:
     for shards in (7, 64, 1000):
@@ -120,7 +125,9 @@ def test_assign_shard_in_group_golden(shard_id: int, ranked: list[str]) -> None:
     assert assign_shard_in_group(shard_id, list(reversed(nodes)), 3) == ranked
 
 
-def test_assign_shard_in_group_breaks_score_ties_by_node_id(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_assign_shard_in_group_breaks_score_ties_by_node_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Equal scores need a 64-bit xxh64 collision, which cannot be produced in a test, so the
     score function is replaced by a fake that makes every node tie (and one node win)."""
 
@@ -139,8 +146,14 @@ def _two_group_topology(rf: int) -> Topology:
             "replication_factor": rf,
             "groups": [
                 # Listed out of id order on purpose: targets come in group id order.
-                {"id": 1, "nodes": [{"id": f"b-{i}", "url": f"local:///tmp/b-{i}"} for i in range(2)]},
-                {"id": 0, "nodes": [{"id": f"a-{i}", "url": f"local:///tmp/a-{i}"} for i in range(3)]},
+                {
+                    "id": 1,
+                    "nodes": [{"id": f"b-{i}", "url": f"local:///tmp/b-{i}"} for i in range(2)],
+                },
+                {
+                    "id": 0,
+                    "nodes": [{"id": f"a-{i}", "url": f"local:///tmp/a-{i}"} for i in range(3)],
+                },
             ],
         }
     )
@@ -271,7 +284,11 @@ def test_primary_key_text_accepts_valid_alphabet(value: str) -> None:
     assert primary_key_text(value) == value.encode()
 
 
-@given(st.text(min_size=1, max_size=40).filter(lambda s: any(not (c.isascii() and (c.isalnum() or c in "_-")) for c in s)))
+@given(
+    st.text(min_size=1, max_size=40).filter(
+        lambda s: any(not (c.isascii() and (c.isalnum() or c in "_-")) for c in s)
+    )
+)
 def test_primary_key_text_rejects_other_characters(value: str) -> None:
     with pytest.raises(InvalidPrimaryKey):
         primary_key_text(value)

@@ -24,8 +24,17 @@ VALID: dict[str, Any] = {
     "shards": 8,
     "replication_factor": 2,
     "groups": [
-        {"id": 0, "nodes": [{"id": "a", "url": "http://127.0.0.1:7700"}, {"id": "b", "url": "https://h:7700/"}]},
-        {"id": 1, "nodes": [{"id": "c", "url": "local:///x/c"}, {"id": "d", "url": "local:///x/d"}]},
+        {
+            "id": 0,
+            "nodes": [
+                {"id": "a", "url": "http://127.0.0.1:7700"},
+                {"id": "b", "url": "https://h:7700/"},
+            ],
+        },
+        {
+            "id": 1,
+            "nodes": [{"id": "c", "url": "local:///x/c"}, {"id": "d", "url": "local:///x/d"}],
+        },
     ],
 }
 
@@ -77,7 +86,11 @@ _DELETE = object()
         (["replication_factor"], 3, ["replication_factor", "3", "group 0", "2 node"]),
         (["groups", 1, "nodes", 0, "id"], "a", ["groups", "'a'", "unique"]),
         (["groups", 1, "id"], 0, ["groups", "duplicate group id", "[0]"]),
-        (["groups", 0, "nodes", 1, "url"], "ftp://h", ["groups[0].nodes[1].url", "unknown URL scheme", "ftp://h"]),
+        (
+            ["groups", 0, "nodes", 1, "url"],
+            "ftp://h",
+            ["groups[0].nodes[1].url", "unknown URL scheme", "ftp://h"],
+        ),
         (["groups", 0, "nodes", 1, "url"], "local://", ["groups[0].nodes[1].url", "local://"]),
         (["shards"], _DELETE, ["shards", "required"]),
         (["groups"], _DELETE, ["groups", "required"]),
@@ -87,7 +100,9 @@ _DELETE = object()
         (["surprise"], 1, ["surprise"]),
     ],
 )
-def test_invalid_topology_names_the_field(path: list[str | int], value: Any, fragments: list[str]) -> None:
+def test_invalid_topology_names_the_field(
+    path: list[str | int], value: Any, fragments: list[str]
+) -> None:
     with pytest.raises(TopologyError) as info:
         Topology.parse(_broken(path, value), source="fleet.yaml")
     message = str(info.value)
