@@ -1,0 +1,5 @@
+"""Dagster entry point (``dagster dev`` loads this through ``[tool.dagster]`` in pyproject.toml)."""
+
+from miroir_pipeline.orchestration.definitions import defs
+
+__all__ = ["defs"]

@@ -1,0 +1,111 @@
+"""Dump import in Dagster: an op job that plans an import (stage, split, register one partition
+per chunk) and the partitioned asset that imports one chunk."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from miroir_pipeline.chunk_claims import acquire_chunk, default_worker_id
+from miroir_pipeline.dump_import import DumpChunkParams, DumpImportRequest, plan_dump_import, process_dump_chunk
+from miroir_pipeline.jobstore.base import JobNotClaimable
+from miroir_pipeline.orchestration.partitions import (
+    DUMP_CHUNKS,
+    TAG_CHUNK_RUN,
+    TAG_CLAIM_TOKEN,
+    TAG_WORKER_ID,
+    dump_chunks,
+)
+from miroir_pipeline.orchestration.resources import (
+    JobStoreResource,
+    SettingsResource,
+    TopologyResource,
+    targets_for,
+)
+from miroir_pipeline.topology import Topology
+
+
+class DumpImportConfig(dg.Config):  # type: ignore[misc]
+    """An import request, as run config (the launchpad form in the UI)."""
+
+    uri: str
+    index_uid: str
+    primary_key: str | None = None
+    chunk_size_bytes: int | None = None
+    on_invalid_document: str | None = None
+
+
+@dg.op(description="Stage and validate a dump, enqueue the parent, split it, and register one partition per chunk.")
+def plan_dump_import_op(
+    context: dg.OpExecutionContext,
+    config: DumpImportConfig,
+    jobs: JobStoreResource,
+    topology: TopologyResource,
+    settings: SettingsResource,
+) -> str:
+    topo = topology.get_topology()
+    request = DumpImportRequest.model_validate(config.model_dump())
+    planned = plan_dump_import(jobs.get_store(), request, topo, targets_for(topo), settings.get_settings())
+    context.instance.add_dynamic_partitions(DUMP_CHUNKS, planned.chunk_ids)
+    context.add_output_metadata(
+        {
+            "parent_job_id": planned.parent.id,
+            "chunks": len(planned.chunk_ids),
+            "bytes_total": planned.bytes_total,
+            "primary_key": planned.primary_key,
+        }
+    )
+    context.log.info(f"import {planned.parent.id}: {len(planned.chunk_ids)} chunk(s) registered")
+    return planned.parent.id
+
+
+@dg.job(description="Plan a dump import: one dynamic partition of dump_chunk per chunk.")
+def plan_dump_import_job() -> None:
+    plan_dump_import_op()
+
+
+@dg.asset(
+    key=["miroir", "dump_chunk"],
+    partitions_def=dump_chunks,
+    description="One chunk of a dump import routed to its shard's nodes (resumable, fenced).",
+    group_name="miroir",
+)
+def dump_chunk(
+    context: dg.AssetExecutionContext,
+    jobs: JobStoreResource,
+    settings: SettingsResource,
+) -> dg.MaterializeResult:
+    store = jobs.get_store()
+    cfg = settings.get_settings()
+    chunk_id = context.partition_key
+    tags = context.run.tags
+    try:
+        lease = acquire_chunk(
+            store,
+            chunk_id,
+            tags.get(TAG_WORKER_ID) or default_worker_id(),
+            cfg.lease_ttl,
+            adopt_token=tags.get(TAG_CLAIM_TOKEN),
+        )
+    except JobNotClaimable as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    if lease is None:
+        context.log.info(f"chunk {chunk_id} is already completed; nothing to do")
+        return dg.MaterializeResult(metadata={"noop": True, "reason": "chunk already completed"})
+    params = DumpChunkParams.model_validate(lease.job.params)
+    targets = targets_for(Topology.parse(params.topology))
+    report = process_dump_chunk(store, lease, targets, cfg)
+    context.log.info(
+        f"chunk {chunk_id}: {report.documents} documents, {report.bytes} bytes, "
+        f"{report.mb_per_s:.1f} MB/s, resumed from {report.resumed_from}"
+    )
+    return dg.MaterializeResult(metadata=report.as_metadata())
+
+
+dump_chunk_job = dg.define_asset_job(
+    "dump_chunk_job",
+    selection=[dump_chunk],
+    partitions_def=dump_chunks,
+    executor_def=dg.in_process_executor,
+    tags={TAG_CHUNK_RUN: "dump"},
+    description="Import one dump chunk (one run per partition).",
+)

@@ -1,0 +1,70 @@
+"""Resources: the job store, the topology and the processing settings.
+
+Secrets never sit in resource config: the jobs DSN and Meilisearch API keys are read from
+environment variables (``dsn`` may be an ``EnvVar``), so they never show in the UI.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import dagster as dg
+
+from miroir_pipeline.config import PipelineSettings, resolve_topology
+from miroir_pipeline.jobstore import JobStore, open_store
+from miroir_pipeline.targets.base import NodeTarget
+from miroir_pipeline.targets.factory import open_target
+from miroir_pipeline.topology import Topology
+
+_lock = threading.Lock()
+_stores: dict[str, JobStore] = {}
+_targets: dict[tuple[str, str], NodeTarget] = {}
+
+
+class JobStoreResource(dg.ConfigurableResource):  # type: ignore[misc]
+    """The jobs table. ``dsn`` (an ``EnvVar`` in production) or else ``$MIROIR_JOBS_DSN``."""
+
+    dsn: str | None = None
+
+    def get_store(self) -> JobStore:
+        dsn = self.dsn or os.environ.get("MIROIR_JOBS_DSN") or ""
+        with _lock:
+            store = _stores.get(dsn)
+            if store is None:
+                store = open_store(dsn or None)
+                _stores[dsn] = store
+            return store
+
+
+class TopologyResource(dg.ConfigurableResource):  # type: ignore[misc]
+    """The live topology: a YAML file, else ``$MIROIR_TOPOLOGY``, else the local default."""
+
+    path: str | None = None
+
+    def get_topology(self) -> Topology:
+        return resolve_topology(self.path)
+
+
+class SettingsResource(dg.ConfigurableResource):  # type: ignore[misc]
+    """Overrides of :class:`PipelineSettings`; unset fields keep the embedded defaults."""
+
+    overrides: dict[str, Any] = {}
+
+    def get_settings(self) -> PipelineSettings:
+        return PipelineSettings(**self.overrides)
+
+
+def targets_for(topology: Topology) -> dict[str, NodeTarget]:
+    """Node targets, one per node, kept for the life of the process (connection reuse)."""
+    out: dict[str, NodeTarget] = {}
+    with _lock:
+        for node in topology.all_nodes():
+            key = (node.id, node.url)
+            target = _targets.get(key)
+            if target is None:
+                target = open_target(node)
+                _targets[key] = target
+            out[node.id] = target
+    return out

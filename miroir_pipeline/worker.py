@@ -1,0 +1,171 @@
+"""The worker pool member: claim a chunk, execute it as a Dagster run in-process against the
+shared instance (so it shows in the UI without a process start per chunk), repeat (DESIGN §7)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import dagster as dg
+
+from miroir_pipeline import metrics
+from miroir_pipeline.chunk_claims import default_worker_id
+from miroir_pipeline.config import PipelineSettings
+from miroir_pipeline.jobstore.base import (
+    JobNotClaimable,
+    JobState,
+    JobStore,
+    JobType,
+    Lease,
+    LeaseLost,
+)
+from miroir_pipeline.orchestration.partitions import (
+    DUMP_CHUNKS,
+    RESHARD_CHUNKS,
+    TAG_CLAIM_TOKEN,
+    TAG_WORKER_ID,
+)
+from miroir_pipeline.shutdown import DRAIN
+
+__all__ = ["Worker", "WorkerStats"]
+
+log = logging.getLogger(__name__)
+
+_JOB_FOR_TYPE = {
+    JobType.DUMP_IMPORT: ("dump_chunk_job", DUMP_CHUNKS),
+    JobType.RESHARD_BACKFILL: ("reshard_chunk_job", RESHARD_CHUNKS),
+}
+
+
+@dataclass
+class WorkerStats:
+    chunks_run: int = 0
+    chunks_succeeded: int = 0
+    chunks_failed: int = 0
+    run_ids: list[str] = field(default_factory=list)
+
+
+class Worker:
+    """Claims chunks of the given types (optionally of one parent only) and runs each one."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        instance: dg.DagsterInstance,
+        defs: dg.Definitions,
+        settings: PipelineSettings,
+        *,
+        job_types: tuple[str, ...] = (JobType.DUMP_IMPORT, JobType.RESHARD_BACKFILL),
+        worker_id: str | None = None,
+        parent_id: str | None = None,
+        exit_when_empty: bool = False,
+        max_chunks: int | None = None,
+        idle_max_sleep: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.instance = instance
+        self.defs = defs
+        self.settings = settings
+        self.job_types = job_types
+        self.worker_id = worker_id or default_worker_id()
+        self.parent_id = parent_id
+        self.exit_when_empty = exit_when_empty
+        self.max_chunks = max_chunks
+        self.idle_max_sleep = idle_max_sleep
+        self.stats = WorkerStats()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop claiming; the running chunk hands itself back at its next batch."""
+
+        def _drain(signum: int, _frame: FrameType | None) -> None:
+            log.warning("worker %s: signal %d, draining", self.worker_id, signum)
+            DRAIN.set()
+
+        signal.signal(signal.SIGTERM, _drain)
+        signal.signal(signal.SIGINT, _drain)
+
+    def run(self) -> WorkerStats:
+        idle = 0.05
+        while not DRAIN.is_set():
+            if self.max_chunks is not None and self.stats.chunks_run >= self.max_chunks:
+                break
+            lease = self._claim()
+            if lease is None:
+                if self.exit_when_empty and self._nothing_left():
+                    break
+                DRAIN.wait(idle)
+                idle = min(idle * 2, self.idle_max_sleep)
+                continue
+            idle = 0.05
+            self._run_chunk(lease)
+        return self.stats
+
+    # -- claiming -----------------------------------------------------------------------------
+    def _claim(self) -> Lease | None:
+        if self.parent_id is None:
+            lease = self.store.claim(list(self.job_types), self.worker_id, self.settings.lease_ttl)
+        else:
+            lease = self._claim_in_parent(self.parent_id)
+        if lease is not None:
+            metrics.CLAIMS.labels(job_type=lease.job.type).inc()
+            if lease.attempt > 1:
+                metrics.RECLAIMS.inc()
+        return lease
+
+    def _claim_in_parent(self, parent_id: str) -> Lease | None:
+        for job in self.store.children(parent_id):
+            if job.state not in (JobState.QUEUED, JobState.IN_PROGRESS):
+                continue
+            try:
+                return self.store.claim_by_id(job.id, self.worker_id, self.settings.lease_ttl)
+            except JobNotClaimable:
+                continue
+        return None
+
+    def _nothing_left(self) -> bool:
+        if self.parent_id is not None:
+            summary = self.store.parent_summary(self.parent_id)
+            return summary.parent.state in (JobState.COMPLETED, JobState.FAILED)
+        depth = self.store.queue_depth()
+        return all(depth.get(t, 0) == 0 for t in self.job_types)
+
+    # -- running ------------------------------------------------------------------------------
+    def _run_chunk(self, lease: Lease) -> None:
+        job_name, partitions_name = _JOB_FOR_TYPE[JobType(lease.job.type)]
+        chunk_id = lease.job_id
+        if not self.instance.has_dynamic_partition(partitions_name, chunk_id):
+            self.instance.add_dynamic_partitions(partitions_name, [chunk_id])
+        job_def = self.defs.resolve_job_def(job_name)
+        started = time.monotonic()
+        tags: dict[str, Any] = {TAG_CLAIM_TOKEN: lease.token, TAG_WORKER_ID: self.worker_id}
+        log.info("worker %s: running chunk %s (attempt %d)", self.worker_id, chunk_id, lease.attempt)
+        result = job_def.execute_in_process(
+            instance=self.instance, partition_key=chunk_id, tags=tags, raise_on_error=False
+        )
+        elapsed = time.monotonic() - started
+        self.stats.chunks_run += 1
+        self.stats.run_ids.append(result.run_id)
+        outcome = "success" if result.success else "failure"
+        metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=outcome).observe(elapsed)
+        if result.success:
+            self.stats.chunks_succeeded += 1
+            return
+        self.stats.chunks_failed += 1
+        self._settle_abandoned(lease, result.run_id)
+
+    def _settle_abandoned(self, lease: Lease, run_id: str) -> None:
+        """A run that failed before the chunk took over its lease must not leave it dangling."""
+        job = self.store.get(lease.job_id)
+        if job.state != JobState.IN_PROGRESS or job.claim_token != lease.token:
+            return
+        try:
+            if DRAIN.is_set():
+                self.store.release(lease)
+            else:
+                self.store.fail(lease, f"Dagster run {run_id} failed before processing the chunk")
+        except LeaseLost:
+            pass
