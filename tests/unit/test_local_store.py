@@ -1,0 +1,164 @@
+"""Local node store: replace-by-primary-key, shard reads and counts, paging, concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from miroir_pipeline.routing import shard_for_key
+from miroir_pipeline.targets.base import IndexNotFound, TargetError
+from miroir_pipeline.targets.local_store import LocalNodeStore
+
+SHARDS = 8
+
+
+def ndjson(docs: list[dict[str, object]]) -> bytes:
+    return b"".join(json.dumps(d).encode() + b"\n" for d in docs)
+
+
+def doc(pk: str | int, **fields: object) -> dict[str, object]:
+    return {"id": pk, **fields, "_miroir_shard": shard_for_key(pk, SHARDS)}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LocalNodeStore]:
+    s = LocalNodeStore("node-0", tmp_path / "node-0")
+    yield s
+    s.close()
+
+
+def test_resent_document_replaces_old_one(store: LocalNodeStore) -> None:
+    store.write_documents("books", "id", ndjson([doc(1, v=1), doc("a", v=1)]), 2)
+    # Integer 1 and string "1" are the same document in Meilisearch.
+    store.write_documents("books", "id", ndjson([doc("1", v=2), doc("a", v=2)]), 2)
+    assert store.count_documents("books") == 2
+    got = sorted((json.loads(d) for d in store.iter_documents("books")), key=lambda d: str(d["id"]))
+    assert [(str(d["id"]), d["v"]) for d in got] == [("1", 2), ("a", 2)]
+
+
+def test_shard_reads_and_counts_match_routing(store: LocalNodeStore) -> None:
+    docs = [doc(f"k{i}", n=i) for i in range(600)]
+    for start in range(0, 600, 150):
+        store.write_documents("books", "id", ndjson(docs[start : start + 150]), 150)
+    expected: dict[int, set[str]] = {}
+    for d in docs:
+        expected.setdefault(int(d["_miroir_shard"]), set()).add(str(d["id"]))  # type: ignore[call-overload]
+    assert store.count_by_shard("books") == {s: len(ids) for s, ids in expected.items()}
+    assert store.count_documents("books") == 600
+    for shard, ids in expected.items():
+        pages: list[str] = []
+        offset = 0
+        while page := store.fetch_shard("books", shard, offset, 7):
+            pages += [json.loads(d)["id"] for d in page]
+            offset += len(page)
+        assert pages == sorted(ids), f"shard {shard}: pages must cover it once, in key order"
+
+
+def test_paging_is_stable_without_writes(store: LocalNodeStore) -> None:
+    store.write_documents("books", "id", ndjson([doc(i) for i in range(300)]), 300)
+    shard = shard_for_key(0, SHARDS)
+    first = [store.fetch_shard("books", shard, off, 10) for off in range(0, 100, 10)]
+    again = [store.fetch_shard("books", shard, off, 10) for off in range(0, 100, 10)]
+    assert first == again
+    all_docs = list(store.iter_documents("books", page_size=17))
+    assert len(all_docs) == 300
+    assert len({json.loads(d)["id"] for d in all_docs}) == 300
+
+
+def test_document_keeps_its_bytes_and_shard_field(store: LocalNodeStore) -> None:
+    line = b'{"id":"x-1","nested":{"a":[1,2,{"b":null}]},"t":"\\u00e9t\xc3\xa9","_miroir_shard":5}'
+    store.write_documents("books", "id", line + b"\n", 1)
+    assert store.fetch_shard("books", 5, 0, 10) == [line]
+
+
+def test_batch_count_mismatch_is_refused(store: LocalNodeStore) -> None:
+    with pytest.raises(TargetError, match=r"node-0.*books.*2 NDJSON lines but 3"):
+        store.write_documents("books", "id", ndjson([doc(1), doc(2)]), 3)
+    assert not store.index_exists("books")
+
+
+def test_line_without_key_names_its_position(store: LocalNodeStore) -> None:
+    body = ndjson([doc(1), {"title": "no id", "_miroir_shard": 0}])
+    with pytest.raises(TargetError, match=r"node-0: index books: document 2 of the batch"):
+        store.write_documents("books", "id", body, 2)
+    # Nothing of a refused batch is written.
+    assert not store.index_exists("books")
+
+
+def test_other_primary_key_is_refused(store: LocalNodeStore) -> None:
+    store.ensure_index("books", "id")
+    assert store.get_primary_key("books") == "id"
+    with pytest.raises(TargetError, match=r"already has primary key 'id', not 'isbn'"):
+        store.write_documents("books", "isbn", b'{"isbn":"1","_miroir_shard":0}\n', 1)
+
+
+def test_missing_index_raises_index_not_found(store: LocalNodeStore) -> None:
+    assert not store.index_exists("nope")
+    for call in (
+        lambda: store.count_documents("nope"),
+        lambda: store.count_by_shard("nope"),
+        lambda: store.fetch_shard("nope", 0, 0, 10),
+        lambda: list(store.iter_documents("nope")),
+        lambda: store.get_settings("nope"),
+        lambda: store.get_primary_key("nope"),
+    ):
+        with pytest.raises(IndexNotFound, match="node-0: index nope does not exist"):
+            call()
+
+
+def test_settings_merge_keeps_user_filterable_attributes(store: LocalNodeStore) -> None:
+    store.ensure_index(
+        "books", "id", {"filterableAttributes": ["genre"], "rankingRules": ["words"]}
+    )
+    store.ensure_index("books", "id", {"searchableAttributes": ["title"]})
+    settings = store.get_settings("books")
+    assert settings["filterableAttributes"] == ["genre", "_miroir_shard"]
+    assert settings["rankingRules"] == ["words"]
+    assert settings["searchableAttributes"] == ["title"]
+
+
+def test_delete_documents_and_index(store: LocalNodeStore) -> None:
+    store.write_documents("books", "id", ndjson([doc(i) for i in range(10)]), 10)
+    store.delete_documents("books", ["1", "2", "not-there"])
+    assert store.count_documents("books") == 8
+    store.delete_index("books")
+    assert not store.index_exists("books")
+    store.delete_index("books")  # idempotent
+    store.write_documents("books", "id", ndjson([doc(1)]), 1)
+    assert store.count_documents("books") == 1
+
+
+def _writer(path: str, worker: int, batches: int, per_batch: int) -> None:
+    """Child process: writes its own keys plus keys shared with the other writer."""
+    s = LocalNodeStore("node-0", path, busy_timeout_s=60)
+    for b in range(batches):
+        docs = [doc(f"w{worker}-{b}-{i}", by=worker) for i in range(per_batch)]
+        docs += [doc(f"shared-{i}", by=worker, batch=b) for i in range(20)]
+        s.write_documents("books", "id", ndjson(docs), len(docs))
+    s.close()
+
+
+def test_concurrent_writers_from_two_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "node-0")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, w, 25, 200)) for w in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0, f"writer pid {p.pid} exited with {p.exitcode}"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    s = LocalNodeStore("node-0", path)
+    ids = [json.loads(d)["id"] for d in s.iter_documents("books", page_size=500)]
+    assert len(ids) == len(set(ids)) == 2 * 25 * 200 + 20
+    assert sum(s.count_by_shard("books").values()) == s.count_documents("books") == len(ids)
+    s.close()
