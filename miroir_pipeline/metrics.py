@@ -193,7 +193,9 @@ def push_queue_depth(
     values: dict[str, int] = {t.value: 0 for t in JobType}
     for job_type, count in depth.items():
         if count < 0:
-            raise ValueError(f"queue depth of {job_type!r} is negative ({count}); depths count rows")
+            raise ValueError(
+                f"queue depth of {job_type!r} is negative ({count}); depths count rows"
+            )
         values[str(job_type)] = int(count)
 
     with _PUSH_LOCK:
