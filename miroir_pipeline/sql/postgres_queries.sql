@@ -1,0 +1,301 @@
+-- Named statements of the Postgres job store (miroir_pipeline/jobstore/postgres.py).
+-- Every connection has search_path set to the store's schema, so "jobs" is <schema>.jobs.
+-- Time always comes from the database clock (now()), so every worker host agrees on leases.
+-- Lock order everywhere: a parent row before its chunks, parents in id order; the claim
+-- only ever locks one chunk. That order is what keeps concurrent writers deadlock-free.
+
+-- insert_job --
+-- Why: a producer's row; a parent waits for split(), a standalone chunk is claimable at once.
+INSERT INTO jobs (id, type, kind, state, params, max_attempts, chunk_index, total_chunks)
+VALUES (%(id)s, %(type)s, %(kind)s, 'queued', %(params)s::jsonb, %(max_attempts)s,
+        %(chunk_index)s, %(total_chunks)s)
+RETURNING *;
+
+-- get_job --
+SELECT * FROM jobs WHERE id = %(id)s;
+
+-- lock_job --
+-- Why: take the parent's row lock before touching its chunks (split, complete, fail, cancel),
+-- so that "was this the last unfinished child?" is answered after every sibling committed.
+SELECT * FROM jobs WHERE id = %(id)s FOR UPDATE;
+
+-- lock_jobs --
+-- Why: several parents locked in id order, so two sweepers never deadlock on each other.
+SELECT id FROM jobs WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
+
+-- insert_chunks --
+-- Why: one statement for all children (unnest of parallel arrays), so splitting thousands of
+-- chunks is a single round trip inside the split transaction.
+INSERT INTO jobs (id, type, kind, state, params, progress, max_attempts, parent_job_id,
+                  chunk_index, total_chunks)
+SELECT c.id, %(type)s, 'chunk', 'queued', c.params::jsonb, c.progress::jsonb, %(max_attempts)s,
+       %(parent_id)s, c.chunk_index, %(total)s
+FROM unnest(%(ids)s::text[], %(indexes)s::int[], %(params)s::text[], %(progresses)s::text[])
+     AS c(id, chunk_index, params, progress)
+RETURNING *;
+
+-- mark_split --
+-- Why: the parent leaves the queued state in the split transaction, so a second split is
+-- refused; with zero chunks it is complete at once.
+UPDATE jobs
+SET state = %(state)s,
+    total_chunks = %(total)s,
+    finished_at = CASE WHEN %(finished)s THEN now() END,
+    updated_at = now()
+WHERE id = %(id)s
+RETURNING *;
+
+-- claim_next --
+-- Why: ONE atomic statement. The CTE walks the partial index jobs_claimable_idx in
+-- (chunk_index, created_at, id) order - which interleaves parents queued together (A0, B0,
+-- A1, B1 ...) - and locks the first claimable row nobody else is locking (SKIP LOCKED, so
+-- concurrent claimers never queue up behind each other). UPDATE ... FROM the CTE (not a bare
+-- IN (subquery), which the planner may re-evaluate and so lease more than one row) then
+-- leases exactly that row. Expired leases are claimable; rows out of attempts are not (they
+-- are failed for good by fail_expired_exhausted).
+WITH candidate AS (
+    SELECT id
+    FROM jobs
+    WHERE kind = 'chunk'
+      AND state IN ('queued', 'in_progress')
+      AND type = ANY(%(types)s::text[])
+      AND ((state = 'queued' AND available_at <= now())
+           OR (state = 'in_progress' AND claim_expires_at < now() AND attempts < max_attempts))
+    ORDER BY chunk_index, created_at, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs AS j
+SET state = 'in_progress',
+    claimed_by = %(worker_id)s,
+    claim_token = %(token)s,
+    claim_expires_at = now() + make_interval(secs => %(ttl)s),
+    attempts = j.attempts + 1,
+    updated_at = now()
+FROM candidate
+WHERE j.id = candidate.id
+RETURNING j.*;
+
+-- claim_by_id --
+-- Why: a UI-launched run of one partition leases that chunk when it is queued (backoff is
+-- waived: an operator asked for it now) or its lease expired; the WHERE re-check after the
+-- row lock makes two racing claimers get one lease between them.
+UPDATE jobs
+SET state = 'in_progress',
+    claimed_by = %(worker_id)s,
+    claim_token = %(token)s,
+    claim_expires_at = now() + make_interval(secs => %(ttl)s),
+    attempts = attempts + 1,
+    updated_at = now()
+WHERE id = %(id)s
+  AND kind = 'chunk'
+  AND attempts < max_attempts
+  AND (state = 'queued' OR (state = 'in_progress' AND claim_expires_at < now()))
+RETURNING *;
+
+-- renew_lease --
+-- Why: fenced - only the current holder (state and token match) may extend its lease.
+UPDATE jobs
+SET claim_expires_at = now() + make_interval(secs => %(ttl)s), updated_at = now()
+WHERE id = %(id)s AND state = 'in_progress' AND claim_token = %(token)s
+RETURNING *;
+
+-- save_progress --
+-- Why: fenced - a worker that lost its lease must not move the resume cursor.
+UPDATE jobs
+SET progress = %(progress)s::jsonb, updated_at = now()
+WHERE id = %(id)s AND state = 'in_progress' AND claim_token = %(token)s
+RETURNING id;
+
+-- complete_chunk --
+-- Why: fenced; keeps claimed_by as a record of who finished it, drops the lease.
+UPDATE jobs
+SET state = 'completed',
+    progress = COALESCE(%(progress)s::jsonb, progress),
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    error = NULL,
+    finished_at = now(),
+    updated_at = now()
+WHERE id = %(id)s AND state = 'in_progress' AND claim_token = %(token)s
+RETURNING *;
+
+-- complete_parent_if_done --
+-- Why: run with the parent row locked, so exactly one of several children completing at
+-- once sees no unfinished sibling and completes the parent.
+UPDATE jobs AS p
+SET state = 'completed', finished_at = now(), updated_at = now()
+WHERE p.id = %(id)s
+  AND p.state = 'in_progress'
+  AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_job_id = p.id AND c.state <> 'completed')
+RETURNING *;
+
+-- fail_chunk --
+-- Why: fenced; one statement decides retry (queued, lease cleared, not claimable before the
+-- backoff) or failure for good. Progress is never touched: the next attempt resumes from it.
+UPDATE jobs
+SET state = CASE WHEN %(retry)s THEN 'queued' ELSE 'failed' END,
+    error = %(error)s,
+    claimed_by = CASE WHEN %(retry)s THEN NULL ELSE claimed_by END,
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    available_at = CASE WHEN %(retry)s THEN now() + make_interval(secs => %(backoff)s)
+                        ELSE available_at END,
+    finished_at = CASE WHEN %(retry)s THEN NULL ELSE now() END,
+    updated_at = now()
+WHERE id = %(id)s AND state = 'in_progress' AND claim_token = %(token)s
+RETURNING *;
+
+-- release_chunk --
+-- Why: a graceful hand-back is not a failed attempt, so the attempt the claim counted is
+-- given back; the row is claimable again at once with its progress.
+UPDATE jobs
+SET state = 'queued',
+    claimed_by = NULL,
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    attempts = GREATEST(attempts - 1, 0),
+    available_at = now(),
+    updated_at = now()
+WHERE id = %(id)s AND state = 'in_progress' AND claim_token = %(token)s
+RETURNING *;
+
+-- fail_unfinished --
+-- Why: fail one parent or chunk for good (child failed for good, cancel); finished rows are
+-- left alone and clearing the token fences any live holder.
+UPDATE jobs
+SET state = 'failed',
+    error = %(error)s,
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    finished_at = now(),
+    updated_at = now()
+WHERE id = %(id)s AND state IN ('queued', 'in_progress')
+RETURNING *;
+
+-- fail_unfinished_children --
+-- Why: cancel fails every chunk that has not finished, fencing live leases.
+UPDATE jobs
+SET state = 'failed',
+    error = %(error)s,
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    finished_at = now(),
+    updated_at = now()
+WHERE parent_job_id = %(id)s AND state IN ('queued', 'in_progress');
+
+-- expired_exhausted --
+-- Why: chunks whose worker died on their last allowed attempt; found without locks first so
+-- their parents can be locked before them (the global lock order).
+SELECT id, parent_job_id
+FROM jobs
+WHERE state = 'in_progress' AND kind = 'chunk'
+  AND claim_expires_at < now() AND attempts >= max_attempts;
+
+-- fail_expired_exhausted --
+-- Why: the same conditions re-checked under the row lock (a holder may have renewed since).
+UPDATE jobs
+SET state = 'failed',
+    error = 'lease expired on the last allowed attempt (' || attempts || '/' || max_attempts
+            || ', worker ' || COALESCE(claimed_by, '?') || ')'
+            || COALESCE('; previous error: ' || error, ''),
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    finished_at = now(),
+    updated_at = now()
+WHERE id = ANY(%(ids)s)
+  AND state = 'in_progress' AND claim_expires_at < now() AND attempts >= max_attempts
+RETURNING id, parent_job_id, error;
+
+-- requeue_expired --
+-- Why: a crashed worker's chunk goes back to the queue with its progress and its attempt
+-- count (the crashed attempt counts), so the next claimer resumes at the cursor.
+UPDATE jobs
+SET state = 'queued',
+    claimed_by = NULL,
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    available_at = now(),
+    updated_at = now()
+WHERE state = 'in_progress' AND kind = 'chunk'
+  AND claim_expires_at < now() AND attempts < max_attempts;
+
+-- queue_depth --
+-- Why: what the HPA scales on - the rows a claim could take right now, expired leases
+-- included (their workers are gone), per type.
+SELECT type, count(*) AS depth
+FROM jobs
+WHERE kind = 'chunk'
+  AND state IN ('queued', 'in_progress')
+  AND ((state = 'queued' AND available_at <= now())
+       OR (state = 'in_progress' AND claim_expires_at < now() AND attempts < max_attempts))
+GROUP BY type;
+
+-- children --
+SELECT * FROM jobs WHERE parent_job_id = %(id)s ORDER BY chunk_index, id;
+
+-- children_states --
+-- Why: one query for the roll-up of many parents (list_parents), not one per parent.
+SELECT parent_job_id, state, progress FROM jobs WHERE parent_job_id = ANY(%(ids)s);
+
+-- list_parents --
+SELECT *
+FROM jobs
+WHERE kind = 'parent' AND (%(type)s::text IS NULL OR type = %(type)s::text)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- prunable_parents --
+-- Why: finished parents past the age whose chunks are all finished too (a failed parent's
+-- siblings may still be running; they are pruned once they finish). Locked so nothing
+-- changes them while their rows are deleted.
+SELECT p.id
+FROM jobs AS p
+WHERE p.kind = 'parent'
+  AND p.state IN ('completed', 'failed')
+  AND p.finished_at < now() - make_interval(secs => %(age)s)
+  AND NOT EXISTS (SELECT 1 FROM jobs AS c
+                  WHERE c.parent_job_id = p.id AND c.state IN ('queued', 'in_progress'))
+ORDER BY p.id
+FOR UPDATE;
+
+-- delete_children --
+DELETE FROM jobs WHERE parent_job_id = ANY(%(ids)s);
+
+-- delete_jobs --
+DELETE FROM jobs WHERE id = ANY(%(ids)s);
+
+-- delete_finished_orphans --
+-- Why: standalone chunks (no parent) are pruned by their own finish time.
+DELETE FROM jobs
+WHERE kind = 'chunk' AND parent_job_id IS NULL
+  AND state IN ('completed', 'failed')
+  AND finished_at < now() - make_interval(secs => %(age)s);
+
+-- migration_lock --
+-- Why: serialises migrators across processes and hosts for the rest of the transaction;
+-- the key is derived from the schema name, so stores in different schemas do not wait.
+SELECT pg_advisory_xact_lock(%(key)s::bigint);
+
+-- create_schema_migrations --
+-- Why: the record of applied migration files, in the store's own schema.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name       text        PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- applied_migrations --
+SELECT name FROM schema_migrations ORDER BY name;
+
+-- record_migration --
+INSERT INTO schema_migrations (name) VALUES (%(name)s);
+
+-- create_schema --
+-- Why: the store lives in its own schema (Dagster already has a "jobs" table); the name is
+-- a validated identifier composed in with psycopg.sql.Identifier, never string-pasted.
+CREATE SCHEMA IF NOT EXISTS {schema};
+
+-- set_search_path --
+-- Why: every connection resolves "jobs" and "schema_migrations" to the store's schema, so
+-- neither the queries nor the migration files name it.
+SET search_path TO {schema};
