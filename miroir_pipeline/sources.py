@@ -413,14 +413,16 @@ class _StagingDir:
         with contextlib.suppress(OSError, pa.ArrowException):
             self.filesystem.delete_file(path)
 
-    def no_space(self, written: int, needed: int | None) -> DumpSourceError:
+    def no_space(self, attempted: int, needed: int | None) -> DumpSourceError:
+        """``attempted``: bytes written plus the block that did not fit (a lower bound)."""
         free = self.free_bytes()
-        need = f"needs {needed} bytes" if needed is not None else f"needs more than {written} bytes"
-        left = f", {free} bytes are left" if free is not None else ""
+        need = (
+            f"needs {needed} bytes" if needed is not None else f"needs at least {attempted} bytes"
+        )
+        left = f" but only {free} bytes are left there" if free is not None else ""
         return DumpSourceError(
-            f"staging dir {self.display!r} is full: staging {need}, {written} were written "
-            f"before the disk filled{left}; the partial file was removed — free space or "
-            "point the staging dir at a bigger volume"
+            f"staging dir {self.display!r} is full: staging the dump {need}{left}; "
+            "the partial file was removed — free space or point the staging dir at a bigger volume"
         )
 
     def write(self, final: str, blocks: Iterable[bytes], needed: int | None) -> int:
@@ -434,17 +436,18 @@ class _StagingDir:
             if free is not None and needed > free:
                 raise self.no_space(0, needed)
         tmp = f"{final}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        written = 0
+        written = attempted = 0
         try:
             with self.filesystem.open_output_stream(tmp) as out:
                 for block in blocks:
+                    attempted = written + len(block)
                     out.write(block)
-                    written += len(block)
+                    written = attempted
             self.filesystem.move(tmp, final)
         except BaseException as exc:
             self.remove_quietly(tmp)
             if isinstance(exc, OSError) and _errno_of(exc) == errno.ENOSPC:
-                raise self.no_space(written, needed) from None
+                raise self.no_space(attempted, needed) from None
             if isinstance(exc, (OSError, pa.ArrowException)):
                 raise DumpSourceError(
                     f"staging into {self.display!r} failed after {written} bytes: {exc}"
