@@ -114,7 +114,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _watch(store: Any, parent_id: str, procs: Sequence[subprocess.Popen[bytes]], *, quiet: bool) -> Any:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     from miroir_pipeline.jobstore.base import JobState
 
@@ -185,7 +191,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         open_store(),
         _instance(),
         defs,
-        PipelineSettings(),
+        PipelineSettings.from_env(),
         parent_id=args.parent,
         exit_when_empty=args.exit_when_empty,
         max_chunks=args.max_chunks,

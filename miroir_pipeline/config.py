@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +14,7 @@ from miroir_pipeline.jobstore.base import (
     DEFAULT_LEASE_TTL,
     DEFAULT_MAX_ATTEMPTS,
 )
+from miroir_pipeline.sizes import parse_size
 from miroir_pipeline.topology import Topology, default_topology, load_topology
 
 __all__ = ["DEFAULT_HOME", "PipelineSettings", "resolve_topology"]
@@ -40,6 +42,29 @@ class PipelineSettings(BaseModel):
     lease_ttl: float = Field(default=DEFAULT_LEASE_TTL, gt=0)
     heartbeat_interval: float = Field(default=DEFAULT_HEARTBEAT_INTERVAL, gt=0)
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PipelineSettings:
+        """Defaults, then ``MIROIR_<FIELD>`` environment variables, then explicit overrides.
+
+        Sizes accept units (``MIROIR_CHUNK_SIZE_BYTES=64MiB``); lists use the path separator.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, info in cls.model_fields.items():
+            raw = env.get(f"MIROIR_{name.upper()}")
+            if raw is None or name in ("allowed_roots", "staging_dir", "dead_letter_dir"):
+                continue
+            if name.endswith("_bytes"):
+                values[name] = parse_size(raw)
+            elif info.annotation is int:
+                values[name] = int(raw)
+            elif info.annotation is float:
+                values[name] = float(raw)
+            else:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 def _env_list(name: str, default: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from miroir_pipeline.jobstore.base import Job, JobStore, JobType, Lease, LeaseLo
 from miroir_pipeline.lease import LeaseKeeper
 from miroir_pipeline.routing import Router
 from miroir_pipeline.shutdown import DRAIN, ChunkHandedBack
-from miroir_pipeline.sources import DumpRef, open_range, resolve_dump, stage_dump
+from miroir_pipeline.sources import DumpRef, iter_range_blocks, open_range, resolve_dump, stage_dump
 from miroir_pipeline.targets.base import NodeTarget, TargetError
 from miroir_pipeline.topology import Topology
 
@@ -304,7 +304,7 @@ def _run_chunk(
         invalid_documents=int(prog.get("invalid_documents", 0)),
         per_node={n: int(prog.get("per_node", {}).get(n, 0)) for n in router.node_ids},
     )
-    doc_router.per_node_docs = [report.per_node[n] for n in router.node_ids]
+    doc_router.set_per_node_docs([report.per_node[n] for n in router.node_ids])
     blank_lines = int(prog.get("blank_lines", 0))
     if report.resumed_from:
         log.info("chunk %s attempt %d resumes at byte %d", job.id, lease.attempt, cursor)
@@ -352,13 +352,13 @@ def _run_chunk(
             store.release(keeper.lease)
             raise ChunkHandedBack(f"chunk {job.id} handed back at byte {pos} because this worker is shutting down")
 
-    reader = open_range(ref, cursor, params.end)
+    blocks = iter_range_blocks(ref, cursor, params.end, settings.read_block_bytes)
     try:
         pos = cursor  # file offset of the first byte not yet routed
         leftover = b""
         skipping_long_line = False
         while True:
-            data = reader.read(settings.read_block_bytes)
+            data = next(blocks, b"")
             if not data:
                 if not leftover or skipping_long_line:
                     break
@@ -393,8 +393,8 @@ def _run_chunk(
             line_counter.advance(pos, pos + len(block), result.lines)
             blank_lines += result.blank_lines
             report.documents += result.documents
-            metrics.DUMP_BYTES_READ.inc(len(block))
-            metrics.DUMP_DOCUMENTS_ROUTED.inc(result.documents)
+            metrics.DUMP_IMPORT_BYTES_READ.inc(len(block))
+            metrics.DUMP_IMPORT_DOCUMENTS_ROUTED.inc(result.documents)
             pos += len(block)
             if (
                 doc_router.buffered_docs >= settings.batch_size
@@ -403,7 +403,7 @@ def _run_chunk(
                 flush(pos)
         flush(pos)
     finally:
-        reader.close()
+        blocks.close()
         pool.shutdown(wait=True)
         if dead is not None:
             dead.close()

@@ -85,5 +85,5 @@ class LeaseKeeper:
             f"lease on chunk {self._lease.job_id} (attempt {self._lease.attempt}) lost: {why}; "
             "stopped writing"
         )
-        metrics.LEASE_LOSSES.labels(job_type=self._lease.job.type).inc()
+        metrics.CHUNK_LEASE_LOSSES.labels(job_type=self._lease.job.type).inc()
         log.error(self._lost)

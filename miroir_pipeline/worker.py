@@ -111,9 +111,9 @@ class Worker:
         else:
             lease = self._claim_in_parent(self.parent_id)
         if lease is not None:
-            metrics.CLAIMS.labels(job_type=lease.job.type).inc()
+            metrics.CHUNK_CLAIMS.labels(job_type=lease.job.type).inc()
             if lease.attempt > 1:
-                metrics.RECLAIMS.inc()
+                metrics.CHUNK_RECLAIMS.inc()
         return lease
 
     def _claim_in_parent(self, parent_id: str) -> Lease | None:

@@ -1,11 +1,18 @@
 """The Definitions object: what Dagster loads (``definitions.py`` at the repo root re-exports it)."""
 
-from __future__ import annotations
 
 import dagster as dg
 
-from miroir_pipeline.orchestration.dump_import_assets import dump_chunk, dump_chunk_job, plan_dump_import_job
-from miroir_pipeline.orchestration.resources import JobStoreResource, SettingsResource, TopologyResource
+from miroir_pipeline.orchestration.dump_import_assets import (
+    dump_chunk,
+    dump_chunk_job,
+    plan_dump_import_job,
+)
+from miroir_pipeline.orchestration.resources import (
+    JobStoreResource,
+    SettingsResource,
+    TopologyResource,
+)
 
 
 def build_definitions() -> dg.Definitions:

@@ -1,12 +1,16 @@
 """Dump import in Dagster: an op job that plans an import (stage, split, register one partition
 per chunk) and the partitioned asset that imports one chunk."""
 
-from __future__ import annotations
 
 import dagster as dg
 
 from miroir_pipeline.chunk_claims import acquire_chunk, default_worker_id
-from miroir_pipeline.dump_import import DumpChunkParams, DumpImportRequest, plan_dump_import, process_dump_chunk
+from miroir_pipeline.dump_import import (
+    DumpChunkParams,
+    DumpImportRequest,
+    plan_dump_import,
+    process_dump_chunk,
+)
 from miroir_pipeline.jobstore.base import JobNotClaimable
 from miroir_pipeline.orchestration.partitions import (
     DUMP_CHUNKS,

@@ -4,7 +4,6 @@ Secrets never sit in resource config: the jobs DSN and Meilisearch API keys are 
 environment variables (``dsn`` may be an ``EnvVar``), so they never show in the UI.
 """
 
-from __future__ import annotations
 
 import os
 import threading
@@ -48,12 +47,21 @@ class TopologyResource(dg.ConfigurableResource):  # type: ignore[misc]
 
 
 class SettingsResource(dg.ConfigurableResource):  # type: ignore[misc]
-    """Overrides of :class:`PipelineSettings`; unset fields keep the embedded defaults."""
+    """Overrides of :class:`PipelineSettings`; unset (None) fields keep the embedded defaults."""
 
-    overrides: dict[str, Any] = {}
+    allowed_roots: list[str] | None = None
+    staging_dir: str | None = None
+    dead_letter_dir: str | None = None
+    chunk_size_bytes: int | None = None
+    memory_buffer_bytes: int | None = None
+    batch_size: int | None = None
+    on_invalid_document: str | None = None
+    lease_ttl: float | None = None
+    heartbeat_interval: float | None = None
+    max_attempts: int | None = None
 
     def get_settings(self) -> PipelineSettings:
-        return PipelineSettings(**self.overrides)
+        return PipelineSettings.from_env(**self.model_dump())
 
 
 def targets_for(topology: Topology) -> dict[str, NodeTarget]:
