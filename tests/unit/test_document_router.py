@@ -97,7 +97,7 @@ def test_bom_only_accepted_on_the_first_line_of_the_file() -> None:
 )
 def test_invalid_lines_are_reported_with_position_and_reason(line: bytes, reason: str) -> None:
     block = b'{"id":"before"}\n' + line + b'\n{"id":"after"}\n'
-    dr, invalid, n, _ = route(block)
+    _, invalid, n, _ = route(block)
     assert n == 2, "valid neighbours are still routed"
     assert len(invalid) == 1
     bad = invalid[0]
