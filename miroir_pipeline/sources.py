@@ -88,6 +88,10 @@ class StagedDump:
     kind: DumpKind = "ndjson"
     index_uid: str | None = None
     reused: bool = False
+    #: Non-empty ``tasks/update_files/*`` of a ``.dump``: document batches Meilisearch had
+    #: enqueued but not yet applied when it dumped. They are NOT in ``documents.jsonl``, so a
+    #: caller must report them (or refuse the dump) rather than lose them silently.
+    unapplied_update_files: tuple[str, ...] = ()
 
 
 # --- resolving ----------------------------------------------------------------------------
@@ -256,6 +260,12 @@ class _RangeRaw(io.RawIOBase):
         got = int(self._source.readinto(view[:want]))
         self._pos += got
         return got
+
+    def readall(self) -> bytes:
+        # RawIOBase.readall would loop in 8 KiB steps; read the rest of the range at once.
+        data = bytes(self._source.read(self.end - self._pos)) if self._pos < self.end else b""
+        self._pos += len(data)
+        return data
 
     def tell(self) -> int:
         return self._pos
@@ -557,6 +567,7 @@ def stage_dump(
         kind=kind,
         index_uid=recorded.get("index_uid"),
         reused=reused,
+        unapplied_update_files=tuple(recorded.get("unapplied_update_files") or ()),
     )
 
 
@@ -628,6 +639,7 @@ def _stage_meilisearch_dump(
     primary_key: str | None = None
     settings: dict[str, Any] | None = None
     index_meta_seen = False
+    unapplied: list[str] = []
     documents_done = False
 
     def note_index(uid: str) -> None:
@@ -655,6 +667,9 @@ def _stage_meilisearch_dump(
                             f"{', '.join(_SUPPORTED_DUMP_VERSIONS)} dumps (Meilisearch ≥ 1.0) "
                             "are supported — load it into a current Meilisearch and dump again"
                         )
+                    continue
+                if name.startswith("tasks/update_files/") and member.isfile() and member.size:
+                    unapplied.append(name)
                     continue
                 match = _INDEX_MEMBER_RE.match(name)
                 if match is None:
@@ -721,4 +736,9 @@ def _stage_meilisearch_dump(
     if problem is not None:
         staging.remove_quietly(final)
         raise DumpSourceError(f"dump {source.uri!r} {problem}")
-    return {"primary_key": primary_key, "settings": settings, "index_uid": chosen}
+    return {
+        "primary_key": primary_key,
+        "settings": settings,
+        "index_uid": chosen,
+        "unapplied_update_files": unapplied,
+    }

@@ -421,6 +421,25 @@ def test_meilisearch_dump_staging_extracts_one_index(tmp_path: Path) -> None:
     assert again.primary_key == "id" and again.settings == staged.settings
 
 
+def test_unapplied_update_files_are_reported(tmp_path: Path) -> None:
+    src = tmp_path / "busy.dump"
+    _build_dump(
+        src,
+        {"movies": (DOCS, "id")},
+        extra_files={
+            "tasks/update_files/7.jsonl": b'{"id":99999}\n',
+            "tasks/update_files/8.jsonl": b"",
+        },
+    )
+    staged = stage_dump(str(src), str(tmp_path / "staging"), None)
+    assert staged.unapplied_update_files == ("tasks/update_files/7.jsonl",)
+    again = stage_dump(str(src), str(tmp_path / "staging"), None)
+    assert again.reused and again.unapplied_update_files == staged.unapplied_update_files
+    clean = tmp_path / "clean.dump"
+    _build_dump(clean, {"movies": (DOCS, "id")})
+    assert stage_dump(str(clean), str(tmp_path / "staging"), None).unapplied_update_files == ()
+
+
 def test_dump_with_several_indexes_needs_an_index_uid(tmp_path: Path) -> None:
     src = tmp_path / "multi.dump"
     _build_dump(src, {"books": (b"{}\n", "isbn"), "movies": (DOCS, "id")})
