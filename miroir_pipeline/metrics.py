@@ -125,7 +125,7 @@ CHUNK_LEASE_LOSSES: Final = Counter(
 )
 CHUNK_RECLAIMS: Final = Counter(
     "miroir_chunk_reclaims_total",
-    "Chunks whose expired lease was handed back to the queue by this process.",
+    "Claims of a chunk an earlier attempt had started (resume after a crash, lost lease or retry).",
 )
 INVALID_DOCUMENTS: Final = Counter(
     "miroir_invalid_documents_total",
