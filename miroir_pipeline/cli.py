@@ -60,7 +60,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                     "on_invalid_document": args.on_invalid,
                 }
             }
-        }
+        },
+        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
     }
     instance = _instance()
     plan = defs.resolve_job_def("plan_dump_import_job").execute_in_process(
@@ -134,11 +135,11 @@ def _watch(store: Any, parent_id: str, procs: Sequence[subprocess.Popen[bytes]],
         TextColumn("{task.percentage:>5.1f}%"),
         TransferSpeedColumn(),
         TextColumn("{task.fields[docs_s]:>9,.0f} docs/s"),
-        TextColumn("chunks {task.fields[done]}/{task.fields[total]}"),
+        TextColumn("chunks {task.fields[done]}/{task.fields[chunks]}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, disable=quiet, transient=False) as bar:
-        task = bar.add_task(parent_id, total=total, docs_s=0.0, done=0, total_chunks=0, **{"total": summary.chunks_total})
+        task = bar.add_task(parent_id, total=total, docs_s=0.0, done=0, chunks=summary.chunks_total)
         while True:
             summary = store.parent_summary(parent_id)
             prog = summary.progress
@@ -169,12 +170,16 @@ def _print_import_summary(r: dict[str, Any]) -> None:
 
 
 def _run_failure(result: Any) -> str:
+    """The root cause of a failed in-process run, without Dagster's wrapping."""
     for event in result.all_events:
-        if event.is_failure and event.event_specific_data is not None:
-            err = getattr(event.event_specific_data, "error", None)
-            if err is not None:
-                return str(getattr(err, "message", err)).strip()
-    return "the Dagster run failed"
+        if event.event_type_value != "STEP_FAILURE":
+            continue
+        err = event.step_failure_data.error
+        while err is not None and err.cause is not None:
+            err = err.cause
+        if err is not None:
+            return str(err.message).strip()
+    return "the Dagster run failed; see its logs in the Dagster UI"
 
 
 # -- worker ---------------------------------------------------------------------------------

@@ -136,6 +136,12 @@ def plan_dump_import(
         request.uri, settings.staging_dir, settings.allowed_roots, index_uid=request.index_uid
     )
     ref = staged.ref
+    if staged.unapplied_update_files:
+        raise ValueError(
+            f"{request.uri}: the Meilisearch dump holds {len(staged.unapplied_update_files)} document "
+            "update(s) that were still queued when it was taken (tasks/update_files); importing it "
+            "would lose them. Take the dump again once the source's tasks have finished"
+        )
     primary_key = request.primary_key or staged.primary_key or _infer_primary_key(ref)
     chunk_size = request.chunk_size_bytes or settings.chunk_size_bytes
     split = split_dump(ref, chunk_size)

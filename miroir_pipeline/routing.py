@@ -85,7 +85,7 @@ class InvalidPrimaryKey(ValueError):
 def primary_key_text(value: object) -> bytes:
     """Validate a decoded primary key value and return the UTF-8 text it is hashed by.
 
-    Meilisearch accepts an integer, or a string of ``[A-Za-z0-9_-]`` of 1–511 bytes.
+    Meilisearch accepts an integer, or a string of ``[A-Za-z0-9_-]`` of 1-511 bytes.
     """
     if isinstance(value, bool):
         raise InvalidPrimaryKey(f"primary key is a boolean ({str(value).lower()}); expected an integer or a string")

@@ -65,6 +65,7 @@ class Worker:
         exit_when_empty: bool = False,
         max_chunks: int | None = None,
         idle_max_sleep: float = 5.0,
+        run_log_level: str = "WARNING",
     ) -> None:
         self.store = store
         self.instance = instance
@@ -76,6 +77,7 @@ class Worker:
         self.exit_when_empty = exit_when_empty
         self.max_chunks = max_chunks
         self.idle_max_sleep = idle_max_sleep
+        self.run_log_level = run_log_level
         self.stats = WorkerStats()
 
     def install_signal_handlers(self) -> None:
@@ -144,7 +146,11 @@ class Worker:
         tags: dict[str, Any] = {TAG_CLAIM_TOKEN: lease.token, TAG_WORKER_ID: self.worker_id}
         log.info("worker %s: running chunk %s (attempt %d)", self.worker_id, chunk_id, lease.attempt)
         result = job_def.execute_in_process(
-            instance=self.instance, partition_key=chunk_id, tags=tags, raise_on_error=False
+            run_config={"loggers": {"console": {"config": {"log_level": self.run_log_level}}}},
+            instance=self.instance,
+            partition_key=chunk_id,
+            tags=tags,
+            raise_on_error=False,
         )
         elapsed = time.monotonic() - started
         self.stats.chunks_run += 1
