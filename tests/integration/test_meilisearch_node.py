@@ -1,0 +1,284 @@
+"""Meilisearch node target against real Meilisearch 1.21.0 processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from miroir_pipeline.routing import shard_for_key
+from miroir_pipeline.targets.base import IndexNotFound, TargetError
+from miroir_pipeline.targets.factory import open_target, open_targets
+from miroir_pipeline.targets.meilisearch import (
+    MeilisearchNode,
+    TaskFailed,
+    split_ndjson,
+    wait_healthy,
+)
+from tests.fixtures.meilisearch import (
+    MeiliFleet,
+    MeiliProcess,
+    MeiliTopology,
+    free_port,
+    key_env_name,
+)
+
+pytestmark = pytest.mark.meilisearch
+
+
+def ndjson(docs: list[dict[str, object]]) -> bytes:
+    return b"".join(json.dumps(d).encode() + b"\n" for d in docs)
+
+
+def routed(pks: list[str | int], shards: int, **fields: object) -> list[dict[str, object]]:
+    return [{"id": pk, **fields, "_miroir_shard": shard_for_key(pk, shards)} for pk in pks]
+
+
+@pytest.fixture
+def proc(meili_fleet: MeiliFleet) -> MeiliProcess:
+    return meili_fleet(1)[0]
+
+
+@pytest.fixture
+def node(proc: MeiliProcess, meili_topology: MeiliTopology) -> Iterator[MeilisearchNode]:
+    topology = meili_topology([proc])
+    target = open_target(topology.all_nodes()[0])
+    assert isinstance(target, MeilisearchNode)
+    yield target
+    target.close()
+
+
+def tasks_of(proc: MeiliProcess, uid: str, kind: str) -> list[dict[str, object]]:
+    resp = httpx.get(
+        f"{proc.url}/tasks",
+        params={"indexUids": uid, "types": kind, "limit": 1000},
+        headers={"Authorization": f"Bearer {proc.master_key}"},
+    )
+    resp.raise_for_status()
+    results: list[dict[str, object]] = resp.json()["results"]
+    return results
+
+
+def test_write_count_and_read_back_by_shard(node: MeilisearchNode, meili_index_uid: str) -> None:
+    shards = 8
+    node.ensure_index(meili_index_uid, "id")
+    docs = routed([f"doc-{i}" for i in range(1200)], shards, title="t")
+    for start in range(0, 1200, 400):
+        node.write_documents(meili_index_uid, "id", ndjson(docs[start : start + 400]), 400)
+    assert node.count_documents(meili_index_uid) == 1200
+
+    expected: dict[int, set[str]] = {}
+    for d in docs:
+        expected.setdefault(int(str(d["_miroir_shard"])), set()).add(str(d["id"]))
+    assert node.count_by_shard(meili_index_uid) == {s: len(v) for s, v in expected.items()}
+
+    for shard, ids in expected.items():
+        got: list[str] = []
+        offset = 0
+        while page := node.fetch_shard(meili_index_uid, shard, offset, 64):
+            got += [json.loads(d)["id"] for d in page]
+            offset += len(page)
+        assert sorted(got) == sorted(ids), f"shard {shard} must come back once, completely"
+        assert len(got) == len(ids)
+
+    everything = [json.loads(d) for d in node.iter_documents(meili_index_uid, page_size=250)]
+    assert len(everything) == 1200
+    assert {d["id"] for d in everything} == {d["id"] for d in docs}
+    assert all(
+        d["title"] == "t" and d["_miroir_shard"] == shard_for_key(d["id"], shards)
+        for d in everything
+    )
+
+
+def test_count_by_shard_is_exact_beyond_default_facet_cap(
+    node: MeilisearchNode, meili_index_uid: str
+) -> None:
+    """300 shards: more distinct values than Meilisearch's default maxValuesPerFacet (100)."""
+    shards = 300
+    node.ensure_index(meili_index_uid, "id")
+    docs = routed(list(range(3000)), shards)
+    node.write_documents(meili_index_uid, "id", ndjson(docs), len(docs))
+    expected: dict[int, int] = {}
+    for d in docs:
+        s = int(str(d["_miroir_shard"]))
+        expected[s] = expected.get(s, 0) + 1
+    assert len(expected) > 100
+    assert node.count_by_shard(meili_index_uid) == expected
+
+
+def test_resent_document_replaces(node: MeilisearchNode, meili_index_uid: str) -> None:
+    node.ensure_index(meili_index_uid, "id")
+    node.write_documents(meili_index_uid, "id", ndjson(routed([1, "a"], 4, v=1)), 2)
+    node.write_documents(meili_index_uid, "id", ndjson(routed(["1", "a"], 4, v=2)), 2)
+    assert node.count_documents(meili_index_uid) == 2
+    assert sorted(json.loads(d)["v"] for d in node.iter_documents(meili_index_uid)) == [2, 2]
+
+
+def test_batch_is_split_under_payload_limit(
+    proc: MeiliProcess, meili_topology: MeiliTopology, meili_index_uid: str
+) -> None:
+    topology = meili_topology([proc], payload_limit_bytes=2048)
+    target = open_targets(topology)["meili-0"]
+    try:
+        docs = routed([f"k{i}" for i in range(60)], 8, body="x" * 150)
+        body = ndjson(docs)
+        assert len(body) > 4 * 2048
+        target.write_documents(meili_index_uid, "id", body, len(docs))
+        additions = tasks_of(proc, meili_index_uid, "documentAdditionOrUpdate")
+        assert len(additions) >= len(body) // 2048, "every piece is its own request/task"
+        assert all(t["status"] == "succeeded" for t in additions)
+        assert target.count_documents(meili_index_uid) == 60
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("limit", [1025, 2048, 5000])
+def test_split_ndjson_keeps_lines_whole_and_under_limit(limit: int) -> None:
+    body = b"".join(
+        ndjson([{"id": f"k{i}", "pad": "y" * (i * 37 % 900), "_miroir_shard": 0}])
+        for i in range(200)
+    )
+    body += b'{"id":"big","x":"' + b"z" * 6000 + b'"}\n'  # one line longer than any limit
+    pieces = split_ndjson(body, limit)
+    assert b"".join(pieces) == body
+    for piece in pieces:
+        assert piece.endswith(b"\n")
+        assert len(piece) <= limit or piece.count(b"\n") == 1
+
+
+def test_failed_task_names_node_index_and_task(node: MeilisearchNode, meili_index_uid: str) -> None:
+    node.ensure_index(meili_index_uid, "id")
+    bad = b'{"id":"not a valid id!","_miroir_shard":0}\n'
+    with pytest.raises(TaskFailed) as info:
+        node.write_documents(meili_index_uid, "id", bad, 1)
+    text = str(info.value)
+    assert "node meili-0" in text and f"index {meili_index_uid}" in text
+    assert f"task {info.value.task_uid}" in text
+    assert info.value.code == "invalid_document_id" and "invalid_document_id" in text
+    assert not info.value.retryable
+
+
+def test_node_down_retries_then_retryable_error(
+    meili_fleet: MeiliFleet, meili_topology: MeiliTopology
+) -> None:
+    down = meili_fleet(1, dedicated=True)[0]
+    topology = meili_topology([down], node_ids=["node-down"])
+    target = open_target(topology.all_nodes()[0], max_retries=3, backoff_base=0.05, backoff_cap=0.2)
+    try:
+        target.ensure_index("outage", "id")
+        down.stop()
+        started = time.monotonic()
+        with pytest.raises(TargetError) as info:
+            target.write_documents("outage", "id", ndjson(routed([1], 4)), 1)
+        assert time.monotonic() - started >= 0.05 * 0.5 * (1 + 2 + 4), (
+            "it backed off between attempts"
+        )
+        assert info.value.retryable
+        assert info.value.node_id == "node-down"
+        text = str(info.value)
+        assert "node node-down" in text and "index outage" in text
+        assert "4 attempts" in text and "ConnectError" in text
+        # Back up on the same port and data: the same target works again.
+        down.start()
+        target.write_documents("outage", "id", ndjson(routed([1, 2], 4)), 2)
+        assert target.count_documents("outage") == 2
+    finally:
+        target.close()
+
+
+def test_settings_merge_keeps_user_filterable_attributes(
+    node: MeilisearchNode, proc: MeiliProcess, meili_index_uid: str
+) -> None:
+    node.ensure_index(
+        meili_index_uid,
+        "id",
+        {"filterableAttributes": ["genre"], "searchableAttributes": ["title"]},
+    )
+    settings = node.get_settings(meili_index_uid)
+    assert sorted(settings["filterableAttributes"]) == ["_miroir_shard", "genre"]
+    assert settings["searchableAttributes"] == ["title"]
+    # A user changes filterable attributes on the node; ensure_index must not clobber them.
+    resp = httpx.put(
+        f"{proc.url}/indexes/{meili_index_uid}/settings/filterable-attributes",
+        json=["year"],
+        headers={"Authorization": f"Bearer {proc.master_key}"},
+    )
+    node.await_task(resp.json()["taskUid"], what="test settings", index_uid=meili_index_uid)
+    node.ensure_index(meili_index_uid, "id")
+    assert sorted(node.get_settings(meili_index_uid)["filterableAttributes"]) == [
+        "_miroir_shard",
+        "year",
+    ]
+    assert node.get_primary_key(meili_index_uid) == "id"
+
+
+def test_other_primary_key_is_refused(node: MeilisearchNode, meili_index_uid: str) -> None:
+    node.ensure_index(meili_index_uid, "id")
+    node.ensure_index(meili_index_uid, "id")  # idempotent
+    with pytest.raises(TargetError, match=r"already has primary key 'id', not 'isbn'"):
+        node.ensure_index(meili_index_uid, "isbn")
+
+
+def test_missing_index_and_deletes(node: MeilisearchNode, meili_index_uid: str) -> None:
+    assert not node.index_exists(meili_index_uid)
+    with pytest.raises(IndexNotFound, match=f"node meili-0.*index {meili_index_uid}"):
+        node.count_documents(meili_index_uid)
+    with pytest.raises(IndexNotFound):
+        node.fetch_shard(meili_index_uid, 0, 0, 10)
+    node.ensure_index(meili_index_uid, "id")
+    node.write_documents(meili_index_uid, "id", ndjson(routed(list(range(10)), 4)), 10)
+    node.delete_documents(meili_index_uid, ["1", "2", "absent"])
+    assert node.count_documents(meili_index_uid) == 8
+    node.delete_index(meili_index_uid)
+    assert not node.index_exists(meili_index_uid)
+    node.delete_index(meili_index_uid)  # idempotent
+
+
+def test_api_key_never_in_errors_or_repr(
+    proc: MeiliProcess,
+    node: MeilisearchNode,
+    meili_topology: MeiliTopology,
+    monkeypatch: pytest.MonkeyPatch,
+    meili_index_uid: str,
+) -> None:
+    key = proc.master_key
+    texts = [repr(node), str(node.__dict__.get("url"))]
+    with pytest.raises(IndexNotFound) as missing:
+        node.get_settings(meili_index_uid)
+    texts += [str(missing.value), repr(missing.value)]
+    with pytest.raises(TaskFailed) as failed:
+        node.write_documents(meili_index_uid, "id", b'{"id":"bad id","_miroir_shard":0}\n', 1)
+    texts += [str(failed.value), repr(failed.value)]
+
+    wrong = "wrong-" + key[::-1]
+    node_cfg = meili_topology([proc]).all_nodes()[0]
+    monkeypatch.setenv(key_env_name(proc), wrong)
+    bad = open_target(node_cfg)
+    try:
+        with pytest.raises(TargetError) as denied:
+            bad.count_documents(meili_index_uid)
+        assert key_env_name(proc) in str(denied.value), "names where the key comes from"
+        texts += [str(denied.value), repr(denied.value), repr(bad)]
+    finally:
+        bad.close()
+    for text in texts:
+        assert key not in text and wrong not in text
+
+
+def test_missing_key_env_is_reported_by_name(
+    proc: MeiliProcess, meili_topology: MeiliTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node_cfg = meili_topology([proc]).all_nodes()[0]
+    monkeypatch.delenv(key_env_name(proc))
+    with pytest.raises(TargetError, match=f"{key_env_name(proc)} .*is not set"):
+        open_target(node_cfg)
+
+
+def test_wait_healthy(proc: MeiliProcess) -> None:
+    wait_healthy(proc.url, timeout=5)
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TargetError, match="not healthy"):
+        wait_healthy(dead, timeout=0.3)
