@@ -214,7 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = open_store()
     depth = store.queue_depth()
     parents = store.list_parents(limit=args.limit)
-    data = {
+    data: dict[str, Any] = {
         "queue_depth": depth,
         "parents": [
             {

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,7 +47,8 @@ class PipelineSettings(BaseModel):
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PipelineSettings:
         """Defaults, then ``MIROIR_<FIELD>`` environment variables, then explicit overrides.
 
-        Sizes accept units (``MIROIR_CHUNK_SIZE_BYTES=64MiB``); lists use the path separator.
+        Sizes accept units (``MIROIR_CHUNK_SIZE_BYTES=64MiB``); ``MIROIR_ALLOWED_ROOTS`` is
+        comma-separated (roots may be URIs such as ``s3://bucket/dumps/``).
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -71,7 +72,7 @@ def _env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if not raw:
         return default
-    return [p for p in raw.split(os.pathsep) if p]
+    return [p.strip() for p in raw.split(",") if p.strip()]
 
 
 def resolve_topology(path: str | None = None) -> Topology:

@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -144,8 +144,7 @@ def plan_dump_import(
         )
     primary_key = request.primary_key or staged.primary_key or _infer_primary_key(ref)
     chunk_size = request.chunk_size_bytes or settings.chunk_size_bytes
-    split = split_dump(ref, chunk_size)
-    ranges = getattr(split, "ranges", split)
+    ranges = split_dump(ref, chunk_size).ranges
     for node in topology.all_nodes():
         targets[node.id].ensure_index(request.index_uid, primary_key, staged.settings)
     on_invalid = request.on_invalid_document or settings.on_invalid_document
@@ -358,7 +357,7 @@ def _run_chunk(
             store.release(keeper.lease)
             raise ChunkHandedBack(f"chunk {job.id} handed back at byte {pos} because this worker is shutting down")
 
-    blocks = iter_range_blocks(ref, cursor, params.end, settings.read_block_bytes)
+    blocks: Generator[bytes, None, None] = iter_range_blocks(ref, cursor, params.end, settings.read_block_bytes)  # type: ignore[assignment]
     try:
         pos = cursor  # file offset of the first byte not yet routed
         leftover = b""

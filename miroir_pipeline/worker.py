@@ -155,13 +155,23 @@ class Worker:
         elapsed = time.monotonic() - started
         self.stats.chunks_run += 1
         self.stats.run_ids.append(result.run_id)
-        outcome = "success" if result.success else "failure"
-        metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=outcome).observe(elapsed)
         if result.success:
             self.stats.chunks_succeeded += 1
-            return
-        self.stats.chunks_failed += 1
-        self._settle_abandoned(lease, result.run_id)
+        else:
+            self.stats.chunks_failed += 1
+            self._settle_abandoned(lease, result.run_id)
+        metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=self._outcome(lease)).observe(elapsed)
+
+    def _outcome(self, lease: Lease) -> str:
+        """How the attempt ended, read from the row (one of ``metrics.CHUNK_OUTCOMES``)."""
+        job = self.store.get(lease.job_id)
+        if job.state == JobState.COMPLETED:
+            return "completed"
+        if job.state == JobState.IN_PROGRESS and job.claim_token != lease.token:
+            return "lease_lost"
+        if job.state == JobState.QUEUED and job.attempts < lease.attempt:
+            return "released"
+        return "failed"
 
     def _settle_abandoned(self, lease: Lease, run_id: str) -> None:
         """A run that failed before the chunk took over its lease must not leave it dangling."""

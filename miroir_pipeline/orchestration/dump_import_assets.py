@@ -28,7 +28,7 @@ from miroir_pipeline.orchestration.resources import (
 from miroir_pipeline.topology import Topology
 
 
-class DumpImportConfig(dg.Config):  # type: ignore[misc]
+class DumpImportConfig(dg.Config):
     """An import request, as run config (the launchpad form in the UI)."""
 
     uri: str
@@ -77,7 +77,7 @@ def dump_chunk(
     context: dg.AssetExecutionContext,
     jobs: JobStoreResource,
     settings: SettingsResource,
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult:  # type: ignore[type-arg]
     store = jobs.get_store()
     cfg = settings.get_settings()
     chunk_id = context.partition_key

@@ -7,7 +7,6 @@ environment variables (``dsn`` may be an ``EnvVar``), so they never show in the 
 
 import os
 import threading
-from typing import Any
 
 import dagster as dg
 
@@ -22,7 +21,7 @@ _stores: dict[str, JobStore] = {}
 _targets: dict[tuple[str, str], NodeTarget] = {}
 
 
-class JobStoreResource(dg.ConfigurableResource):  # type: ignore[misc]
+class JobStoreResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The jobs table. ``dsn`` (an ``EnvVar`` in production) or else ``$MIROIR_JOBS_DSN``."""
 
     dsn: str | None = None
@@ -37,7 +36,7 @@ class JobStoreResource(dg.ConfigurableResource):  # type: ignore[misc]
             return store
 
 
-class TopologyResource(dg.ConfigurableResource):  # type: ignore[misc]
+class TopologyResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """The live topology: a YAML file, else ``$MIROIR_TOPOLOGY``, else the local default."""
 
     path: str | None = None
@@ -46,7 +45,7 @@ class TopologyResource(dg.ConfigurableResource):  # type: ignore[misc]
         return resolve_topology(self.path)
 
 
-class SettingsResource(dg.ConfigurableResource):  # type: ignore[misc]
+class SettingsResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Overrides of :class:`PipelineSettings`; unset (None) fields keep the embedded defaults."""
 
     allowed_roots: list[str] | None = None
