@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import random
 import time
 from collections.abc import Iterator, Mapping
@@ -136,13 +137,9 @@ class MeilisearchNode(NodeTarget):
         self.gzip_level = gzip_level
         #: Name of the env var holding the key (for error messages; never the key itself).
         self._api_key_env = api_key_env
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(
-            base_url=self.url,
-            headers=headers,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-        )
+        self._timeout = timeout
+        self._client = self._new_client({"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self._pid = os.getpid()
 
     @classmethod
     def from_node(cls, node: Node, **options: Any) -> MeilisearchNode:
@@ -166,8 +163,24 @@ class MeilisearchNode(NodeTarget):
     def __repr__(self) -> str:
         return f"MeilisearchNode(node_id={self.node_id!r}, url={self.url!r})"
 
+    def _new_client(self, headers: Mapping[str, str]) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers=dict(headers),
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+        )
+
+    def _http(self) -> httpx.Client:
+        """The keep-alive client; a forked child gets its own instead of sharing sockets."""
+        if self._pid != os.getpid():
+            self._client = self._new_client(self._client.headers)
+            self._pid = os.getpid()
+        return self._client
+
     def close(self) -> None:
-        self._client.close()
+        if self._pid == os.getpid():
+            self._client.close()
 
     # -- HTTP plumbing --------------------------------------------------------------------------
 
@@ -189,7 +202,7 @@ class MeilisearchNode(NodeTarget):
         for attempt in range(self.max_retries + 1):
             retry_after: str | None = None
             try:
-                resp = self._client.request(method, path, **kw)
+                resp = self._http().request(method, path, **kw)
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:

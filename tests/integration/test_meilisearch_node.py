@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -282,3 +284,52 @@ def test_wait_healthy(proc: MeiliProcess) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TargetError, match="not healthy"):
         wait_healthy(dead, timeout=0.3)
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    """FAKE server: answers every request with 503 or 429 - a fault a healthy real Meilisearch
+    does not produce on demand. Counts the requests it saw."""
+
+    status = 503
+    seen = 0
+
+    def do_POST(self) -> None:
+        type(self).seen += 1
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b'{"message":"overloaded","code":"too_many_requests","type":"system"}'
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.status == 429:
+            self.send_header("Retry-After", "0")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_overload_answers_are_retried_then_retryable_error(status: int) -> None:
+    class Handler(_Unavailable):
+        pass
+
+    Handler.status, Handler.seen = status, 0
+    handler = Handler
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    target = MeilisearchNode(
+        "fake-0", f"http://127.0.0.1:{server.server_address[1]}", max_retries=2, backoff_base=0.01
+    )
+    try:
+        with pytest.raises(TargetError) as info:
+            target.write_documents("books", "id", ndjson(routed([1], 4)), 1)
+        assert info.value.retryable
+        assert f"HTTP {status}: overloaded" in str(info.value) and "3 attempts" in str(info.value)
+        assert handler.seen == 3
+    finally:
+        target.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

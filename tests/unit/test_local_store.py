@@ -11,7 +11,9 @@ import pytest
 
 from miroir_pipeline.routing import shard_for_key
 from miroir_pipeline.targets.base import IndexNotFound, TargetError
+from miroir_pipeline.targets.factory import open_targets
 from miroir_pipeline.targets.local_store import LocalNodeStore
+from miroir_pipeline.topology import default_topology
 
 SHARDS = 8
 
@@ -162,3 +164,16 @@ def test_concurrent_writers_from_two_processes(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids)) == 2 * 25 * 200 + 20
     assert sum(s.count_by_shard("books").values()) == s.count_documents("books") == len(ids)
     s.close()
+
+
+def test_factory_opens_a_local_store_per_node(tmp_path: Path) -> None:
+    targets = open_targets(default_topology(tmp_path, shards=4))
+    try:
+        assert sorted(targets) == ["node-0", "node-1", "node-2"]
+        assert all(isinstance(t, LocalNodeStore) for t in targets.values())
+        targets["node-1"].write_documents("books", "id", b'{"id":1,"_miroir_shard":2}\n', 1)
+        assert (tmp_path / "nodes" / "node-1" / "store.sqlite3").is_file()
+        assert not targets["node-0"].index_exists("books")
+    finally:
+        for t in targets.values():
+            t.close()
