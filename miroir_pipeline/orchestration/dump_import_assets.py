@@ -108,7 +108,6 @@ def dump_chunk(
 dump_chunk_job = dg.define_asset_job(
     "dump_chunk_job",
     selection=[dump_chunk],
-    partitions_def=dump_chunks,
     executor_def=dg.in_process_executor,
     tags={TAG_CHUNK_RUN: "dump"},
     description="Import one dump chunk (one run per partition).",
