@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -53,18 +53,19 @@ def redact_dsn(dsn: str) -> str:
         parts = urlsplit(dsn)
     except ValueError:
         return "<unparseable DSN>"
-    netloc = parts.netloc
+    netloc, query, changed = parts.netloc, parts.query, False
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
+            netloc, changed = userinfo.split(":", 1)[0] + ":***@" + host, True
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() == "password" for k, _ in pairs):
         query = urlencode(
             [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
         )
+        changed = True
+    if not changed:
+        return dsn
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -131,8 +132,10 @@ def split_schema(dsn: str) -> tuple[str, str | None]:
             schema = value
         else:
             kept.append((key, value))
-    clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(kept), parts.fragment))
-    return clean, schema
+    if schema is None:
+        return dsn, None
+    query = urlencode(kept, quote_via=quote)  # %20, not "+": libpq does not decode "+"
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment)), schema
 
 
 def validate_schema(schema: str) -> str:
