@@ -1,0 +1,592 @@
+"""The job-store contract (DESIGN §3), run unchanged against SQLite and Postgres.
+
+Expiry is exercised with short real leases (0.3 s) and sleeps, retries with a 0.05 s
+backoff base (the ``retry_backoff_base`` store option), races with real threads and real
+processes (``spawn``), each process opening its own store from the DSN.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from miroir_pipeline.jobstore import (
+    Job,
+    JobKind,
+    JobNotClaimable,
+    JobNotFound,
+    JobState,
+    JobStore,
+    JobType,
+    Lease,
+    LeaseLost,
+    NewChunk,
+    SplitRefused,
+    open_store,
+)
+from miroir_pipeline.jobstore.base import chunk_id
+
+DUMP = JobType.DUMP_IMPORT
+RESHARD = JobType.RESHARD_BACKFILL
+SHORT_TTL = 0.3
+PAST_SHORT_TTL = 0.45
+
+
+def make_parent(
+    store: JobStore,
+    n: int,
+    *,
+    job_type: str = DUMP,
+    max_attempts: int = 5,
+    job_id: str | None = None,
+) -> tuple[Job, list[Job]]:
+    parent = store.enqueue(job_type, {"uri": "file:///d.ndjson"}, job_id=job_id,
+                           max_attempts=max_attempts)  # fmt: skip
+    children = store.split(parent.id, [NewChunk(i, {"start": i * 10, "end": i * 10 + 10})
+                                       for i in range(n)])  # fmt: skip
+    return store.get(parent.id), children
+
+
+def claim_one(store: JobStore, worker: str = "w1", ttl: float = 30.0, **kw: Any) -> Lease:
+    lease = store.claim([DUMP, RESHARD], worker, ttl=ttl, **kw)
+    assert lease is not None, "expected a claimable chunk"
+    return lease
+
+
+# -- producers ---------------------------------------------------------------------------------
+
+
+def test_parent_is_never_claimable(store: JobStore) -> None:
+    parent = store.enqueue(DUMP, {"uri": "x"})
+    assert parent.kind == JobKind.PARENT and parent.state == JobState.QUEUED
+    assert store.claim([DUMP], "w1") is None
+    assert store.queue_depth() == {DUMP: 0, RESHARD: 0}
+
+
+def test_split_inserts_children_and_moves_parent_out_of_queue(store: JobStore) -> None:
+    parent = store.enqueue(DUMP, {"uri": "x", "ünï": [1, {"a": None}]}, max_attempts=7)
+    children = store.split(
+        parent.id, [NewChunk(i, {"i": i}, progress={"bytes_processed": 0}) for i in range(3)]
+    )
+    assert [c.id for c in children] == [chunk_id(parent.id, i, 3) for i in range(3)]
+    for i, c in enumerate(children):
+        assert (c.kind, c.state, c.type, c.max_attempts) == ("chunk", "queued", DUMP, 7)
+        assert (c.parent_job_id, c.chunk_index, c.total_chunks) == (parent.id, i, 3)
+        assert c.params == {"i": i} and c.progress == {"bytes_processed": 0}
+        assert c.attempts == 0 and c.claim_token is None
+    got = store.get(parent.id)
+    assert got.state == JobState.IN_PROGRESS and got.total_chunks == 3
+    assert got.claim_token is None and got.claim_expires_at is None and got.claimed_by is None
+    assert got.params == {"uri": "x", "ünï": [1, {"a": None}]}
+    assert [c.id for c in store.children(parent.id)] == [c.id for c in children]
+    assert store.queue_depth()[DUMP] == 3
+
+
+def test_resplit_is_refused_and_nothing_changes(store: JobStore) -> None:
+    parent, children = make_parent(store, 2)
+    with pytest.raises(SplitRefused):
+        store.split(parent.id, [NewChunk(0, {})])
+    with pytest.raises(SplitRefused):
+        store.split(children[0].id, [NewChunk(0, {})])
+    with pytest.raises(JobNotFound):
+        store.split("no-such-parent", [NewChunk(0, {})])
+    assert len(store.children(parent.id)) == 2
+    with pytest.raises(ValueError, match="chunk_index"):
+        store.split(store.enqueue(DUMP, {}).id, [NewChunk(0, {}), NewChunk(2, {})])
+
+
+def test_split_into_zero_chunks_completes_parent(store: JobStore) -> None:
+    parent = store.enqueue(DUMP, {})
+    assert store.split(parent.id, []) == []
+    got = store.get(parent.id)
+    assert got.state == JobState.COMPLETED and got.finished_at is not None
+    assert got.total_chunks == 0
+
+
+def test_duplicate_job_id_is_an_error(store: JobStore) -> None:
+    store.enqueue(DUMP, {}, job_id="dup")
+    with pytest.raises(Exception, match="already exists"):
+        store.enqueue(DUMP, {}, job_id="dup")
+
+
+# -- claiming ----------------------------------------------------------------------------------
+
+
+def test_claim_sets_a_fresh_lease(store: JobStore) -> None:
+    _, children = make_parent(store, 2)
+    a = claim_one(store, "w1", ttl=30)
+    b = claim_one(store, "w2", ttl=30)
+    assert {a.job_id, b.job_id} == {c.id for c in children}
+    assert a.token != b.token and len(a.token) == 32
+    for lease, worker in ((a, "w1"), (b, "w2")):
+        job = store.get(lease.job_id)
+        assert job.state == JobState.IN_PROGRESS and job.claimed_by == worker
+        assert job.claim_token == lease.token and job.attempts == lease.attempt == 1
+        assert lease.worker_id == worker and lease.expires_at == job.claim_expires_at
+        assert 25 < (lease.expires_at - job.updated_at).total_seconds() <= 30.01
+    assert store.claim([DUMP], "w3") is None
+    with pytest.raises(ValueError):
+        store.claim([DUMP], "w3", ttl=0)
+
+
+def test_claim_only_takes_requested_types(store: JobStore) -> None:
+    make_parent(store, 1, job_type=RESHARD)
+    assert store.claim([DUMP], "w1") is None
+    lease = store.claim([RESHARD], "w1")
+    assert lease is not None and lease.job.type == RESHARD
+
+
+def test_two_parents_queued_together_interleave(store: JobStore) -> None:
+    a, _ = make_parent(store, 3)
+    b, _ = make_parent(store, 3)
+    order = [claim_one(store).job for _ in range(6)]
+    pairs = [{(j.parent_job_id, j.chunk_index) for j in order[i : i + 2]} for i in (0, 2, 4)]
+    assert pairs == [{(a.id, k), (b.id, k)} for k in range(3)]
+
+
+def test_expired_lease_is_reclaimed_with_progress_and_next_attempt(store: JobStore) -> None:
+    make_parent(store, 1)
+    first = claim_one(store, "w1", ttl=SHORT_TTL)
+    store.save_progress(first, {"bytes_processed": 100, "last_cursor": {"offset": 100}})
+    assert store.claim([DUMP], "w2") is None  # live lease: not claimable
+    time.sleep(PAST_SHORT_TTL)
+    assert store.queue_depth()[DUMP] == 1  # the expired lease counts
+    second = claim_one(store, "w2", ttl=30)
+    assert second.job_id == first.job_id and second.token != first.token
+    assert second.attempt == 2 and second.job.claimed_by == "w2"
+    assert second.job.progress == {"bytes_processed": 100, "last_cursor": {"offset": 100}}
+    # The first holder is fenced out of every write.
+    with pytest.raises(LeaseLost):
+        store.renew(first)
+    with pytest.raises(LeaseLost):
+        store.save_progress(first, {"bytes_processed": 1})
+    with pytest.raises(LeaseLost):
+        store.complete(first)
+    with pytest.raises(LeaseLost):
+        store.fail(first, "boom")
+    with pytest.raises(LeaseLost):
+        store.release(first)
+    job = store.get(first.job_id)
+    assert job.state == JobState.IN_PROGRESS and job.claim_token == second.token
+    assert job.progress["bytes_processed"] == 100
+    store.complete(second, {"bytes_processed": 200})
+    assert store.get(first.job_id).progress == {"bytes_processed": 200}
+
+
+def test_stale_or_forged_token_raises_lease_lost(store: JobStore) -> None:
+    make_parent(store, 1)
+    lease = claim_one(store)
+    forged = replace(lease, token="0" * 32)
+    for write in (
+        lambda: store.renew(forged),
+        lambda: store.save_progress(forged, {"x": 1}),
+        lambda: store.complete(forged),
+        lambda: store.fail(forged, "e"),
+        lambda: store.release(forged),
+    ):
+        with pytest.raises(LeaseLost, match=lease.job_id):
+            write()
+    assert store.get(lease.job_id).state == JobState.IN_PROGRESS
+    store.complete(lease)
+    with pytest.raises(LeaseLost):  # finished: the lease is gone for good
+        store.save_progress(lease, {"x": 2})
+
+
+def test_renew_keeps_the_lease_alive(store: JobStore) -> None:
+    make_parent(store, 1)
+    lease = claim_one(store, ttl=SHORT_TTL)
+    renewed = store.renew(lease, ttl=30)
+    assert renewed.token == lease.token and renewed.expires_at > lease.expires_at
+    time.sleep(PAST_SHORT_TTL)
+    assert store.claim([DUMP], "w2") is None
+    assert store.reclaim_expired() == 0
+
+
+def test_reclaim_expired_requeues_with_progress(store: JobStore) -> None:
+    make_parent(store, 2)
+    dying = claim_one(store, "dead", ttl=SHORT_TTL)
+    alive = claim_one(store, "alive", ttl=30)
+    store.save_progress(dying, {"docs_routed": 5})
+    time.sleep(PAST_SHORT_TTL)
+    assert store.reclaim_expired() == 1
+    job = store.get(dying.job_id)
+    assert job.state == JobState.QUEUED and job.attempts == 1
+    assert job.claim_token is None and job.claimed_by is None and job.claim_expires_at is None
+    assert job.progress == {"docs_routed": 5}
+    assert store.get(alive.job_id).claim_token == alive.token
+    with pytest.raises(LeaseLost):
+        store.save_progress(dying, {"docs_routed": 6})
+
+
+def test_expired_lease_out_of_attempts_fails_for_good(store: JobStore) -> None:
+    parent, _ = make_parent(store, 2, max_attempts=1)
+    a = claim_one(store, "w1", ttl=SHORT_TTL)
+    claim_one(store, "w2", ttl=SHORT_TTL)
+    store.save_progress(a, {"docs_routed": 3})
+    time.sleep(PAST_SHORT_TTL)
+    assert store.queue_depth()[DUMP] == 0  # never claimable again
+    assert store.reclaim_expired() == 2
+    for child in store.children(parent.id):
+        assert child.state == JobState.FAILED and child.finished_at is not None
+        assert child.error is not None and "lease expired" in child.error
+    assert store.get(a.job_id).progress == {"docs_routed": 3}
+    got = store.get(parent.id)
+    assert got.state == JobState.FAILED and got.error is not None
+    assert got.error.startswith("chunk ") and parent.id in got.error
+
+
+def test_claim_skips_and_fails_exhausted_expired_lease(store: JobStore) -> None:
+    chunk = store.enqueue(DUMP, {}, kind=JobKind.CHUNK, max_attempts=1)
+    claim_one(store, ttl=SHORT_TTL)
+    time.sleep(PAST_SHORT_TTL)
+    assert store.claim([DUMP], "w2") is None
+    assert store.get(chunk.id).state == JobState.FAILED
+
+
+# -- finishing ---------------------------------------------------------------------------------
+
+
+def test_parent_rolls_up_children_and_completes_with_the_last(store: JobStore) -> None:
+    parent, _ = make_parent(store, 3)
+    leases = [claim_one(store) for _ in range(3)]
+    for n, lease in enumerate(leases, start=1):
+        store.save_progress(
+            lease,
+            {"docs_routed": 10 * n, "bytes_processed": n, "per_node": {"n1": n, "n2": 1},
+             "last_cursor": {"offset": n}},
+        )  # fmt: skip
+    summary = store.parent_summary(parent.id)
+    assert summary.chunks_total == 3 and summary.chunks_by_state[JobState.IN_PROGRESS] == 3
+    assert summary.progress == {
+        "docs_routed": 60, "bytes_processed": 6, "per_node": {"n1": 6, "n2": 3}
+    }  # fmt: skip
+    store.complete(leases[0])
+    store.complete(leases[2], {"docs_routed": 35, "bytes_processed": 3})
+    assert store.get(parent.id).state == JobState.IN_PROGRESS
+    done = store.complete(leases[1])
+    assert done.state == JobState.COMPLETED and done.finished_at is not None
+    assert done.claimed_by == "w1" and done.claim_token is None
+    got = store.get(parent.id)
+    assert got.state == JobState.COMPLETED and got.finished_at is not None
+    summary = store.parent_summary(parent.id)
+    assert summary.chunks_done == 3 and summary.progress["docs_routed"] == 10 + 20 + 35
+
+
+def test_parent_fails_when_a_child_fails_for_good(store: JobStore) -> None:
+    parent, _ = make_parent(store, 2)
+    lease = claim_one(store)
+    store.save_progress(lease, {"docs_routed": 7})
+    failed = store.fail(lease, "bad line 12 at byte 3400", retryable=False)
+    assert failed.state == JobState.FAILED and failed.error == "bad line 12 at byte 3400"
+    assert failed.progress == {"docs_routed": 7} and failed.finished_at is not None
+    got = store.get(parent.id)
+    assert got.state == JobState.FAILED and got.finished_at is not None
+    assert got.error is not None and lease.job_id in got.error and "bad line 12" in got.error
+    # A sibling finishing later does not resurrect the parent.
+    sibling = claim_one(store)
+    store.complete(sibling)
+    assert store.get(parent.id).state == JobState.FAILED
+
+
+def test_retry_with_backoff_then_failed_after_max_attempts(store: JobStore) -> None:
+    parent, _ = make_parent(store, 1, max_attempts=3)
+    expected_backoff = [0.05, 0.1]
+    for attempt in (1, 2):
+        lease = claim_one(store, f"w{attempt}")
+        assert lease.attempt == attempt
+        store.save_progress(lease, {"docs_routed": attempt * 10})
+        job = store.fail(lease, f"node down ({attempt})")
+        assert job.state == JobState.QUEUED and job.attempts == attempt
+        assert job.error == f"node down ({attempt})"
+        assert job.claim_token is None and job.claimed_by is None
+        assert job.progress == {"docs_routed": attempt * 10}
+        assert job.available_at is not None
+        backoff = (job.available_at - job.updated_at).total_seconds()
+        assert backoff == pytest.approx(expected_backoff[attempt - 1], abs=0.005)
+        assert store.claim([DUMP], "eager") is None  # not before the backoff
+        assert store.queue_depth()[DUMP] == 0
+        time.sleep(backoff + 0.05)
+    last = claim_one(store, "w3")
+    assert last.attempt == 3 and last.job.progress == {"docs_routed": 20}
+    job = store.fail(last, "node down (3)")
+    assert job.state == JobState.FAILED and job.error == "node down (3)"
+    assert job.attempts == 3 and job.progress == {"docs_routed": 20}
+    assert store.get(parent.id).state == JobState.FAILED
+    time.sleep(0.25)
+    assert store.claim([DUMP], "w4") is None
+
+
+def test_release_requeues_at_once_without_counting_an_attempt(store: JobStore) -> None:
+    make_parent(store, 1)
+    lease = claim_one(store, "w1")
+    store.save_progress(lease, {"docs_routed": 9})
+    released = store.release(lease)
+    assert released.state == JobState.QUEUED and released.attempts == 0
+    assert released.claim_token is None and released.progress == {"docs_routed": 9}
+    again = claim_one(store, "w2")
+    assert again.job_id == lease.job_id and again.attempt == 1
+    assert again.job.progress == {"docs_routed": 9}
+    with pytest.raises(LeaseLost):
+        store.release(lease)
+
+
+# -- claim by id -------------------------------------------------------------------------------
+
+
+def test_claim_by_id(store: JobStore) -> None:
+    parent, children = make_parent(store, 3)
+    lease = store.claim_by_id(children[2].id, "ui-run", ttl=30)
+    assert lease.job_id == children[2].id and lease.attempt == 1
+    assert store.get(children[2].id).claimed_by == "ui-run"
+
+    with pytest.raises(JobNotClaimable) as held:
+        store.claim_by_id(children[2].id, "other")
+    assert held.value.job is not None and held.value.job.claimed_by == "ui-run"
+    assert "ui-run" in str(held.value)
+
+    store.complete(lease)
+    with pytest.raises(JobNotClaimable) as done:
+        store.claim_by_id(children[2].id, "other")
+    assert done.value.job is not None and done.value.job.state == JobState.COMPLETED
+
+    with pytest.raises(JobNotClaimable) as par:
+        store.claim_by_id(parent.id, "other")
+    assert par.value.job is not None and par.value.job.kind == JobKind.PARENT
+
+    with pytest.raises(JobNotFound):
+        store.claim_by_id("missing", "other")
+
+    short = store.claim_by_id(children[0].id, "w1", ttl=SHORT_TTL)
+    time.sleep(PAST_SHORT_TTL)
+    taken = store.claim_by_id(children[0].id, "w2")  # expired lease: claimable by id
+    assert taken.attempt == 2 and taken.token != short.token
+
+    failed = store.claim_by_id(children[1].id, "w1")
+    store.fail(failed, "fatal", retryable=False)
+    with pytest.raises(JobNotClaimable) as fl:
+        store.claim_by_id(children[1].id, "w1")
+    assert fl.value.job is not None and fl.value.job.state == JobState.FAILED
+
+
+# -- observers / operators ---------------------------------------------------------------------
+
+
+def test_queue_depth_counts_due_and_expired_and_lists_every_type(store: JobStore) -> None:
+    assert store.queue_depth() == {DUMP: 0, RESHARD: 0}
+    make_parent(store, 4)
+    claim_one(store, "live", ttl=30)
+    claim_one(store, "dies", ttl=SHORT_TTL)
+    backoff = claim_one(store, "fails")
+    store.fail(backoff, "retry me")
+    assert store.queue_depth() == {DUMP: 1, RESHARD: 0}
+    time.sleep(PAST_SHORT_TTL)  # the short lease expires, the backoff passes
+    assert store.queue_depth() == {DUMP: 3, RESHARD: 0}
+
+
+def test_list_parents_newest_first_with_summaries(store: JobStore) -> None:
+    make_parent(store, 2, job_id="old")
+    time.sleep(0.01)
+    make_parent(store, 1, job_id="new", job_type=RESHARD)
+    summaries = store.list_parents()
+    assert [s.parent.id for s in summaries] == ["new", "old"]
+    assert [s.chunks_total for s in summaries] == [1, 2]
+    assert [s.parent.id for s in store.list_parents(job_type=DUMP)] == ["old"]
+    assert [s.parent.id for s in store.list_parents(limit=1)] == ["new"]
+    with pytest.raises(JobNotFound):
+        store.parent_summary("missing")
+
+
+def test_cancel_parent_fails_unfinished_chunks_and_fences_leases(store: JobStore) -> None:
+    parent, _ = make_parent(store, 4)
+    done = claim_one(store)
+    store.complete(done)
+    live = claim_one(store, "w2")
+    assert store.cancel(parent.id, "operator: wrong dump") == 4  # parent + 3 unfinished
+    states = {c.id: c.state for c in store.children(parent.id)}
+    assert Counter(states.values()) == {JobState.FAILED: 3, JobState.COMPLETED: 1}
+    got = store.get(parent.id)
+    assert got.state == JobState.FAILED and got.error == "operator: wrong dump"
+    assert store.get(live.job_id).error == "operator: wrong dump"
+    with pytest.raises(LeaseLost):
+        store.save_progress(live, {"x": 1})
+    assert store.claim([DUMP], "w3") is None
+    assert store.cancel(parent.id) == 0  # already finished
+    with pytest.raises(JobNotFound):
+        store.cancel("missing")
+
+
+def test_cancel_one_chunk_fails_it_and_its_parent(store: JobStore) -> None:
+    parent, children = make_parent(store, 2)
+    assert store.cancel(children[1].id, "skip it") == 2
+    assert store.get(children[1].id).state == JobState.FAILED
+    got = store.get(parent.id)
+    assert got.state == JobState.FAILED and got.error is not None and children[1].id in got.error
+
+
+def test_prune_deletes_old_finished_trees_only(store: JobStore) -> None:
+    make_parent(store, 2, job_id="done")
+    for _ in range(2):
+        store.complete(claim_one(store))
+    _, broken_children = make_parent(store, 2, job_id="broken")
+    store.fail(store.claim_by_id(broken_children[0].id, "w"), "fatal", retryable=False)
+    orphan = store.enqueue(DUMP, {}, job_id="orphan", kind=JobKind.CHUNK)
+    store.complete(store.claim_by_id(orphan.id, "w"))
+    make_parent(store, 1, job_id="pending")
+    assert store.prune(3600) == 0  # nothing old enough
+    time.sleep(0.3)
+    # "done" + its 2 chunks + the orphan; "broken" still has a queued chunk, "pending" runs.
+    assert store.prune(0.2) == 4
+    for gone in ("done", chunk_id("done", 0, 2), chunk_id("done", 1, 2), "orphan"):
+        with pytest.raises(JobNotFound):
+            store.get(gone)
+    assert store.get("broken").state == JobState.FAILED
+    assert store.get("pending").state == JobState.IN_PROGRESS
+    assert len(store.children("broken")) == 2
+
+
+# -- races -------------------------------------------------------------------------------------
+
+RACE_ROWS = 200
+
+
+def _race_worker(store: JobStore, worker: str, seed: int) -> dict[str, Any]:
+    """Claim until the queue is empty; release ~15 % of claims, complete the rest.
+
+    Records every lease as (job id, token, claimed_at, released_at) with monotonic
+    timestamps taken after the claim returned and before the hand-back was sent.
+    """
+    rng = random.Random(seed)
+    leases: list[tuple[str, str, int, int]] = []
+    completed: list[str] = []
+    lost = 0
+    idle = 0
+    while idle < 3:
+        lease = store.claim([DUMP], worker, ttl=60)
+        if lease is None:
+            idle += 1
+            time.sleep(0.02)
+            continue
+        idle = 0
+        claimed_at = time.monotonic_ns()
+        time.sleep(rng.random() * 0.002)
+        released_at = time.monotonic_ns()
+        try:
+            if rng.random() < 0.15:
+                store.release(lease)
+            else:
+                store.complete(lease, {"docs_routed": 1})
+                completed.append(lease.job_id)
+        except LeaseLost:
+            lost += 1
+        leases.append((lease.job_id, lease.token, claimed_at, released_at))
+    return {"leases": leases, "completed": completed, "lost": lost}
+
+
+def _race_process(dsn: str, worker: str, seed: int, out: str, start: Any) -> None:
+    store = open_store(dsn, migrate=False)
+    try:
+        start.wait(timeout=60)  # all claimers begin together
+        result = _race_worker(store, worker, seed)
+    finally:
+        store.close()
+    Path(out).write_text(json.dumps(result))
+
+
+def _check_race(store: JobStore, parent_id: str, results: list[dict[str, Any]]) -> None:
+    assert sum(r["lost"] for r in results) == 0, "no lease was lost with a 60 s TTL"
+    completed = Counter(j for r in results for j in r["completed"])
+    expected = {chunk_id(parent_id, i, RACE_ROWS) for i in range(RACE_ROWS)}
+    assert set(completed) == expected and set(completed.values()) == {1}
+    by_row: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    tokens = [t for r in results for (_, t, _, _) in r["leases"]]
+    assert len(tokens) == len(set(tokens)), "every claim gets a fresh token"
+    for r in results:
+        for job_id, _, start, end in r["leases"]:
+            by_row[job_id].append((start, end))
+    for job_id, spans in by_row.items():
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert end < start, f"two leases of {job_id} overlap"
+    assert sum(len(s) for s in by_row.values()) > RACE_ROWS, "some rows were re-claimed"
+    assert all(r["leases"] for r in results), "every claimer took part in the race"
+    assert store.get(parent_id).state == JobState.COMPLETED
+    assert store.parent_summary(parent_id).progress == {"docs_routed": RACE_ROWS}
+
+
+@pytest.mark.timeout(120)
+def test_threads_racing_never_share_a_row(store: JobStore) -> None:
+    parent, _ = make_parent(store, RACE_ROWS)
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def run(i: int) -> None:
+        try:
+            start.wait(timeout=30)
+            results.append(_race_worker(store, f"thread-{i}", seed=i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=100)
+    assert not errors, errors
+    assert len(results) == 8
+    _check_race(store, parent.id, results)
+
+
+@pytest.mark.timeout(180)
+def test_processes_racing_never_share_a_row(store: JobStore, jobs_dsn: str, tmp_path: Path) -> None:
+    parent, _ = make_parent(store, RACE_ROWS)
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"claimer-{i}.json" for i in range(4)]
+    start = ctx.Barrier(len(outs))
+    procs = [
+        ctx.Process(target=_race_process, args=(jobs_dsn, f"proc-{i}", i, str(out), start))
+        for i, out in enumerate(outs)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=150)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    _check_race(store, parent.id, [json.loads(out.read_text()) for out in outs])
+
+
+# -- Postgres only -----------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+def test_postgres_store_carries_on_after_a_database_restart(pg_server: Any, pg_dsn: str) -> None:
+    store = open_store(pg_dsn, max_size=2)
+    try:
+        make_parent(store, 2)
+        lease = claim_one(store, ttl=60)
+        store.save_progress(lease, {"docs_routed": 1})
+        pg_server.stop(mode="fast")  # every pooled connection dies
+        pg_server.start()
+        store.save_progress(lease, {"docs_routed": 2})  # the lease survived; the pool healed
+        store.complete(lease)
+        assert store.queue_depth()[DUMP] == 1
+        assert store.get(lease.job_id).progress == {"docs_routed": 2}
+    finally:
+        store.close()
