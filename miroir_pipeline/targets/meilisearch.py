@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import os
 import random
 import time
@@ -26,6 +27,8 @@ from miroir_pipeline.routing import SHARD_FIELD
 from miroir_pipeline.targets._settings import with_shard_filterable
 from miroir_pipeline.targets.base import IndexNotFound, NodeTarget, TargetError
 from miroir_pipeline.topology import DEFAULT_PAYLOAD_LIMIT, Node
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MeilisearchNode", "TaskFailed", "split_ndjson", "wait_healthy"]
 
@@ -366,7 +369,16 @@ class MeilisearchNode(NodeTarget):
         wanted["filterableAttributes"] = with_shard_filterable(
             wanted.get("filterableAttributes", current.get("filterableAttributes"))
         )
-        patch = {k: v for k, v in wanted.items() if current.get(k) != v}
+        # A settings.json from a .dump lists every setting, including experimental ones (e.g.
+        # `chat`) that this node has not enabled and does not report; setting them would be
+        # refused. Keep only settings the node knows, and say which were left out.
+        unknown = sorted(k for k in wanted if k not in current)
+        if unknown:
+            log.warning(
+                "%s: not applying setting(s) %s: this node does not report them (experimental "
+                "feature not enabled?)", self._where(index_uid), ", ".join(unknown)
+            )
+        patch = {k: v for k, v in wanted.items() if k in current and current.get(k) != v}
         if patch:
             task = self._enqueue(
                 "PATCH",
