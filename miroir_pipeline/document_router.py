@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 import orjson
@@ -21,7 +21,7 @@ import xxhash
 
 from miroir_pipeline.routing import SHARD_FIELD, InvalidPrimaryKey, Router, primary_key_text
 
-__all__ = ["BlockResult", "DocumentRouter", "InvalidLine"]
+__all__ = ["BlockResult", "DocumentRouter", "InvalidLine", "RoutedBatch"]
 
 _BOM = b"\xef\xbb\xbf"
 _TERM = b"\xff"
@@ -38,6 +38,14 @@ class InvalidLine:
     offset_in_block: int
     reason: str
     raw: bytes
+
+
+class RoutedBatch(NamedTuple):
+    """Documents bound for one node: the lines to send, with each one's primary key and shard."""
+
+    lines: list[bytes]
+    keys: list[str | int]
+    shards: list[int]
 
 
 @dataclass
@@ -64,6 +72,9 @@ class DocumentRouter:
         self._targets = router.targets
         self._replicas = len(router.targets[0]) if router.targets else 1
         self.buffers: list[list[bytes]] = [[] for _ in router.node_ids]
+        #: Per node, the primary key value and shard of each buffered line (same order).
+        self.keys: list[list[str | int]] = [[] for _ in router.node_ids]
+        self.shards: list[list[int]] = [[] for _ in router.node_ids]
         self._flushed_per_node = [0] * len(router.node_ids)
         self.buffered_bytes = 0
         self.buffered_docs = 0
@@ -81,11 +92,14 @@ class DocumentRouter:
         """Start counting from committed progress (a resumed chunk)."""
         self._flushed_per_node = list(counts)
 
-    def take_buffers(self) -> list[list[bytes]]:
-        """Hand over the buffered lines (per node, in node order) and start empty ones."""
-        out = self.buffers
+    def take_buffers(self) -> list[RoutedBatch]:
+        """Hand over what is buffered (one batch per node, in node order) and start afresh."""
+        out = [RoutedBatch(*b) for b in zip(self.buffers, self.keys, self.shards, strict=True)]
         self._flushed_per_node = self.per_node_docs
-        self.buffers = [[] for _ in out]
+        n = len(self.buffers)
+        self.buffers = [[] for _ in range(n)]
+        self.keys = [[] for _ in range(n)]
+        self.shards = [[] for _ in range(n)]
         self.buffered_bytes = 0
         self.buffered_docs = 0
         return out
@@ -130,6 +144,8 @@ class DocumentRouter:
         prefixes = self._prefixes
         targets = self._targets
         buffers = self.buffers
+        keys = self.keys
+        shard_of = self.shards
         shards = self.router.shards
         xxh = xxhash.xxh64_intdigest
         unset = msgspec.UNSET
@@ -151,6 +167,8 @@ class DocumentRouter:
             out = prefixes[shard] + line[1:] if doc.shard is unset else _replace_shard(line, shard)
             for node in targets[shard]:
                 buffers[node].append(out)
+                keys[node].append(pk)
+                shard_of[node].append(shard)
             docs += 1
         return docs
 

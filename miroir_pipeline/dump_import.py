@@ -8,7 +8,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Generator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -327,17 +327,26 @@ def _run_chunk(
     line_counter = _LineCounter(ref)
     pool = ThreadPoolExecutor(max_workers=max(1, len(node_targets)), thread_name_prefix=f"flush-{job.id}")
 
-    def flush(pos: int) -> None:
-        buffers = doc_router.take_buffers()
-        writes = [
-            pool.submit(t.write_documents, params.index_uid, params.primary_key, b"\n".join(lines) + b"\n", len(lines))
-            for t, lines in zip(node_targets, buffers, strict=True)
-            if lines
-        ]
-        for w in writes:
-            w.result()  # raises the node's TargetError
-        if dead is not None:
-            dead.sync()
+    # One batch may be in flight while the next is routed; writes of a batch start only once the
+    # previous batch is acknowledged (so a later version of a document always lands last), and
+    # a batch's progress is saved only after every target acknowledged it.
+    in_flight: list[tuple[list[Future[None]], dict[str, Any]]] = []
+
+    def settle() -> None:
+        while in_flight:
+            writes, progress = in_flight.pop()
+            for w in writes:
+                w.result()  # raises the node's TargetError
+            if dead is not None:
+                dead.sync()
+            keeper.check()
+            store.save_progress(keeper.lease, progress)
+            if on_batch is not None:
+                on_batch(report)
+
+    def flush(pos: int, *, last: bool = False) -> None:
+        settle()
+        batches = doc_router.take_buffers()
         report.per_node = dict(zip(router.node_ids, doc_router.per_node_docs, strict=True))
         report.bytes = pos - params.start
         progress = {
@@ -349,10 +358,14 @@ def _run_chunk(
             "per_node": report.per_node,
             "dead_letter_bytes": dead.size if dead else 0,
         }
-        keeper.check()
-        store.save_progress(keeper.lease, progress)
-        if on_batch is not None:
-            on_batch(report)
+        writes = [
+            pool.submit(t.write_routed, params.index_uid, params.primary_key, b.lines, b.keys, b.shards)
+            for t, b in zip(node_targets, batches, strict=True)
+            if b.lines
+        ]
+        in_flight.append((writes, progress))
+        if last or DRAIN.is_set():
+            settle()
         if DRAIN.is_set() and pos < params.end:
             store.release(keeper.lease)
             raise ChunkHandedBack(f"chunk {job.id} handed back at byte {pos} because this worker is shutting down")
@@ -406,7 +419,7 @@ def _run_chunk(
                 or doc_router.buffered_bytes >= settings.memory_buffer_bytes // 2
             ):
                 flush(pos)
-        flush(pos)
+        flush(pos, last=True)
     finally:
         blocks.close()
         pool.shutdown(wait=True)

@@ -7,7 +7,7 @@ Two implementations: the local node store (``local://PATH``) and a Meilisearch n
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 __all__ = ["IndexNotFound", "NodeTarget", "TargetError"]
@@ -45,6 +45,19 @@ class NodeTarget(abc.ABC):
     def write_documents(self, index_uid: str, primary_key: str, ndjson: bytes, count: int) -> None:
         """Write ``count`` documents given as NDJSON (every line ends with ``\\n``). Returns only once
         the node has durably committed them; raises :class:`TargetError` otherwise."""
+
+    def write_routed(
+        self,
+        index_uid: str,
+        primary_key: str,
+        lines: Sequence[bytes],
+        keys: Sequence[str | int],
+        shards: Sequence[int],
+    ) -> None:
+        """Write documents the router already parsed: each line with its primary key value and
+        shard. Same guarantee as :meth:`write_documents`; a target that can use the parsed keys
+        (the local store) overrides this to skip decoding them again."""
+        self.write_documents(index_uid, primary_key, b"\n".join(lines) + b"\n", len(lines))
 
     @abc.abstractmethod
     def index_exists(self, index_uid: str) -> bool: ...

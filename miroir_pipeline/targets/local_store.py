@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -257,6 +257,27 @@ class LocalNodeStore(NodeTarget):
                 ) from exc
             pk = key.pk
             rows.append((pk if isinstance(pk, str) else str(pk), key.shard, line))
+        self._upsert(index_uid, primary_key, rows)
+
+    def write_routed(
+        self,
+        index_uid: str,
+        primary_key: str,
+        lines: Sequence[bytes],
+        keys: Sequence[str | int],
+        shards: Sequence[int],
+    ) -> None:
+        """Upsert lines whose primary keys and shards the router already parsed (no re-decode)."""
+        if not len(lines) == len(keys) == len(shards):
+            raise TargetError(
+                f"node {self.node_id}: index {index_uid}: {len(lines)} lines but {len(keys)} keys "
+                f"and {len(shards)} shards; refusing a batch that does not add up",
+                node_id=self.node_id,
+            )
+        rows = [(k if type(k) is str else str(k), s, d) for k, s, d in zip(keys, shards, lines, strict=True)]
+        self._upsert(index_uid, primary_key, rows)
+
+    def _upsert(self, index_uid: str, primary_key: str, rows: list[tuple[str, int, bytes]]) -> None:
         # Inserting in key order touches b-tree pages in order: noticeably faster than random.
         rows.sort(key=lambda r: r[0])
         with self._write("write_documents", index_uid) as conn:
