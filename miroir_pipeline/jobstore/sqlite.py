@@ -139,8 +139,8 @@ class SqliteJobStore(JobStore):
         if self._closed:
             raise JobStoreError(f"the job store {self.path} is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+        if conn is not None and self._local.pid == os.getpid():
+            return conn  # (after a fork the child opens its own connection)
         try:
             conn = sqlite3.connect(
                 self.path,
@@ -158,6 +158,7 @@ class SqliteJobStore(JobStore):
         with self._lock:
             self._connections.append(conn)
         self._local.conn = conn
+        self._local.pid = os.getpid()
         return conn
 
     def _set_wal(self, conn: sqlite3.Connection) -> None:
