@@ -147,7 +147,6 @@ def reshard_chunk(
 reshard_chunk_job = dg.define_asset_job(
     "reshard_chunk_job",
     selection=[reshard_chunk],
-    partitions_def=reshard_chunks,
     executor_def=dg.in_process_executor,
     tags={TAG_CHUNK_RUN: "reshard"},
     description="Backfill one shard range of a reshard (one run per partition).",

@@ -1,0 +1,532 @@
+"""Reshard backfill into local node stores: exact placement both ways (16 → 64, 64 → 16),
+resume from the ``shard:offset`` cursor after a SIGKILLed worker, verification failures that
+name the keys, edge cases, and the Dagster surface (blocking check, cutover)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import orjson
+import pytest
+import yaml
+
+from miroir_pipeline.config import PipelineSettings
+from miroir_pipeline.jobstore import JobStore, open_store
+from miroir_pipeline.jobstore.base import JobState, JobType
+from miroir_pipeline.reshard import (
+    PlannedReshard,
+    ReshardChunkReport,
+    ReshardRequest,
+    parse_cursor,
+    plan_reshard,
+    process_reshard_chunk,
+)
+from miroir_pipeline.routing import SHARD_FIELD, shard_for_key, write_targets
+from miroir_pipeline.shutdown import DRAIN, ChunkHandedBack
+from miroir_pipeline.targets.base import NodeTarget
+from miroir_pipeline.targets.factory import open_targets
+from miroir_pipeline.topology import Group, Node, Topology
+from miroir_pipeline.verification import verify_shadow
+
+REPO = Path(__file__).resolve().parents[2]
+N_DOCS = 10_000
+SETTINGS = PipelineSettings(allowed_roots=["/"], batch_size=1000)
+
+
+# -- helpers (also used by the Meilisearch tests) -----------------------------------------------
+
+
+def make_docs(n: int, *, int_ids: bool) -> list[dict[str, Any]]:
+    """Documents with nested, float and array fields; ids are integers or strings."""
+    return [
+        {
+            "id": i * 7 + 3 if int_ids else f"doc-{i:06d}_x",
+            "title": f"title {i}",
+            "price": i / 4,
+            "tags": [f"t{i % 5}", f"u{i % 3}"],
+            "meta": {"rank": i % 97, "ok": i % 2 == 0, "note": None},
+        }
+        for i in range(n)
+    ]
+
+
+def load_live(
+    topology: Topology, targets: Mapping[str, NodeTarget], uid: str, docs: list[dict[str, Any]]
+) -> None:
+    """Write documents the way the router places them: ``_miroir_shard`` set, every write target."""
+    for node in topology.all_nodes():
+        targets[node.id].ensure_index(uid, "id", {"searchableAttributes": ["title", "tags"]})
+    per_node: dict[str, list[bytes]] = defaultdict(list)
+    for d in docs:
+        shard = shard_for_key(d["id"], topology.shards)
+        line = orjson.dumps({**d, SHARD_FIELD: shard}) + b"\n"
+        for node_id in write_targets(shard, topology):
+            per_node[node_id].append(line)
+    for node_id, lines in per_node.items():
+        for at in range(0, len(lines), 5000):
+            batch = lines[at : at + 5000]
+            targets[node_id].write_documents(uid, "id", b"".join(batch), len(batch))
+
+
+def run_backfill(
+    store: JobStore,
+    live_targets: Mapping[str, NodeTarget],
+    shadow_targets: Mapping[str, NodeTarget],
+    settings: PipelineSettings = SETTINGS,
+) -> list[ReshardChunkReport]:
+    reports = []
+    while (lease := store.claim([JobType.RESHARD_BACKFILL], "test-worker", settings.lease_ttl)) is not None:
+        reports.append(process_reshard_chunk(store, lease, live_targets, shadow_targets, settings))
+    return reports
+
+
+def assert_exact_placement(
+    shadow_topology: Topology,
+    shadow_targets: Mapping[str, NodeTarget],
+    shadow_uid: str,
+    docs: list[dict[str, Any]],
+) -> None:
+    """Independently of verify_shadow: each node holds exactly the documents the formula gives it,
+    with the right ``_miroir_shard`` and unchanged content."""
+    expected: dict[str, dict[str, dict[str, Any]]] = {n.id: {} for n in shadow_topology.all_nodes()}
+    for d in docs:
+        shard = shard_for_key(d["id"], shadow_topology.shards)
+        for node_id in write_targets(shard, shadow_topology):
+            expected[node_id][str(d["id"])] = {**d, SHARD_FIELD: shard}
+    for node_id, want in expected.items():
+        got = {str(doc["id"]): doc for doc in map(orjson.loads, shadow_targets[node_id].iter_documents(shadow_uid))}
+        assert got.keys() == want.keys(), f"{node_id}: wrong document set"
+        assert got == want, f"{node_id}: content or {SHARD_FIELD} differs"
+
+
+def local_topology(root: Path, shards: int, groups: list[list[str]], rf: int = 1) -> Topology:
+    return Topology(
+        shards=shards,
+        replication_factor=rf,
+        groups=[
+            Group(id=g, nodes=[Node(id=n, url=f"local://{root / n}") for n in names])
+            for g, names in enumerate(groups)
+        ],
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[JobStore]:
+    s = open_store(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def opened(tmp_path: Path) -> Iterator[Callable[[Topology], dict[str, NodeTarget]]]:
+    all_targets: list[NodeTarget] = []
+
+    def _open(topology: Topology) -> dict[str, NodeTarget]:
+        t = open_targets(topology)
+        all_targets.extend(t.values())
+        return t
+
+    yield _open
+    for t in all_targets:
+        t.close()
+
+
+# -- the main promise ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "int_ids", "live_groups", "shadow_groups", "rf"),
+    [
+        # 16 -> 64 on the same nodes: two replica groups, so every document has two copies.
+        (16, 64, False, [["a0", "a1"], ["b0", "b1"]], None, 1),
+        # 64 -> 16 onto other nodes, RF 2 of 3, integer ids.
+        (64, 16, True, [["n0", "n1", "n2"]], [["m0", "m1", "m2"]], 2),
+    ],
+)
+def test_reshard_places_every_document_exactly(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    old: int,
+    new: int,
+    int_ids: bool,
+    live_groups: list[list[str]],
+    shadow_groups: list[list[str]] | None,
+    rf: int,
+) -> None:
+    live_topo = local_topology(tmp_path / "nodes", old, live_groups, rf=1 if shadow_groups else rf)
+    live = opened(live_topo)
+    docs = make_docs(N_DOCS, int_ids=int_ids)
+    load_live(live_topo, live, "books", docs)
+    new_topo = local_topology(tmp_path / "nodes", new, shadow_groups, rf=rf) if shadow_groups else None
+    shadow_targets = opened(new_topo) if new_topo else live
+
+    planned = plan_reshard(
+        store,
+        ReshardRequest(index_uid="books", new_shards=new, shards_per_chunk=8),
+        live_topo,
+        live,
+        SETTINGS,
+        new_topology=new_topo,
+        shadow_targets=shadow_targets,
+    )
+    assert len(planned.chunk_ids) == old // 8
+    reports = run_backfill(store, live, shadow_targets)
+    assert sum(r.documents for r in reports) == N_DOCS
+    summary = store.parent_summary(planned.parent.id)
+    assert summary.parent.state == JobState.COMPLETED
+    assert summary.progress["documents_backfilled"] == N_DOCS
+    assert all(c.progress["last_cursor"] == f"{c.params['shard_end']}:0" for c in store.children(planned.parent.id))
+
+    assert_exact_placement(planned.shadow_topology, shadow_targets, planned.shadow_uid, docs)
+    copies = len(planned.shadow_topology.groups) * planned.shadow_topology.replication_factor
+    assert sum(summary.progress["per_node"].values()) == N_DOCS * copies
+    if new_topo:
+        assert not any(t.index_exists(planned.shadow_uid) for t in live.values())
+
+    result = verify_shadow(
+        live_topo, live, planned.shadow_topology, shadow_targets, "books", planned.shadow_uid, "id"
+    )
+    assert result.passed, result.summary()
+    assert result.live_documents == result.shadow_documents == N_DOCS
+    assert result.shadow_per_node == summary.progress["per_node"]
+
+
+# -- resume after a SIGKILLed worker ------------------------------------------------------------
+
+VICTIM = """
+import sys, time
+from miroir_pipeline.config import PipelineSettings
+from miroir_pipeline.jobstore import open_store
+from miroir_pipeline.reshard import ReshardChunkParams, process_reshard_chunk
+from miroir_pipeline.targets.factory import open_targets
+from miroir_pipeline.topology import Topology
+
+store = open_store(sys.argv[1])
+settings = PipelineSettings.from_env(allowed_roots=["/"])
+lease = store.claim_by_id(sys.argv[2], "victim", settings.lease_ttl)
+p = ReshardChunkParams.model_validate(lease.job.params)
+live = open_targets(Topology.parse(p.live_topology))
+shadow = open_targets(Topology.parse(p.shadow_topology))
+# Throttle only: each committed batch is followed by a pause, so the kill lands mid-range.
+process_reshard_chunk(store, lease, live, shadow, settings, on_batch=lambda report, cursor: time.sleep(0.05))
+"""
+
+
+def test_killed_worker_resumes_at_its_shard_offset_cursor(
+    tmp_path: Path, store: JobStore, opened: Callable[[Topology], dict[str, NodeTarget]]
+) -> None:
+    topo = local_topology(tmp_path / "nodes", 16, [["n0", "n1", "n2"]])
+    live = opened(topo)
+    docs = make_docs(N_DOCS, int_ids=False)
+    load_live(topo, live, "books", docs)
+    planned = plan_reshard(
+        store, ReshardRequest(index_uid="books", new_shards=64, shards_per_chunk=16), topo, live, SETTINGS
+    )
+    (chunk_id,) = planned.chunk_ids
+    dsn = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    env = {**os.environ, "MIROIR_LEASE_TTL": "1.5", "MIROIR_BATCH_SIZE": "250", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", VICTIM, dsn, chunk_id], env=env, cwd=tmp_path, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "the victim exited before it could be killed"
+            assert time.monotonic() < deadline, "no mid-range cursor within 60 s"
+            cursor = store.get(chunk_id).progress.get("last_cursor", "0:0")
+            shard, offset = parse_cursor(cursor)
+            if shard >= 1 and offset > 0:  # past the range start and inside a shard
+                break
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    saved = store.get(chunk_id)
+    assert saved.state == JobState.IN_PROGRESS and saved.claimed_by == "victim"
+    saved_cursor = saved.progress["last_cursor"]
+    assert parse_cursor(saved_cursor) > (0, 0)
+    assert 0 < saved.progress["documents_backfilled"] < N_DOCS
+
+    settings = PipelineSettings(allowed_roots=["/"], batch_size=250, lease_ttl=5)
+    deadline = time.monotonic() + 15
+    lease = None
+    while lease is None:  # the victim's lease must run out first
+        assert time.monotonic() < deadline, "the killed worker's lease never expired"
+        lease = store.claim([JobType.RESHARD_BACKFILL], "rescuer", settings.lease_ttl)
+        if lease is None:
+            time.sleep(0.1)
+    assert lease.job_id == chunk_id and lease.attempt == 2
+    first_cursor: list[str] = []
+    report = process_reshard_chunk(
+        store, lease, live, live, settings, on_batch=lambda r, c: first_cursor.append(c) if not first_cursor else None
+    )
+    assert report.resumed_from == saved_cursor
+    # Documents counted from the saved count on: had the attempt re-read from the start, the
+    # total would exceed the corpus.
+    assert report.documents == N_DOCS
+    assert parse_cursor(first_cursor[0]) > parse_cursor(saved_cursor)
+    assert store.get(chunk_id).state == JobState.COMPLETED
+    assert_exact_placement(planned.shadow_topology, live, planned.shadow_uid, docs)
+    assert verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id").passed
+
+
+def test_drain_hands_the_chunk_back_at_a_batch_boundary_and_it_resumes(
+    tmp_path: Path, store: JobStore, opened: Callable[[Topology], dict[str, NodeTarget]]
+) -> None:
+    topo = local_topology(tmp_path / "nodes", 4, [["n0", "n1"]])
+    live = opened(topo)
+    docs = make_docs(2000, int_ids=True)
+    load_live(topo, live, "books", docs)
+    planned = plan_reshard(
+        store, ReshardRequest(index_uid="books", new_shards=3, shards_per_chunk=4), topo, live, SETTINGS
+    )
+    settings = PipelineSettings(allowed_roots=["/"], batch_size=300)
+    lease = store.claim([JobType.RESHARD_BACKFILL], "w1", settings.lease_ttl)
+    assert lease is not None
+    try:
+        with pytest.raises(ChunkHandedBack):
+            process_reshard_chunk(store, lease, live, live, settings, on_batch=lambda r, c: DRAIN.set())
+    finally:
+        DRAIN.clear()
+    row = store.get(lease.job_id)
+    assert row.state == JobState.QUEUED
+    handed_back_at = row.progress["last_cursor"]
+    assert parse_cursor(handed_back_at) > (0, 0)
+    (report,) = run_backfill(store, live, live, settings)
+    assert report.resumed_from == handed_back_at and report.documents == 2000
+    assert_exact_placement(planned.shadow_topology, live, planned.shadow_uid, docs)
+
+
+# -- verification failures name the keys ---------------------------------------------------------
+
+
+@pytest.fixture
+def backfilled(
+    tmp_path: Path, store: JobStore, opened: Callable[[Topology], dict[str, NodeTarget]]
+) -> tuple[Topology, dict[str, NodeTarget], PlannedReshard, list[dict[str, Any]]]:
+    topo = local_topology(tmp_path / "nodes", 8, [["n0", "n1", "n2"]])
+    live = opened(topo)
+    docs = make_docs(1500, int_ids=False)
+    load_live(topo, live, "books", docs)
+    planned = plan_reshard(store, ReshardRequest(index_uid="books", new_shards=5), topo, live, SETTINGS)
+    run_backfill(store, live, live)
+    assert verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id").passed
+    return topo, live, planned, docs
+
+
+def _home_and_stranger(topo: Topology, pk: str, shards: int) -> tuple[str, str]:
+    home = write_targets(shard_for_key(pk, shards), topo)[0]
+    stranger = next(n.id for n in topo.all_nodes() if n.id not in write_targets(shard_for_key(pk, shards), topo))
+    return home, stranger
+
+
+def test_check_fails_naming_a_deleted_document(backfilled: Any) -> None:
+    topo, live, planned, docs = backfilled
+    pk = docs[42]["id"]
+    home, _ = _home_and_stranger(planned.shadow_topology, pk, 5)
+    live[home].delete_documents(planned.shadow_uid, [pk])
+    r = verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id")
+    assert not r.passed
+    assert r.missing == [pk] and r.missing_count == 1
+    assert (r.extra, r.altered, r.misplaced) == ([], [], [])
+    assert pk in r.summary()
+
+
+def test_check_fails_naming_an_altered_document(backfilled: Any) -> None:
+    topo, live, planned, docs = backfilled
+    pk = docs[7]["id"]
+    shard = shard_for_key(pk, 5)
+    home, _ = _home_and_stranger(planned.shadow_topology, pk, 5)
+    changed = {**docs[7], "title": "tampered", SHARD_FIELD: shard}
+    live[home].write_documents(planned.shadow_uid, "id", orjson.dumps(changed) + b"\n", 1)
+    r = verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id")
+    assert not r.passed
+    assert r.altered == [pk] and (r.missing, r.extra, r.misplaced) == ([], [], [])
+
+
+def test_check_fails_naming_a_document_on_a_wrong_node(backfilled: Any) -> None:
+    topo, live, planned, docs = backfilled
+    pk = docs[99]["id"]
+    shard = shard_for_key(pk, 5)
+    home, stranger = _home_and_stranger(planned.shadow_topology, pk, 5)
+    line = orjson.dumps({**docs[99], SHARD_FIELD: shard}) + b"\n"
+    live[stranger].write_documents(planned.shadow_uid, "id", line, 1)
+    r = verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id")
+    assert not r.passed
+    assert r.misplaced == [pk] and (r.missing, r.extra, r.altered) == ([], [], [])
+    assert stranger in r.misplaced_detail[0] and home in r.misplaced_detail[0]
+    # Moved rather than copied: still misplaced, and not missing.
+    live[home].delete_documents(planned.shadow_uid, [pk])
+    r = verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id")
+    assert r.misplaced == [pk] and r.missing == []
+
+
+def test_check_fails_on_a_wrong_shard_tag_and_on_an_extra_document(backfilled: Any) -> None:
+    topo, live, planned, docs = backfilled
+    pk = docs[3]["id"]
+    shard = shard_for_key(pk, 5)
+    home, _ = _home_and_stranger(planned.shadow_topology, pk, 5)
+    live[home].write_documents(
+        planned.shadow_uid, "id", orjson.dumps({**docs[3], SHARD_FIELD: (shard + 1) % 5}) + b"\n", 1
+    )
+    extra = {"id": "not-in-live", "title": "x", SHARD_FIELD: shard_for_key("not-in-live", 5)}
+    extra_home = write_targets(extra[SHARD_FIELD], planned.shadow_topology)[0]
+    live[extra_home].write_documents(planned.shadow_uid, "id", orjson.dumps(extra) + b"\n", 1)
+    r = verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id")
+    assert not r.passed
+    assert r.misplaced == [pk] and SHARD_FIELD in r.misplaced_detail[0]
+    assert r.extra == ["not-in-live"] and r.altered == [] and r.missing == []
+
+
+def test_examples_are_capped_but_counts_are_full(backfilled: Any) -> None:
+    topo, live, planned, docs = backfilled
+    for node in live.values():
+        node.delete_documents(planned.shadow_uid, [d["id"] for d in docs[:50]])
+    r = verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id", max_examples=20)
+    assert r.missing_count == 50 and len(r.missing) == 20
+    assert set(r.missing) <= {d["id"] for d in docs[:50]}
+
+
+# -- edge cases -----------------------------------------------------------------------------------
+
+
+def test_empty_shards_and_ranges_past_the_last_document(
+    tmp_path: Path, store: JobStore, opened: Callable[[Topology], dict[str, NodeTarget]]
+) -> None:
+    topo = local_topology(tmp_path / "nodes", 16, [["n0", "n1"]])
+    live = opened(topo)
+    # Three documents: most shards are empty, and some chunk ranges hold no document at all.
+    docs = make_docs(3, int_ids=True)
+    load_live(topo, live, "books", docs)
+    used = [shard_for_key(d["id"], 16) for d in docs]
+    planned = plan_reshard(
+        store, ReshardRequest(index_uid="books", new_shards=32, shards_per_chunk=4), topo, live, SETTINGS
+    )
+    reports = run_backfill(store, live, live)
+    assert len(reports) == 4
+    for r in reports:
+        assert r.documents == sum(1 for s in used if r.shard_start <= s < r.shard_end)
+    assert any(r.documents == 0 for r in reports), "expected at least one range with no document"
+    assert store.parent_summary(planned.parent.id).parent.state == JobState.COMPLETED
+    assert_exact_placement(planned.shadow_topology, live, planned.shadow_uid, docs)
+    assert verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id").passed
+
+
+def test_empty_live_index_backfills_nothing_and_verifies(
+    tmp_path: Path, store: JobStore, opened: Callable[[Topology], dict[str, NodeTarget]]
+) -> None:
+    topo = local_topology(tmp_path / "nodes", 4, [["n0"]])
+    live = opened(topo)
+    load_live(topo, live, "books", [])
+    planned = plan_reshard(store, ReshardRequest(index_uid="books", new_shards=2), topo, live, SETTINGS)
+    assert [r.documents for r in run_backfill(store, live, live)] == [0]
+    r = verify_shadow(topo, live, planned.shadow_topology, live, "books", planned.shadow_uid, "id")
+    assert r.passed and r.live_documents == r.shadow_documents == 0
+
+
+# -- Dagster: plan job, chunk runs, blocking check, cutover ---------------------------------------
+
+
+def _defs() -> dg.Definitions:
+    from miroir_pipeline.orchestration.reshard_assets import (
+        RESHARD_ASSET_CHECKS,
+        RESHARD_ASSETS,
+        RESHARD_JOBS,
+    )
+    from miroir_pipeline.orchestration.resources import (
+        JobStoreResource,
+        SettingsResource,
+        TopologyResource,
+    )
+
+    return dg.Definitions(
+        assets=RESHARD_ASSETS,
+        asset_checks=RESHARD_ASSET_CHECKS,
+        jobs=RESHARD_JOBS,
+        resources={"jobs": JobStoreResource(), "topology": TopologyResource(), "settings": SettingsResource()},
+    )
+
+
+def test_dagster_plan_backfill_blocking_check_and_cutover(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from miroir_pipeline.orchestration.partitions import RESHARD_CHUNKS
+    from miroir_pipeline.orchestration.reshard_assets import latest_verification
+
+    topo = local_topology(tmp_path / "nodes", 16, [["n0", "n1", "n2"]])
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True)))
+    monkeypatch.setenv("MIROIR_TOPOLOGY", str(tmp_path / "topology.yaml"))
+    monkeypatch.setenv("MIROIR_JOBS_DSN", f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    live = opened(topo)
+    docs = make_docs(2000, int_ids=True)
+    load_live(topo, live, "books", docs)
+    defs = _defs()
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    with dg.instance_for_test() as instance:
+        plan = defs.resolve_job_def("plan_reshard_job").execute_in_process(
+            run_config={"ops": {"plan_reshard_op": {"config": {"index_uid": "books", "new_shards": 8}}}, **quiet},
+            instance=instance,
+        )
+        parent_id = plan.output_for_node("plan_reshard_op")
+        partitions = instance.get_dynamic_partitions(RESHARD_CHUNKS)
+        assert sorted(partitions) == [c.id for c in store.children(parent_id)] and len(partitions) == 2
+
+        shadow_cfg = {"ops": {"miroir__reshard_shadow": {"config": {"parent_job_id": parent_id}}}, **quiet}
+        early = defs.resolve_job_def("reshard_verify_job").execute_in_process(
+            run_config=shadow_cfg, instance=instance, raise_on_error=False
+        )
+        assert not early.success, "the shadow must not be recorded before the backfill completed"
+
+        chunk_job = defs.resolve_job_def("reshard_chunk_job")
+        for key in partitions:
+            run = chunk_job.execute_in_process(instance=instance, partition_key=key, run_config=quiet)
+            assert run.success
+            meta = run.asset_materializations_for_node("miroir__reshard_chunk")[0].metadata
+            assert meta["documents"].value > 0
+        again = chunk_job.execute_in_process(instance=instance, partition_key=partitions[0], run_config=quiet)
+        assert again.asset_materializations_for_node("miroir__reshard_chunk")[0].metadata["noop"].value is True
+
+        ok = defs.resolve_job_def("reshard_verify_job").execute_in_process(run_config=shadow_cfg, instance=instance)
+        assert ok.success
+        materialized = {e.asset_key.path[-1] for e in ok.get_asset_materialization_events() if e.asset_key}
+        assert materialized == {"reshard_shadow", "reshard_cutover"}
+        passed, _, check_meta = latest_verification(instance)
+        assert passed and check_meta["shadow_documents"] == 2000
+
+        # Break the shadow: the blocking check fails, names the key, and cutover does not run.
+        pk = docs[11]["id"]
+        home = write_targets(shard_for_key(pk, 8), topo)[0]
+        live[home].delete_documents("books__reshard_8", [str(pk)])
+        bad = defs.resolve_job_def("reshard_verify_job").execute_in_process(
+            run_config=shadow_cfg, instance=instance, raise_on_error=False
+        )
+        assert not bad.success
+        evaluations = [e for e in bad.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+        assert len(evaluations) == 1 and not evaluations[0].event_specific_data.passed
+        assert not [
+            e for e in bad.get_asset_materialization_events() if e.asset_key and e.asset_key.path[-1] == "reshard_cutover"
+        ]
+        passed, why, check_meta = latest_verification(instance)
+        assert not passed and check_meta["missing_count"] == 1
+        assert check_meta["divergences"]["missing"] == [str(pk)] and str(pk) in why
+
+        # Cutover on its own also refuses while the latest evaluation failed.
+        from miroir_pipeline.orchestration.reshard_assets import cutover
+
+        alone = dg.materialize([cutover], instance=instance, raise_on_error=False)
+        assert not alone.success
