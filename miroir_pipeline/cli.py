@@ -4,6 +4,7 @@ sample-dump. Imports run as Dagster chunk runs recorded in ``$DAGSTER_HOME``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -81,6 +82,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     ]
     try:
         summary = _watch(store, parent_id, procs, quiet=args.json or args.no_progress)
+        # Workers exit by themselves once nothing is left; give their last run time to finish
+        # recording in Dagster before asking stragglers to drain.
+        deadline = time.monotonic() + 60
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
     finally:
         for p in procs:
             if p.poll() is None:

@@ -1,0 +1,94 @@
+"""The command line as an operator uses it: sample-dump + import on the embedded defaults,
+status, migrate (twice, and on Postgres), and a failing import's exit code and reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import orjson
+import pytest
+
+from miroir_pipeline.orchestration.definitions import defs
+from miroir_pipeline.targets.local_store import LocalNodeStore
+from miroir_pipeline.topology import default_topology
+from tests.import_helpers import actual_placement, assert_exact_placement, expected_placement
+
+
+def cli(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
+    full.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "miroir_pipeline.cli", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_definitions_load_with_no_configuration() -> None:
+    dg.Definitions.validate_loadable(defs)
+
+
+@pytest.mark.timeout(300)
+def test_sample_dump_then_import_on_embedded_defaults(tmp_path: Path) -> None:
+    made = cli(tmp_path, "sample-dump", "dump.ndjson", "--size", "3MiB", "--seed", "7")
+    assert made.returncode == 0, made.stderr
+    run = cli(tmp_path, "import", "dump.ndjson", "--index", "products", "--primary-key", "id", "--workers", "2", "--chunk-size", "512KiB", "--json")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    lines = (tmp_path / "dump.ndjson").read_bytes().splitlines()
+    assert summary["state"] == "completed"
+    assert summary["documents"] == len(lines)
+    assert summary["bytes"] == (tmp_path / "dump.ndjson").stat().st_size
+    assert summary["chunks"] == summary["chunks_completed"] >= 6
+    assert summary["invalid_documents"] == 0
+
+    topo = default_topology(tmp_path / ".miroir")
+    docs = [orjson.loads(x) for x in lines]
+    expected = expected_placement(docs, topo)
+    assert summary["per_node"] == {n: len(d) for n, d in expected.items()}
+    targets = {n.id: LocalNodeStore(n.id, n.local_path) for n in topo.all_nodes()}
+    assert_exact_placement(expected, actual_placement(targets, "products"))
+
+    # The runs are in the Dagster home, so `dagster dev` shows them afterwards.
+    with dg.DagsterInstance.from_config(str(tmp_path / ".miroir" / "dagster")) as instance:
+        runs = instance.get_run_records(dg.RunsFilter(job_name="dump_chunk_job"))
+        assert len(runs) == summary["chunks"]
+        assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+
+    status = cli(tmp_path, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["queue_depth"] == {"dump_import": 0, "reshard_backfill": 0}
+    [parent] = data["parents"]
+    assert parent["id"] == summary["job_id"] and parent["state"] == "completed"
+    assert parent["chunks_done"] == parent["chunks_total"] == summary["chunks"]
+    assert parent["documents"] == summary["documents"]
+    human = cli(tmp_path, "status")
+    assert summary["job_id"] in human.stdout and "completed" in human.stdout
+
+
+def test_failing_import_exits_nonzero_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "bad.ndjson").write_bytes(b'{"id": 1}\n{"id": 2.5}\n')
+    run = cli(tmp_path, "import", "bad.ndjson", "--index", "bad", "--primary-key", "id", "--workers", "1", "--json")
+    assert run.returncode == 1
+    summary = json.loads(run.stdout)
+    assert summary["state"] == "failed"
+    [failed] = summary["failed_chunks"]
+    assert "bad.ndjson: line 2, byte offset 10" in failed["error"] and "float" in failed["error"]
+
+    outside = cli(tmp_path, "import", "/etc/hostname", "--index", "x")
+    assert outside.returncode == 2 and "outside the allowed dump roots" in outside.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_migrate_twice_is_a_noop(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    dsn = f"sqlite:///{tmp_path}/jobs.sqlite3" if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+    first = cli(tmp_path, "migrate", "--jobs-dsn", dsn)
+    assert first.returncode == 0 and "applied: 0001_jobs" in first.stdout, first.stderr
+    second = cli(tmp_path, "migrate", "--jobs-dsn", dsn)
+    assert second.returncode == 0 and "schema up to date" in second.stdout, second.stderr
+    if backend == "postgres":
+        assert "password" not in first.stdout + first.stderr
