@@ -1,0 +1,131 @@
+"""Reshard backfill against a real Meilisearch 1.21.0 fleet: exact placement both ways
+(16 → 64 string ids, 64 → 16 integer ids), the shadow's settings, and verification failures
+(deleted, altered, wrong node) naming the keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from miroir_pipeline.config import PipelineSettings
+from miroir_pipeline.jobstore import JobStore, open_store
+from miroir_pipeline.jobstore.base import JobState
+from miroir_pipeline.reshard import ReshardRefused, ReshardRequest, plan_reshard
+from miroir_pipeline.routing import SHARD_FIELD, shard_for_key, write_targets
+from miroir_pipeline.targets.base import NodeTarget
+from miroir_pipeline.targets.factory import open_targets
+from miroir_pipeline.topology import Topology
+from miroir_pipeline.verification import verify_shadow
+from tests.fixtures.meilisearch import MeiliFleet, MeiliTopology
+from tests.integration.test_reshard_local import (
+    assert_exact_placement,
+    load_live,
+    make_docs,
+    run_backfill,
+)
+
+pytestmark = pytest.mark.meilisearch
+
+N_DOCS = 10_000
+SETTINGS = PipelineSettings(allowed_roots=["/"], batch_size=2000)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[JobStore]:
+    s = open_store(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fleet(
+    meili_fleet: MeiliFleet, meili_topology: MeiliTopology, request: pytest.FixtureRequest
+) -> Iterator[tuple[Topology, dict[str, NodeTarget]]]:
+    shards = getattr(request, "param", 16)
+    topology = meili_topology(meili_fleet(3), shards=shards)
+    targets = open_targets(topology)
+    yield topology, targets
+    for t in targets.values():
+        t.close()
+
+
+@pytest.mark.parametrize(
+    ("fleet", "new", "int_ids"), [(16, 64, False), (64, 16, True)], indirect=["fleet"]
+)
+def test_reshard_on_meilisearch_places_every_document_exactly(
+    store: JobStore, fleet: tuple[Topology, dict[str, NodeTarget]], meili_index_uid: str, new: int, int_ids: bool
+) -> None:
+    topology, targets = fleet
+    uid = meili_index_uid
+    docs = make_docs(N_DOCS, int_ids=int_ids)
+    load_live(topology, targets, uid, docs)
+    planned = plan_reshard(
+        store, ReshardRequest(index_uid=uid, new_shards=new, shards_per_chunk=16), topology, targets, SETTINGS
+    )
+    for t in targets.values():  # shadow prepared with the live settings before anything moved
+        shadow_settings = t.get_settings(planned.shadow_uid)
+        assert shadow_settings["searchableAttributes"] == ["title", "tags"]
+        assert SHARD_FIELD in shadow_settings["filterableAttributes"]
+        assert t.get_primary_key(planned.shadow_uid) == "id"
+    reports = run_backfill(store, targets, targets)
+    assert sum(r.documents for r in reports) == N_DOCS
+    assert store.parent_summary(planned.parent.id).parent.state == JobState.COMPLETED
+
+    assert_exact_placement(planned.shadow_topology, targets, planned.shadow_uid, docs)
+    for node_id, t in targets.items():
+        by_shard = t.count_by_shard(planned.shadow_uid)
+        assert all(node_id in write_targets(s, planned.shadow_topology) for s in by_shard)
+    result = verify_shadow(topology, targets, planned.shadow_topology, targets, uid, planned.shadow_uid, "id")
+    assert result.passed, result.summary()
+    assert result.live_documents == result.shadow_documents == N_DOCS
+
+
+def test_meilisearch_check_fails_naming_deleted_altered_and_misplaced_keys(
+    store: JobStore, fleet: tuple[Topology, dict[str, NodeTarget]], meili_index_uid: str
+) -> None:
+    topology, targets = fleet
+    uid = meili_index_uid
+    docs = make_docs(1200, int_ids=False)
+    load_live(topology, targets, uid, docs)
+    planned = plan_reshard(store, ReshardRequest(index_uid=uid, new_shards=6), topology, targets, SETTINGS)
+    run_backfill(store, targets, targets)
+    shadow = planned.shadow_uid
+    topo = planned.shadow_topology
+
+    def verify() -> Any:
+        return verify_shadow(topology, targets, topo, targets, uid, shadow, "id")
+
+    assert verify().passed
+
+    def home_and_stranger(pk: str) -> tuple[str, str]:
+        owners = write_targets(shard_for_key(pk, 6), topo)
+        return owners[0], next(n.id for n in topo.all_nodes() if n.id not in owners)
+
+    deleted, altered, misplaced = docs[5]["id"], docs[6]["id"], docs[7]["id"]
+    home, _ = home_and_stranger(deleted)
+    targets[home].delete_documents(shadow, [deleted])
+    home, _ = home_and_stranger(altered)
+    changed = {**docs[6], "price": -1, SHARD_FIELD: shard_for_key(altered, 6)}
+    targets[home].write_documents(shadow, "id", orjson.dumps(changed) + b"\n", 1)
+    _, stranger = home_and_stranger(misplaced)
+    copy = {**docs[7], SHARD_FIELD: shard_for_key(misplaced, 6)}
+    targets[stranger].write_documents(shadow, "id", orjson.dumps(copy) + b"\n", 1)
+
+    r = verify()
+    assert not r.passed
+    assert (r.missing, r.altered, r.misplaced, r.extra) == ([deleted], [altered], [misplaced], [])
+    assert stranger in r.misplaced_detail[0]
+
+
+def test_missing_meilisearch_index_is_refused(
+    store: JobStore, fleet: tuple[Topology, dict[str, NodeTarget]], meili_index_uid: str
+) -> None:
+    topology, targets = fleet
+    with pytest.raises(ReshardRefused) as err:
+        plan_reshard(store, ReshardRequest(index_uid=meili_index_uid, new_shards=8), topology, targets, SETTINGS)
+    assert meili_index_uid in str(err.value) and "meili-0" in str(err.value)
+    assert store.list_parents() == []
