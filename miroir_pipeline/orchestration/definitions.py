@@ -13,12 +13,14 @@ from miroir_pipeline.orchestration.resources import (
     SettingsResource,
     TopologyResource,
 )
+from miroir_pipeline.orchestration.sensors import chunk_dispatch_sensor, queue_depth_sensor
 
 
 def build_definitions() -> dg.Definitions:
     return dg.Definitions(
         assets=[dump_chunk],
         jobs=[dump_chunk_job, plan_dump_import_job],
+        sensors=[chunk_dispatch_sensor, queue_depth_sensor],
         resources={
             "jobs": JobStoreResource(),
             "topology": TopologyResource(),
