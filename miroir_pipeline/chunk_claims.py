@@ -16,13 +16,21 @@ def default_worker_id() -> str:
 
 
 def acquire_chunk(
-    store: JobStore, chunk_id: str, worker_id: str, ttl: float, adopt_token: str | None = None
+    store: JobStore,
+    chunk_id: str,
+    worker_id: str,
+    ttl: float,
+    adopt_token: str | None = None,
+    *,
+    reimport: bool = False,
 ) -> Lease | None:
-    """The lease to process ``chunk_id`` under; ``None`` when the chunk is already completed.
+    """The lease to process ``chunk_id`` under; ``None`` when the chunk is already completed
+    (a no-op) unless ``reimport`` asks to import it again from the start.
 
     With ``adopt_token`` (a worker claimed the row and handed it to this run) the claim is
-    adopted as is instead of claiming again. Raises :class:`JobNotClaimable` with a message
-    naming the holder when another worker holds the row, or when the chunk failed for good.
+    adopted as is instead of claiming again. A run launched for a chunk that failed for good is
+    an operator's retry: the chunk is re-queued with a fresh attempt budget and resumes at its
+    cursor. Raises :class:`JobNotClaimable` naming the holder when another worker holds it.
     """
     job = store.get(chunk_id)
     if adopt_token:
@@ -35,5 +43,9 @@ def acquire_chunk(
             job,
         )
     if job.state == JobState.COMPLETED:
-        return None
+        if not reimport:
+            return None
+        store.requeue(chunk_id, reset_progress=True)
+    elif job.state == JobState.FAILED:
+        store.requeue(chunk_id, reset_progress=False)
     return store.claim_by_id(chunk_id, worker_id, ttl)

@@ -236,6 +236,12 @@ class JobStore(abc.ABC):
         attempt not counted as a failure."""
 
     @abc.abstractmethod
+    def requeue(self, job_id: str, *, reset_progress: bool = False) -> Job:
+        """Operator re-run of a finished chunk (completed or failed): queued again with a fresh
+        attempt budget, its parent re-opened. Progress is kept (resume at the cursor) unless
+        ``reset_progress`` (a re-import from the start). :class:`JobNotClaimable` otherwise."""
+
+    @abc.abstractmethod
     def reclaim_expired(self) -> int:
         """Re-queue chunks whose lease expired (fail those out of attempts); return how many."""
 

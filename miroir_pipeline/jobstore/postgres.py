@@ -29,6 +29,7 @@ from miroir_pipeline.jobstore.base import (
     RETRY_BACKOFF_CAP,
     Job,
     JobKind,
+    JobNotClaimable,
     JobNotFound,
     JobState,
     JobStore,
@@ -374,6 +375,26 @@ class PostgresJobStore(JobStore):
     def release(self, lease: Lease) -> Job:
         with self._tx() as conn:
             return _job(self._fenced(conn, "release_chunk", lease))
+
+    def requeue(self, job_id: str, *, reset_progress: bool = False) -> Job:
+        with self._tx() as conn:
+            job = self._get(conn, job_id)
+            if job is None:
+                raise JobNotFound(f"cannot re-queue job {job_id}: it does not exist")
+            if job.parent_job_id is not None:  # lock order: parent first
+                conn.execute(self._q["lock_job"], {"id": job.parent_job_id}).fetchall()
+            row = conn.execute(
+                self._q["requeue_chunk"], {"id": job_id, "reset": bool(reset_progress)}
+            ).fetchone()
+            if row is None:
+                raise JobNotClaimable(
+                    f"chunk {job_id} is {job.state} ({job.kind}); only a completed or failed "
+                    "chunk can be re-queued",
+                    job,
+                )
+            if job.parent_job_id is not None:
+                conn.execute(self._q["reopen_parent"], {"id": job.parent_job_id}).fetchall()
+            return _job(row)
 
     def reclaim_expired(self) -> int:
         with self._tx() as conn:

@@ -16,6 +16,7 @@ from miroir_pipeline.orchestration.partitions import (
     DUMP_CHUNKS,
     TAG_CHUNK_RUN,
     TAG_CLAIM_TOKEN,
+    TAG_REIMPORT,
     TAG_WORKER_ID,
     dump_chunks,
 )
@@ -89,11 +90,12 @@ def dump_chunk(
             tags.get(TAG_WORKER_ID) or default_worker_id(),
             cfg.lease_ttl,
             adopt_token=tags.get(TAG_CLAIM_TOKEN),
+            reimport=tags.get(TAG_REIMPORT, "").lower() in ("1", "true", "yes"),
         )
     except JobNotClaimable as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     if lease is None:
-        context.log.info(f"chunk {chunk_id} is already completed; nothing to do")
+        context.log.info(f"chunk {chunk_id} is already completed; nothing to do (tag {TAG_REIMPORT}=true re-imports it)")
         return dg.MaterializeResult(metadata={"noop": True, "reason": "chunk already completed"})
     params = DumpChunkParams.model_validate(lease.job.params)
     targets = targets_for(Topology.parse(params.topology))

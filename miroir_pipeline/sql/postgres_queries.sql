@@ -299,3 +299,32 @@ CREATE SCHEMA IF NOT EXISTS {schema};
 -- Why: every connection resolves "jobs" and "schema_migrations" to the store's schema, so
 -- neither the queries nor the migration files name it.
 SET search_path TO {schema};
+
+-- requeue_chunk --
+-- Why: an operator re-runs a finished chunk (retry after a failure for good, or a re-import):
+-- a fresh attempt budget, no lease, claimable at once; progress is kept for a retry (it resumes
+-- at the cursor) and cleared for a re-import (it starts over).
+UPDATE jobs
+SET state = 'queued',
+    claimed_by = NULL,
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    attempts = 0,
+    error = NULL,
+    progress = CASE WHEN %(reset)s THEN '{}'::jsonb ELSE progress END,
+    available_at = now(),
+    finished_at = NULL,
+    updated_at = now()
+WHERE id = %(id)s AND kind = 'chunk' AND state IN ('completed', 'failed')
+RETURNING *;
+
+-- reopen_parent --
+-- Why: a parent whose chunk is re-queued is unfinished again; it completes or fails anew with
+-- its children (same transaction as requeue_chunk).
+UPDATE jobs
+SET state = 'in_progress',
+    error = NULL,
+    finished_at = NULL,
+    updated_at = now()
+WHERE id = %(id)s AND state IN ('completed', 'failed')
+RETURNING *;

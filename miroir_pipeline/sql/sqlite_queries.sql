@@ -275,3 +275,32 @@ SELECT name FROM schema_migrations ORDER BY name;
 -- record_migration --
 INSERT INTO schema_migrations (name, applied_at)
 VALUES (:name, (julianday('now') - 2440587.5) * 86400.0);
+
+-- requeue_chunk --
+-- Why: an operator re-runs a finished chunk (retry after a failure for good, or a re-import):
+-- a fresh attempt budget, no lease, claimable at once; progress is kept for a retry (it resumes
+-- at the cursor) and cleared for a re-import (it starts over).
+UPDATE jobs
+SET state = 'queued',
+    claimed_by = NULL,
+    claim_token = NULL,
+    claim_expires_at = NULL,
+    attempts = 0,
+    error = NULL,
+    progress = CASE WHEN :reset THEN '{}' ELSE progress END,
+    available_at = (julianday('now') - 2440587.5) * 86400.0,
+    finished_at = NULL,
+    updated_at = (julianday('now') - 2440587.5) * 86400.0
+WHERE id = :id AND kind = 'chunk' AND state IN ('completed', 'failed')
+RETURNING *;
+
+-- reopen_parent --
+-- Why: a parent whose chunk is re-queued is unfinished again; it completes or fails anew with
+-- its children (same transaction as requeue_chunk).
+UPDATE jobs
+SET state = 'in_progress',
+    error = NULL,
+    finished_at = NULL,
+    updated_at = (julianday('now') - 2440587.5) * 86400.0
+WHERE id = :id AND state IN ('completed', 'failed')
+RETURNING *;

@@ -597,3 +597,41 @@ def test_postgres_store_carries_on_after_a_database_restart(pg_server: Any, pg_d
         assert store.get(lease.job_id).progress == {"docs_routed": 2}
     finally:
         store.close()
+
+
+def test_requeue_reopens_finished_chunks_and_their_parent(store: JobStore) -> None:
+    parent, children = make_parent(store, 2)
+    first = claim_one(store)
+    store.save_progress(first, {"last_cursor": 10, "docs_routed": 3})
+    store.complete(first, {"last_cursor": 20, "docs_routed": 5})
+    second = claim_one(store)
+    store.fail(second, "bad line", retryable=False)
+    assert store.get(parent.id).state == JobState.FAILED
+
+    # Retry after a failure for good: fresh attempts, progress kept, parent re-opened.
+    retried = store.requeue(second.job_id)
+    assert retried.state == JobState.QUEUED and retried.attempts == 0 and retried.error is None
+    assert store.get(parent.id).state == JobState.IN_PROGRESS and store.get(parent.id).error is None
+    again = claim_one(store)
+    assert again.job_id == second.job_id and again.attempt == 1
+    store.complete(again)
+    assert store.get(parent.id).state == JobState.COMPLETED
+
+    # Re-import of a completed chunk: progress cleared so it starts over.
+    reimport = store.requeue(first.job_id, reset_progress=True)
+    assert reimport.progress == {} and reimport.state == JobState.QUEUED
+    assert store.get(parent.id).state == JobState.IN_PROGRESS
+    store.complete(claim_one(store))
+    assert store.get(parent.id).state == JobState.COMPLETED
+
+    # Only finished chunks can be re-queued; the old lease stays fenced.
+    with pytest.raises(LeaseLost):
+        store.save_progress(first, {"last_cursor": 1})
+    with pytest.raises(JobNotClaimable):
+        store.requeue(parent.id)
+    live = store.requeue(children[0].id)
+    lease = store.claim_by_id(live.id, "w")
+    with pytest.raises(JobNotClaimable):
+        store.requeue(lease.job_id)
+    with pytest.raises(JobNotFound):
+        store.requeue("no-such-chunk")

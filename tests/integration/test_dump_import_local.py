@@ -237,3 +237,31 @@ def test_completed_chunk_run_is_a_noop_and_held_chunk_run_ends_with_clear_messag
         assert "someone-else" in failure.step_failure_data.user_failure_data.description
         row = env["store"].get(second)
         assert row.claim_token == held.token and row.claimed_by == "someone-else"
+
+
+def test_ui_retry_of_a_failed_chunk_and_reimport_of_a_completed_one(env: dict[str, Any]) -> None:
+    root: Path = env["root"]
+    topo = local_topology(root / "nodes")
+    targets = open_targets(topo)
+    settings = settings_for(root)
+    docs = make_docs(100)
+    dump = root / "fixable.ndjson"
+    good = b"".join(orjson.dumps(d) + b"\n" for d in docs)
+    dump.write_bytes(good[:-2] + b',\n')  # last line broken (same length): the chunk fails for good
+    plan = plan_dump_import(env["store"], DumpImportRequest(uri=str(dump), index_uid="fix", primary_key="id"), topo, targets, settings)
+    [chunk] = plan.chunk_ids
+    job = defs.resolve_job_def("dump_chunk_job")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(DUMP_CHUNKS, plan.chunk_ids)
+        assert not job.execute_in_process(instance=instance, partition_key=chunk, raise_on_error=False).success
+        assert env["store"].get(chunk).state == JobState.FAILED
+        dump.write_bytes(good)  # the operator fixes the dump and retries the partition
+        assert job.execute_in_process(instance=instance, partition_key=chunk).success
+        assert env["store"].get(plan.parent.id).state == JobState.COMPLETED
+        assert_exact_placement(expected_placement(docs, topo), actual_placement(targets, "fix"))
+
+        targets[topo.all_nodes()[0].id].delete_documents("fix", [str(docs[1]["id"]), str(docs[2]["id"])])
+        res = job.execute_in_process(instance=instance, partition_key=chunk, tags={"miroir/reimport": "true"})
+        meta = next(e for e in res.all_events if e.event_type_value == "ASSET_MATERIALIZATION").event_specific_data.materialization.metadata
+        assert "noop" not in meta and int(meta["documents"].value) == len(docs)
+        assert_exact_placement(expected_placement(docs, topo), actual_placement(targets, "fix"))
