@@ -185,7 +185,10 @@ def _run_failure(result: Any) -> str:
         while err is not None and err.cause is not None:
             err = err.cause
         if err is not None:
-            return str(err.message).strip()
+            # "pkg.module.SomeError: text" -> "text": the message already says what and where.
+            message = str(err.message).strip()
+            head, sep, tail = message.partition(": ")
+            return tail if sep and " " not in head else message
     return "the Dagster run failed; see its logs in the Dagster UI"
 
 
@@ -290,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--no-progress", action="store_true")
     common(imp)
     imp.set_defaults(func=cmd_import)
+
+    from miroir_pipeline.cli_reshard import add_reshard_parser
+
+    add_reshard_parser(sub)
 
     wk = sub.add_parser("worker", help="claim chunks and run each as a Dagster run in-process")
     wk.add_argument("--parent", help="only chunks of this parent job")

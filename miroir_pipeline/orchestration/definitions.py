@@ -8,6 +8,11 @@ from miroir_pipeline.orchestration.dump_import_assets import (
     dump_chunk_job,
     plan_dump_import_job,
 )
+from miroir_pipeline.orchestration.reshard_assets import (
+    RESHARD_ASSET_CHECKS,
+    RESHARD_ASSETS,
+    RESHARD_JOBS,
+)
 from miroir_pipeline.orchestration.resources import (
     JobStoreResource,
     SettingsResource,
@@ -18,8 +23,9 @@ from miroir_pipeline.orchestration.sensors import chunk_dispatch_sensor, queue_d
 
 def build_definitions() -> dg.Definitions:
     return dg.Definitions(
-        assets=[dump_chunk],
-        jobs=[dump_chunk_job, plan_dump_import_job],
+        assets=[dump_chunk, *RESHARD_ASSETS],
+        asset_checks=RESHARD_ASSET_CHECKS,
+        jobs=[dump_chunk_job, plan_dump_import_job, *RESHARD_JOBS],
         sensors=[chunk_dispatch_sensor, queue_depth_sensor],
         resources={
             "jobs": JobStoreResource(),

@@ -92,3 +92,19 @@ def test_migrate_twice_is_a_noop(tmp_path: Path, backend: str, request: pytest.F
     assert second.returncode == 0 and "schema up to date" in second.stdout, second.stderr
     if backend == "postgres":
         assert "password" not in first.stdout + first.stderr
+
+
+@pytest.mark.timeout(300)
+def test_reshard_after_import_verifies_the_shadow(tmp_path: Path) -> None:
+    assert cli(tmp_path, "sample-dump", "dump.ndjson", "--size", "1MiB").returncode == 0
+    assert cli(tmp_path, "import", "dump.ndjson", "--index", "items", "--primary-key", "id", "--workers", "1", "--json").returncode == 0
+    run = cli(tmp_path, "reshard", "--index", "items", "--new-shards", "16", "--workers", "1", "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    lines = (tmp_path / "dump.ndjson").read_bytes().splitlines()
+    assert out["verification"] == "passed" and out["shadow_index"] == "items__reshard_16"
+    assert out["documents"] == len(lines) == sum(out["per_node"].values())
+    same = cli(tmp_path, "reshard", "--index", "items", "--new-shards", "64")
+    assert same.returncode == 2 and "64" in same.stderr
+    missing = cli(tmp_path, "reshard", "--index", "nope", "--new-shards", "8")
+    assert missing.returncode == 2 and "nope" in missing.stderr
