@@ -1,0 +1,187 @@
+"""Claim throughput: claim + complete cycles per second with 1, 4 and 8 concurrent claimers.
+
+One dump-import parent is split into ``--rows`` chunk rows (default 20,000); then K processes,
+each with its own store (Postgres: its own pool of 1-2 connections), start together and loop
+``claim(["dump_import"]) -> complete(lease)`` until the queue is empty. Rate = rows / wall time
+(first start to last finish). Checked after each run: every row completed exactly once (the
+per-claimer counts sum to the row count and the parent completed).
+
+Backends: Postgres on a throwaway cluster (tests/fixtures/postgres.py: fsync, full_page_writes
+and synchronous_commit off, as the test suite runs it) and again with those switched back on
+(same cluster restarted without those flags: "pg-durable"); SQLite (WAL, synchronous=NORMAL) for comparison.
+Baseline: 1 claimer on the same backend; ratios printed. Goal: >= 3,000/s with 8 claimers on
+Postgres.
+
+    .venv/bin/python benchmarks/claim_throughput.py [--quick] [--rows 20000] [--claimers 1,4,8]
+        [--backends pg,pg-durable,sqlite] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+import _common as c
+import _services as svc
+import psycopg
+
+from miroir_pipeline.jobstore import open_store
+from miroir_pipeline.jobstore.base import JobState, JobType, NewChunk
+
+GOAL = 3000.0
+
+
+def claimer(dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
+    store = open_store(
+        dsn, migrate=False, **({"min_size": 1, "max_size": 2} if dsn.startswith("postgres") else {})
+    )
+    try:
+        # touch the store once so connection set-up is not timed
+        store.queue_depth()
+        barrier.wait()
+        t0 = time.monotonic()
+        n = 0
+        while (lease := store.claim([JobType.DUMP_IMPORT], worker, 60.0)) is not None:
+            store.complete(lease, {"bytes_processed": 1})
+            n += 1
+        out.put((worker, n, t0, time.monotonic()))
+    finally:
+        store.close()
+
+
+def enqueue(dsn: str, rows: int) -> str:
+    store = open_store(dsn)
+    try:
+        parent = store.enqueue(JobType.DUMP_IMPORT, {"bench": True})
+        store.split(
+            parent.id,
+            [NewChunk(chunk_index=i, params={"start": i, "end": i + 1}) for i in range(rows)],
+        )
+        return parent.id
+    finally:
+        store.close()
+
+
+def run_once(dsn: str, rows: int, k: int) -> float:
+    parent_id = enqueue(dsn, rows)
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(k)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=claimer, args=(dsn, f"w{i}", barrier, out)) for i in range(k)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join(60)
+        if p.exitcode != 0:
+            raise SystemExit(f"claimer {p.name} exited with {p.exitcode}")
+    done = sum(n for _, n, _, _ in results)
+    wall = max(t1 for *_, t1 in results) - min(t0 for _, _, t0, _ in results)
+    store = open_store(dsn, migrate=False)
+    try:
+        summary = store.parent_summary(parent_id)
+    finally:
+        store.close()
+    if done != rows or summary.chunks_done != rows or summary.parent.state != JobState.COMPLETED:
+        raise SystemExit(
+            f"{k} claimers: {done} completions for {rows} rows; parent {summary.parent.state}, {summary.chunks_by_state}"
+        )
+    return rows / float(wall)
+
+
+def check_fsync(server: Any, want: str) -> None:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        got = conn.execute("SHOW fsync").fetchone()
+    if not got or got[0] != want:
+        raise SystemExit(f"expected fsync={want} on the benchmark cluster, got {got}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rows", type=int, default=20_000)
+    ap.add_argument("--claimers", default="1,4,8")
+    ap.add_argument("--backends", default="pg,pg-durable,sqlite")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs per configuration; the median counts"
+    )
+    ap.add_argument("--quick", action="store_true", help="2,000 rows, 1 and 4 claimers")
+    args = ap.parse_args()
+    if args.quick:
+        args.rows, args.claimers = 2000, "1,4"
+    c.header("claim + complete cycles per second with concurrent claimers", args)
+    ks = [int(x) for x in args.claimers.split(",")]
+    backends = [b.strip() for b in args.backends.split(",")]
+    res = c.Results("claim_throughput", vars(args))
+
+    def measure(backend: str, dsn_for: Any) -> None:
+        base = None
+        for k in ks:
+            rates = []
+            for _ in range(args.repeat):
+                dsn, cleanup = dsn_for()
+                try:
+                    rates.append(run_once(dsn, args.rows, k))
+                finally:
+                    cleanup()
+            rate = c.median(rates)
+            base = base if base is not None else rate
+            row = {
+                "backend": backend,
+                "claimers": k,
+                "cycles_s": round(rate),
+                "vs_1_claimer": round(rate / base, 2),
+                "all": [round(r) for r in rates],
+            }
+            if backend.startswith("pg") and k == 8:
+                row["goal_3000"] = rate >= GOAL
+            res.add(**row)
+            print(
+                f"  {backend:10s} {k} claimer(s): {rate:8.0f} cycles/s (load {c.loadavg()[0]:.2f})"
+            )
+
+    if any(b.startswith("pg") for b in backends):
+        with svc.postgres() as server:
+
+            def pg_dsn() -> tuple[str, Any]:
+                name, dsn = svc.fresh_database(server)
+                return dsn, lambda: server.drop_database(name)
+
+            # fsync-off first, then restart durable (the restart is one-way)
+            for backend in sorted(b for b in backends if b.startswith("pg")):
+                if backend == "pg-durable":
+                    if server.external:
+                        res.note(
+                            "pg-durable skipped: MIROIR_TEST_PG_DSN names a server this script cannot restart"
+                        )
+                        continue
+                    svc.restart_durable(server)
+                if not server.external:
+                    check_fsync(server, "on" if backend == "pg-durable" else "off")
+                measure(backend, pg_dsn)
+    if "sqlite" in backends:
+        root = c.scratch_dir("claims")
+
+        def sqlite_dsn() -> tuple[str, Any]:
+            path = root / f"jobs-{time.monotonic_ns()}.sqlite3"
+
+            def cleanup() -> None:
+                for p in root.glob(path.name + "*"):
+                    p.unlink()
+
+            return f"sqlite:///{path}", cleanup
+
+        measure("sqlite", sqlite_dsn)
+    print()
+    c.print_table(
+        res.rows, ["backend", "claimers", "cycles_s", "vs_1_claimer", "goal_3000", "all", "load1"]
+    )
+    res.save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""End-to-end import throughput of the real CLI: ``miroir-pipeline import DUMP --json``.
+
+Each run is a subprocess in a fresh directory under the scratch dir (its cwd, so ``./.miroir``
+holds the embedded defaults: SQLite jobs store, 3 local node stores, Dagster home), with
+``MIROIR_ALLOWED_ROOTS`` set to the dump folder. Dumps are ~1 KiB-document samples
+(``write_sample_dump``): 1 GiB, and 4 GiB with ``--full``. Backends: the embedded SQLite jobs
+store, and Postgres (throwaway cluster, ``--jobs-dsn``); 1 and 2 workers each.
+
+MB/s = dump bytes / wall time of the whole command (Dagster start-up, planning and all chunk
+runs); the CLI's own figure (from the first chunk claim) is shown too. Baseline: 1 worker in the
+same run; ratio 2 workers / 1 worker (goal >= 1.7x); goal >= 150 MB/s for 1 GiB with 2 workers
+on embedded defaults. Checked: exit 0, every document routed, per-node counts sum to the dump.
+
+    .venv/bin/python benchmarks/import_end_to_end.py [--quick] [--full] [--repeat 3]
+        [--workers 1,2] [--backends sqlite,pg] [--chunk-size 256MiB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as c
+import _services as svc
+
+CLI = [sys.executable, "-m", "miroir_pipeline.cli"]
+
+
+def run_import(
+    dump: Path, docs: int, workers: int, jobs_dsn: str | None, chunk_size: str | None
+) -> dict[str, Any]:
+    with c.scratch_subdir(f"e2e-run-{os.getpid()}") as cwd:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_"))}
+        env["MIROIR_ALLOWED_ROOTS"] = str(dump.parent)
+        env["PYTHONPATH"] = str(c.REPO_ROOT)
+        cmd = [
+            *CLI,
+            "import",
+            str(dump),
+            "--index",
+            "bench",
+            "--primary-key",
+            "id",
+            "--workers",
+            str(workers),
+            "--json",
+        ]
+        if jobs_dsn:
+            cmd += ["--jobs-dsn", jobs_dsn]
+        if chunk_size:
+            cmd += ["--chunk-size", chunk_size]
+        load = c.loadavg()[0]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
+        wall = time.monotonic() - t0
+        if proc.returncode != 0:
+            raise SystemExit(
+                f"import exited {proc.returncode}: {proc.stderr[-2000:]}{proc.stdout[-2000:]}"
+            )
+        out = json.loads(proc.stdout)
+    if (
+        out["documents"] != docs
+        or sum(out["per_node"].values()) != docs
+        or out["invalid_documents"]
+    ):
+        raise SystemExit(
+            f"import routed {out['documents']} documents (per node {out['per_node']}), dump has {docs}"
+        )
+    size = dump.stat().st_size
+    return {
+        "wall_s": wall,
+        "mb_s": size / 1e6 / wall,
+        "cli_mb_s": out["mb_per_s"],
+        "chunks": out["chunks"],
+        "load": load,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", default="1GiB")
+    ap.add_argument("--full", action="store_true", help="also 4GiB")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--backends", default="sqlite,pg")
+    ap.add_argument(
+        "--chunk-size", default=None, help="passed to --chunk-size (default: the CLI's 256MiB)"
+    )
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="128MiB dump in 32MiB chunks, 1 run each")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.chunk_size, args.repeat = "128MiB", "32MiB", 1
+    if args.full:
+        args.sizes += ",4GiB"
+    c.header("end-to-end `miroir-pipeline import` throughput", args)
+    sizes = c.parse_sizes(args.sizes)
+    workers = [int(w) for w in args.workers.split(",")]
+    backends = [b.strip() for b in args.backends.split(",")]
+    res = c.Results("import_end_to_end", vars(args))
+    dumps = [c.sample_dump(s) for s in sizes]
+    server_cm = svc.postgres() if "pg" in backends else None
+    server = server_cm.__enter__() if server_cm else None
+    try:
+        for (dump, docs), size in zip(dumps, sizes, strict=True):
+            for backend in backends:
+                base = None
+                for w in workers:
+                    runs = []
+                    for _ in range(args.repeat):
+                        dsn = None
+                        name = None
+                        if backend == "pg":
+                            assert server is not None
+                            name, dsn = svc.fresh_database(server)
+                        try:
+                            runs.append(run_import(dump, docs, w, dsn, args.chunk_size))
+                        finally:
+                            if name and server:
+                                server.drop_database(name)
+                        r = runs[-1]
+                        print(
+                            f"  {c.fmt_size(size)} {backend:6s} {w} worker(s): {r['mb_s']:6.1f} MB/s wall "
+                            f"({r['wall_s']:.1f} s; CLI {r['cli_mb_s']} MB/s; load {r['load']:.2f})"
+                        )
+                    mbs = c.median([r["mb_s"] for r in runs])
+                    base = base if base is not None else mbs
+                    row: dict[str, Any] = {
+                        "dump": c.fmt_size(size),
+                        "backend": backend,
+                        "workers": w,
+                        "chunks": runs[0]["chunks"],
+                        "mb_s": round(mbs, 1),
+                        "cli_mb_s": c.median([r["cli_mb_s"] for r in runs]),
+                        "wall_s": round(c.median([r["wall_s"] for r in runs]), 1),
+                        "vs_1_worker": round(mbs / base, 2),
+                        "all_mb_s": [round(r["mb_s"], 1) for r in runs],
+                    }
+                    res.add(**row)
+    finally:
+        if server_cm:
+            server_cm.__exit__(None, None, None)
+    print()
+    c.print_table(
+        res.rows,
+        [
+            "dump",
+            "backend",
+            "workers",
+            "chunks",
+            "mb_s",
+            "cli_mb_s",
+            "wall_s",
+            "vs_1_worker",
+            "all_mb_s",
+            "load1",
+        ],
+    )
+    for row in res.rows:
+        if row["workers"] == 2:
+            print(
+                f"  {row['dump']} {row['backend']}: 2 workers / 1 worker = {row['vs_1_worker']}x (goal >= 1.7x)"
+                + (f"; {row['mb_s']} MB/s (goal >= 150)" if row["backend"] == "sqlite" else "")
+            )
+    res.save()
+
+
+if __name__ == "__main__":
+    main()
