@@ -265,6 +265,33 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from miroir_pipeline.jobstore import open_store
+
+    changed = open_store().cancel(args.job_id, args.reason)
+    print(f"cancelled {args.job_id}: {changed} row(s) failed with reason {args.reason!r}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from miroir_pipeline.jobstore import open_store
+
+    seconds = _parse_age(args.older_than)
+    deleted = open_store().prune(seconds)
+    print(f"pruned {deleted} finished row(s) older than {args.older_than}")
+    return 0
+
+
+def _parse_age(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d`` or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ValueError(f"--older-than {text!r}: use seconds or a number with s, m, h or d (e.g. 7d)") from None
+
+
 def cmd_sample_dump(args: argparse.Namespace) -> int:
     from miroir_pipeline.sample_dump import write_sample_dump
 
@@ -317,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("migrate", help="apply pending jobs-table migrations")
     common(mg)
     mg.set_defaults(func=cmd_migrate)
+
+    cc = sub.add_parser("cancel", help="fail a job (parent and unfinished chunks) or one chunk for good")
+    cc.add_argument("job_id")
+    cc.add_argument("--reason", default="cancelled by operator")
+    common(cc)
+    cc.set_defaults(func=cmd_cancel)
+
+    pr = sub.add_parser("prune", help="delete finished jobs older than an age")
+    pr.add_argument("--older-than", default="7d", help="e.g. 12h, 7d (default 7d)")
+    common(pr)
+    pr.set_defaults(func=cmd_prune)
 
     sd = sub.add_parser("sample-dump", help="write a synthetic NDJSON dump")
     sd.add_argument("path")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -108,3 +109,26 @@ def test_reshard_after_import_verifies_the_shadow(tmp_path: Path) -> None:
     assert same.returncode == 2 and "64" in same.stderr
     missing = cli(tmp_path, "reshard", "--index", "nope", "--new-shards", "8")
     assert missing.returncode == 2 and "nope" in missing.stderr
+
+
+def test_cancel_and_prune(tmp_path: Path) -> None:
+    assert cli(tmp_path, "sample-dump", "d.ndjson", "--size", "64KiB").returncode == 0
+    done = json.loads(cli(tmp_path, "import", "d.ndjson", "--index", "a", "--primary-key", "id", "--workers", "1", "--json").stdout)
+    from miroir_pipeline.config import PipelineSettings
+    from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
+    from miroir_pipeline.jobstore import open_store
+    from miroir_pipeline.targets.factory import open_targets
+
+    store = open_store(f"sqlite:///{tmp_path}/.miroir/jobs.sqlite3")
+    topo = default_topology(tmp_path / ".miroir")
+    queued = plan_dump_import(store, DumpImportRequest(uri=str(tmp_path / "d.ndjson"), index_uid="b", primary_key="id"), topo, open_targets(topo), PipelineSettings(allowed_roots=[str(tmp_path)]))
+    out = cli(tmp_path, "cancel", queued.parent.id, "--reason", "wrong index")
+    assert out.returncode == 0, out.stderr
+    assert store.get(queued.parent.id).state == "failed" and store.get(queued.chunk_ids[0]).error == "wrong index"
+    assert cli(tmp_path, "prune", "--older-than", "1h").stdout.startswith("pruned 0 ")
+    time.sleep(1.1)
+    pruned = cli(tmp_path, "prune", "--older-than", "1s")
+    assert pruned.returncode == 0 and pruned.stdout.startswith(f"pruned {2 + done['chunks'] + len(queued.chunk_ids)} ")
+    assert store.list_parents() == []
+    bad = cli(tmp_path, "prune", "--older-than", "soon")
+    assert bad.returncode == 2 and "--older-than" in bad.stderr
