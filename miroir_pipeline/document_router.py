@@ -216,7 +216,10 @@ class DocumentRouter:
 
 
 def _utf8_valid(block: bytes) -> bool:
-    """UTF-8 validation of a whole block with Arrow's SIMD validator (no copy, no str object)."""
+    """UTF-8 validation of a whole block: pure ASCII is valid (a fast C scan); otherwise Arrow's
+    validator checks it without a copy or a str object."""
+    if block.isascii():
+        return True
     offsets = pa.py_buffer(struct.pack("<ii", 0, len(block)))
     try:
         pa.StringArray.from_buffers(1, offsets, pa.py_buffer(block)).validate(full=True)
