@@ -6,12 +6,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
+from typing import TypeVar
 
 from miroir_pipeline import metrics
+from miroir_pipeline.config import PipelineSettings
 from miroir_pipeline.jobstore.base import JobStore, Lease, LeaseLost
+from miroir_pipeline.shutdown import ChunkHandedBack
+from miroir_pipeline.targets.base import TargetError
 
-__all__ = ["LeaseKeeper"]
+__all__ = ["LeaseKeeper", "run_under_lease"]
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +94,38 @@ class LeaseKeeper:
         )
         metrics.CHUNK_LEASE_LOSSES.labels(job_type=self._lease.job.type).inc()
         log.error(self._lost)
+
+
+def run_under_lease(
+    store: JobStore,
+    lease: Lease,
+    settings: PipelineSettings,
+    body: Callable[[LeaseKeeper], R],
+    *,
+    permanent: tuple[type[Exception], ...] = (),
+) -> R:
+    """Run ``body`` while a heartbeat holds the lease, then complete the chunk under the fence.
+
+    On error the row is failed under the fence — for good for ``permanent`` errors (bad input a
+    retry cannot fix), otherwise re-queued with backoff — and the error re-raised. A lost lease
+    or a hand-back on shutdown leaves the row alone: it belongs to someone else now.
+    """
+    keeper = LeaseKeeper(store, lease, ttl=settings.lease_ttl, interval=settings.heartbeat_interval)
+    keeper.start()
+    try:
+        result = body(keeper)
+        keeper.check()
+        store.complete(keeper.lease, None)
+        return result
+    except (LeaseLost, ChunkHandedBack):
+        raise
+    except Exception as exc:
+        known = isinstance(exc, (TargetError, *permanent))
+        error = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        try:
+            store.fail(keeper.lease, error, retryable=not isinstance(exc, permanent))
+        except LeaseLost:
+            log.warning("chunk %s failed after its lease was lost: %s", keeper.lease.job_id, error)
+        raise
+    finally:
+        keeper.stop()

@@ -24,8 +24,8 @@ from miroir_pipeline import metrics
 from miroir_pipeline.chunking import split_shards
 from miroir_pipeline.config import PipelineSettings
 from miroir_pipeline.dump_import import new_parent_id
-from miroir_pipeline.jobstore.base import Job, JobStore, JobType, Lease, LeaseLost, NewChunk
-from miroir_pipeline.lease import LeaseKeeper
+from miroir_pipeline.jobstore.base import Job, JobStore, JobType, Lease, NewChunk
+from miroir_pipeline.lease import LeaseKeeper, run_under_lease
 from miroir_pipeline.routing import SHARD_FIELD, InvalidPrimaryKey, Router, primary_key_text
 from miroir_pipeline.shutdown import DRAIN, ChunkHandedBack
 from miroir_pipeline.targets.base import NodeTarget, TargetError
@@ -305,33 +305,9 @@ def process_reshard_chunk(
     batch all shadow targets acknowledged, complete under the fence. Fails the row (retryable or
     not) on error; on :class:`LeaseLost` stops at once and leaves the row to its new holder.
     ``on_batch(report, cursor)`` runs after every committed batch."""
-    keeper = LeaseKeeper(store, lease, ttl=settings.lease_ttl, interval=settings.heartbeat_interval)
-    keeper.start()
-    try:
-        report = _run_chunk(store, keeper, live_targets, shadow_targets, settings, on_batch)
-        keeper.check()
-        store.complete(keeper.lease, None)
-        return report
-    except (LeaseLost, ChunkHandedBack):
-        raise
-    except InvalidLiveDocument as exc:
-        _fail(store, keeper, str(exc), retryable=False)
-        raise
-    except TargetError as exc:
-        _fail(store, keeper, str(exc), retryable=True)
-        raise
-    except Exception as exc:
-        _fail(store, keeper, f"{type(exc).__name__}: {exc}", retryable=True)
-        raise
-    finally:
-        keeper.stop()
-
-
-def _fail(store: JobStore, keeper: LeaseKeeper, error: str, *, retryable: bool) -> None:
-    try:
-        store.fail(keeper.lease, error, retryable=retryable)
-    except LeaseLost:
-        log.warning("chunk %s failed after its lease was lost: %s", keeper.lease.job_id, error)
+    return run_under_lease(
+        store, lease, settings, lambda k: _run_chunk(store, k, live_targets, shadow_targets, settings, on_batch), permanent=(InvalidLiveDocument,)
+    )
 
 
 class _ShardReader:

@@ -325,4 +325,4 @@ reshard_verify_job = dg.define_asset_job(
 #: What ``definitions.py`` adds for reshards.
 RESHARD_ASSETS = [reshard_chunk, reshard_shadow, cutover]
 RESHARD_ASSET_CHECKS = [shadow_matches_live]
-RESHARD_JOBS = [plan_reshard_job, reshard_chunk_job, reshard_verify_job]
+RESHARD_JOBS: list[Any] = [plan_reshard_job, reshard_chunk_job, reshard_verify_job]
