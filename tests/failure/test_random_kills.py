@@ -1,0 +1,110 @@
+"""Random SIGKILLs (DESIGN §6, §11): three worker processes import a multi-chunk dump on Postgres
+while a seeded driver SIGKILLs a random worker at 20 random moments and restarts it. Every
+chunk still completes, abandoned leases are re-claimed (attempts show it) and every node holds
+exactly the documents the routing formula gives it."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
+from miroir_pipeline.jobstore import open_store
+from miroir_pipeline.jobstore.base import JobState
+from miroir_pipeline.targets.factory import open_targets
+from tests.failure.conftest import (
+    WorkerProc,
+    Workers,
+    settings_for,
+    wait_for,
+    worker_env,
+    write_topology,
+)
+from tests.import_helpers import (
+    actual_placement,
+    assert_exact_placement,
+    expected_placement,
+    local_topology,
+    make_docs,
+    write_dump,
+)
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+KILLS = 20
+SEED = 20240611
+
+
+@pytest.mark.timeout(300)
+def test_twenty_random_sigkills_lose_nothing(tmp_path: Path, pg_dsn: str, workers: Workers) -> None:
+    rng = random.Random(SEED)
+    topo = local_topology(tmp_path / "nodes", shards=32, groups=2, nodes_per_group=2)
+    topo_file = write_topology(tmp_path / "topology.yaml", topo)
+    store = open_store(pg_dsn)
+    docs = make_docs(120_000, seed=SEED)
+    dump = write_dump(tmp_path / "dump.ndjson", docs)
+    targets = open_targets(topo)
+    # Many attempts allowed: one chunk may be hit several times; the point is that it resumes.
+    settings = settings_for(tmp_path, chunk_size_bytes=512 * 1024, max_attempts=100)
+    plan = plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid="kills", primary_key="id"), topo, targets, settings)
+    parent = plan.parent.id
+    env = worker_env(tmp_path, pg_dsn, topo_file)
+    args = ("--parent", parent, "--exit-when-empty")
+
+    generation = 0
+
+    def spawn(slot: int) -> WorkerProc:
+        nonlocal generation
+        generation += 1
+        return workers.start(env, f"w{slot}-g{generation}", *args)
+
+    slots = [spawn(i) for i in range(3)]
+    started = time.monotonic()
+    wait_for(lambda: any(c.state == JobState.IN_PROGRESS for c in store.children(parent)), 60, "a first claim")
+
+    kills: list[dict[str, object]] = []
+    abandoned = 0  # kills that left a lease behind (the row still held by the dead worker)
+    for _ in range(KILLS):
+        time.sleep(rng.uniform(0.3, 1.5))
+        if store.get(parent).state != JobState.IN_PROGRESS:
+            break
+        holders = {c.claimed_by for c in store.children(parent) if c.state == JobState.IN_PROGRESS}
+        # A random worker, preferring one that holds a lease right now (a mid-chunk kill).
+        busy = [i for i, wp in enumerate(slots) if wp.name in holders]
+        slot = rng.choice(busy) if busy else rng.randrange(3)
+        victim = slots[slot]
+        held_before = victim.name in holders
+        victim.kill()
+        left = [c for c in store.children(parent) if c.state == JobState.IN_PROGRESS and c.claimed_by == victim.name]
+        abandoned += bool(left)
+        kills.append({"at": round(time.monotonic() - started, 2), "slot": slot, "held_lease": held_before, "left": [c.id for c in left]})
+        slots[slot] = spawn(slot)
+    assert len(kills) == KILLS, f"the import finished after {len(kills)} kills; make the dump bigger ({kills})"
+
+    wait_for(lambda: store.get(parent).state != JobState.IN_PROGRESS, 180, "the import to finish", interval=0.2)
+    elapsed = time.monotonic() - started
+    for wp in slots:
+        wp.proc.wait(timeout=60)
+        assert wp.proc.returncode == 0, wp.output()[-3000:]
+
+    chunks = store.children(parent)
+    summary = store.parent_summary(parent)
+    assert summary.parent.state == JobState.COMPLETED, [(c.id, c.state, c.error) for c in chunks]
+    assert all(c.state == JobState.COMPLETED and c.attempts >= 1 for c in chunks)
+    assert not any(c.claim_token for c in chunks), "a completed chunk still carries a lease"
+    extra_attempts = sum(c.attempts for c in chunks) - len(chunks)
+    # Each lease left behind by a killed worker had to be re-claimed, which counts an attempt.
+    assert extra_attempts >= abandoned >= KILLS // 2, (abandoned, extra_attempts, kills)
+
+    expected = expected_placement(docs, topo)
+    assert summary.progress["docs_routed"] == len(docs)
+    assert summary.progress["bytes_processed"] == dump.stat().st_size
+    assert summary.progress["per_node"] == {n: len(d) for n, d in expected.items()}
+    assert_exact_placement(expected, actual_placement(targets, "kills"))
+    print(
+        f"\n{len(chunks)} chunks, {KILLS} kills ({abandoned} left a lease behind), "
+        f"{extra_attempts} re-claims, import took {elapsed:.1f}s"
+    )
