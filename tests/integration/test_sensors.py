@@ -59,11 +59,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_topology(root: Path, nodes: int = 3, shards: int = 16) -> Path:
+def write_topology(root: Path, nodes: int = 3, shards: int = 16, replication_factor: int = 1) -> Path:
     """A one-group topology of ``nodes`` local node stores under ``root/nodes``."""
     data = {
         "shards": shards,
-        "replication_factor": 1,
+        "replication_factor": replication_factor,
         "groups": [
             {
                 "id": 0,
@@ -194,11 +194,19 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, *services: Se
 
 
 def plan_import(
-    store: JobStore, root: Path, topology_path: Path, *, size: int, chunk_size: int, index: str = "movies", seed: int = 0
+    store: JobStore,
+    root: Path,
+    topology_path: Path,
+    *,
+    size: int,
+    chunk_size: int,
+    index: str = "movies",
+    seed: int = 0,
+    doc_bytes: int = 512,
 ) -> PlannedImport:
     """Write a sample dump under ``root`` and plan its import with the core planner (no Dagster)."""
     dump = root / f"{index}.ndjson"
-    write_sample_dump(dump, size, seed=seed, doc_bytes=512)
+    write_sample_dump(dump, size, seed=seed, doc_bytes=doc_bytes)
     topology = load_topology(topology_path)
     settings = PipelineSettings(
         allowed_roots=[str(root)],
