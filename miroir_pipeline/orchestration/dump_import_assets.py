@@ -4,20 +4,20 @@ per chunk) and the partitioned asset that imports one chunk."""
 
 import dagster as dg
 
-from miroir_pipeline.chunk_claims import acquire_chunk, default_worker_id
 from miroir_pipeline.dump_import import (
     DumpChunkParams,
     DumpImportRequest,
     plan_dump_import,
     process_dump_chunk,
 )
-from miroir_pipeline.jobstore.base import JobNotClaimable
+from miroir_pipeline.orchestration.chunk_runs import (
+    NOOP_METADATA,
+    lease_for_run,
+    stopped_chunks_fail_clearly,
+)
 from miroir_pipeline.orchestration.partitions import (
     DUMP_CHUNKS,
     TAG_CHUNK_RUN,
-    TAG_CLAIM_TOKEN,
-    TAG_REIMPORT,
-    TAG_WORKER_ID,
     dump_chunks,
 )
 from miroir_pipeline.orchestration.resources import (
@@ -82,24 +82,13 @@ def dump_chunk(
     store = jobs.get_store()
     cfg = settings.get_settings()
     chunk_id = context.partition_key
-    tags = context.run.tags
-    try:
-        lease = acquire_chunk(
-            store,
-            chunk_id,
-            tags.get(TAG_WORKER_ID) or default_worker_id(),
-            cfg.lease_ttl,
-            adopt_token=tags.get(TAG_CLAIM_TOKEN),
-            reimport=tags.get(TAG_REIMPORT, "").lower() in ("1", "true", "yes"),
-        )
-    except JobNotClaimable as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    lease = lease_for_run(context, store, cfg)
     if lease is None:
-        context.log.info(f"chunk {chunk_id} is already completed; nothing to do (tag {TAG_REIMPORT}=true re-imports it)")
-        return dg.MaterializeResult(metadata={"noop": True, "reason": "chunk already completed"})
+        return dg.MaterializeResult(metadata=NOOP_METADATA)
     params = DumpChunkParams.model_validate(lease.job.params)
     targets = targets_for(Topology.parse(params.topology))
-    report = process_dump_chunk(store, lease, targets, cfg)
+    with stopped_chunks_fail_clearly():
+        report = process_dump_chunk(store, lease, targets, cfg)
     context.log.info(
         f"chunk {chunk_id}: {report.documents} documents, {report.bytes} bytes, "
         f"{report.mb_per_s:.1f} MB/s, resumed from {report.resumed_from}"

@@ -13,13 +13,15 @@ from typing import Any
 
 import dagster as dg
 
-from miroir_pipeline.chunk_claims import acquire_chunk, default_worker_id
-from miroir_pipeline.jobstore.base import JobNotClaimable, JobState, JobStore
+from miroir_pipeline.jobstore.base import JobState, JobStore
+from miroir_pipeline.orchestration.chunk_runs import (
+    NOOP_METADATA,
+    lease_for_run,
+    stopped_chunks_fail_clearly,
+)
 from miroir_pipeline.orchestration.partitions import (
     RESHARD_CHUNKS,
     TAG_CHUNK_RUN,
-    TAG_CLAIM_TOKEN,
-    TAG_WORKER_ID,
     reshard_chunks,
 )
 from miroir_pipeline.orchestration.resources import (
@@ -118,24 +120,14 @@ def reshard_chunk(
     store = jobs.get_store()
     cfg = settings.get_settings()
     chunk_id = context.partition_key
-    tags = context.run.tags
-    try:
-        lease = acquire_chunk(
-            store,
-            chunk_id,
-            tags.get(TAG_WORKER_ID) or default_worker_id(),
-            cfg.lease_ttl,
-            adopt_token=tags.get(TAG_CLAIM_TOKEN),
-        )
-    except JobNotClaimable as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    lease = lease_for_run(context, store, cfg)
     if lease is None:
-        context.log.info(f"chunk {chunk_id} is already completed; nothing to do")
-        return dg.MaterializeResult(metadata={"noop": True, "reason": "chunk already completed"})
+        return dg.MaterializeResult(metadata=NOOP_METADATA)
     params = ReshardChunkParams.model_validate(lease.job.params)
     live_targets = targets_for(Topology.parse(params.live_topology))
     shadow_targets = targets_for(Topology.parse(params.shadow_topology))
-    report = process_reshard_chunk(store, lease, live_targets, shadow_targets, cfg)
+    with stopped_chunks_fail_clearly():
+        report = process_reshard_chunk(store, lease, live_targets, shadow_targets, cfg)
     context.log.info(
         f"chunk {chunk_id}: shards [{params.shard_start}, {params.shard_end}), "
         f"{report.documents} documents, {report.docs_per_s:,.0f} docs/s, "
