@@ -79,12 +79,12 @@ def write_topology(root: Path, nodes: int = 3, shards: int = 16, replication_fac
     return path
 
 
-def write_dagster_home(home: Path, *, dequeue_interval_seconds: int = 1) -> Path:
-    """``home/dagster.yaml`` (the shipped instance config, dequeuing every second for tests),
-    with its storage created here, before any service starts: processes creating the same
-    fresh SQLite storages at once race on their schema."""
+def write_dagster_home(home: Path, *, source: Path = REPO_ROOT / "dagster.yaml", dequeue_interval_seconds: int = 1) -> Path:
+    """``home/dagster.yaml`` from a shipped instance config (``source``), dequeuing every second
+    for tests, with its storage created here before any service starts: processes creating
+    the same fresh SQLite storages at once race on their schema."""
     home.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    config = yaml.safe_load(source.read_text())
     config["run_coordinator"]["config"]["dequeue_interval_seconds"] = dequeue_interval_seconds
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     with dg.DagsterInstance.from_config(str(home)) as instance:

@@ -5,19 +5,24 @@ One scenario, end to end: a worker is stopped with SIGTERM in the middle of a ch
 it back (queued again, progress kept, the attempt not counted); two more workers drain the
 import, one of them resuming the handed-back chunk at its cursor. Every chunk shows as one
 successful run of its partition, and every node holds exactly the documents the routing
-formula sends it.
+formula sends it. The Dagster instance is ``dagster.prod.yaml``: Postgres storage in a database
+of its own, apart from the jobs table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import dagster as dg
 import orjson
+import psycopg
 import pytest
 
 from miroir_pipeline.jobstore import open_store
@@ -26,6 +31,7 @@ from miroir_pipeline.orchestration.partitions import TAG_WORKER_ID
 from miroir_pipeline.orchestration.resources import targets_for
 from miroir_pipeline.routing import shard_for_key, write_targets
 from miroir_pipeline.topology import Topology, load_topology
+from tests.fixtures.postgres import PostgresServer
 from tests.integration.test_sensors import (
     REPO_ROOT,
     ServiceProcess,
@@ -80,14 +86,43 @@ def _stored_keys(topology: Topology, index: str) -> dict[str, list[str]]:
     }
 
 
-def test_worker_pool_drains_an_import_and_a_sigterm_hands_the_chunk_back(tmp_path: Path, pg_dsn: str) -> None:
+def _dagster_pg_env(server: PostgresServer, db_name: str) -> dict[str, str]:
+    """``DAGSTER_PG_*`` for ``dagster.prod.yaml``: a database of Dagster's own on the server."""
+    parts = urlsplit(server.create_database(db_name))
+    return {
+        "DAGSTER_PG_HOST": parts.hostname or "127.0.0.1",
+        "DAGSTER_PG_PORT": str(parts.port or 5432),
+        "DAGSTER_PG_USER": unquote(parts.username or ""),
+        "DAGSTER_PG_PASSWORD": unquote(parts.password or ""),
+        "DAGSTER_PG_DB": db_name,
+    }
+
+
+def _tables(dsn: str) -> set[tuple[str, str]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchall()
+    return {(str(s), str(t)) for s, t in rows}
+
+
+def test_worker_pool_drains_an_import_and_a_sigterm_hands_the_chunk_back(
+    tmp_path: Path, pg_dsn: str, pg_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     topology_path = write_topology(tmp_path, nodes=3, shards=16, replication_factor=2)
     topology = load_topology(topology_path)
-    home = write_dagster_home(tmp_path / "dagster")
+    # the production instance config: Dagster's storage in a Postgres database of its own
+    dagster_db = f"dagster_{uuid.uuid4().hex[:12]}"
+    dagster_pg = _dagster_pg_env(pg_server, dagster_db)
+    for key, value in dagster_pg.items():
+        monkeypatch.setenv(key, value)
+    home = write_dagster_home(tmp_path / "dagster", source=REPO_ROOT / "dagster.prod.yaml")
     env = pipeline_env(
         tmp_path,
         pg_dsn,
         topology_path,
+        **dagster_pg,
         MIROIR_BATCH_SIZE="5",  # ~600 small batches per chunk: seconds, so SIGTERM lands mid-chunk
         MIROIR_READ_BLOCK_BYTES="4096",
     )
@@ -159,6 +194,14 @@ def test_worker_pool_drains_an_import_and_a_sigterm_hands_the_chunk_back(tmp_pat
         (materialized,) = instance.all_logs(finisher.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
         metadata = materialized.dagster_event.step_materialization_data.materialization.metadata  # type: ignore[union-attr]
         assert metadata["resumed_from"].value == cursor  # resumed at the hand-back cursor
+
+    # -- Dagster's tables and the jobs table never meet ----------------------------------------
+    dagster_tables = _tables(pg_server.dsn(dagster_db))
+    jobs_tables = _tables(pg_dsn)
+    assert ("public", "runs") in dagster_tables and not any(s == "miroir" for s, _ in dagster_tables)
+    assert ("miroir", "jobs") in jobs_tables and ("public", "runs") not in jobs_tables
+    with contextlib.suppress(psycopg.Error):
+        pg_server.drop_database(dagster_db)
 
     # -- every node holds exactly what the routing formula predicts ---------------------------
     expected = _expected_placement(tmp_path / "movies.ndjson", topology)
