@@ -11,9 +11,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from miroir_pipeline.config import DEFAULT_HOME
 from miroir_pipeline.sizes import format_size, parse_size
@@ -21,6 +21,7 @@ from miroir_pipeline.sizes import format_size, parse_size
 __all__ = ["main"]
 
 log = logging.getLogger("miroir_pipeline")
+T = TypeVar("T")
 
 
 def _setup_env(args: argparse.Namespace) -> None:
@@ -47,53 +48,20 @@ def _instance() -> Any:
 def cmd_import(args: argparse.Namespace) -> int:
     from miroir_pipeline.jobstore import open_store
     from miroir_pipeline.jobstore.base import JobState
-    from miroir_pipeline.orchestration.definitions import defs
 
     store = open_store()
-    run_config = {
-        "ops": {
-            "plan_dump_import_op": {
-                "config": {
-                    "uri": args.uri,
-                    "index_uid": args.index,
-                    "primary_key": args.primary_key,
-                    "chunk_size_bytes": parse_size(args.chunk_size) if args.chunk_size else None,
-                    "on_invalid_document": args.on_invalid,
-                }
-            }
-        },
-        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+    config = {
+        "uri": args.uri,
+        "index_uid": args.index,
+        "primary_key": args.primary_key,
+        "chunk_size_bytes": parse_size(args.chunk_size) if args.chunk_size else None,
+        "on_invalid_document": args.on_invalid,
     }
-    instance = _instance()
-    plan = defs.resolve_job_def("plan_dump_import_job").execute_in_process(
-        run_config=run_config, instance=instance, raise_on_error=False
-    )
-    if not plan.success:
-        print(f"error: {_run_failure(plan)}", file=sys.stderr)
-        return 2
-    parent_id = plan.output_for_node("plan_dump_import_op")
+    parent_id = run_plan("plan_dump_import_job", "plan_dump_import_op", config, _instance())
     started = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "miroir_pipeline.cli", "worker", "--parent", parent_id, "--exit-when-empty", "--quiet"],
-            env=os.environ.copy(),
-        )
-        for _ in range(max(1, args.workers))
-    ]
-    try:
-        summary = _watch(store, parent_id, procs, quiet=args.json or args.no_progress)
-        # Workers exit by themselves once nothing is left; give their last run time to finish
-        # recording in Dagster before asking stragglers to drain.
-        deadline = time.monotonic() + 60
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait()
+    summary = run_workers_for(
+        parent_id, args.workers, lambda procs: _watch(store, parent_id, procs, quiet=args.json or args.no_progress)
+    )
     elapsed = time.monotonic() - started
     prog = summary.progress
     failed = [c for c in store.children(parent_id) if c.state == JobState.FAILED]
@@ -119,6 +87,51 @@ def cmd_import(args: argparse.Namespace) -> int:
     else:
         _print_import_summary(result)
     return 0 if ok else 1
+
+
+QUIET_RUN_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+def run_plan(job_name: str, op_name: str, config: dict[str, Any], instance: Any) -> str:
+    """Plan a parent as a Dagster run (so it shows in the UI); its id, or the run's root cause."""
+    from miroir_pipeline.orchestration.definitions import defs
+
+    plan = defs.resolve_job_def(job_name).execute_in_process(
+        run_config={"ops": {op_name: {"config": config}}, **QUIET_RUN_LOGS}, instance=instance, raise_on_error=False
+    )
+    if not plan.success:
+        raise PlanRefused(_run_failure(plan))
+    return str(plan.output_for_node(op_name))
+
+
+class PlanRefused(ValueError):
+    """Planning refused the request (bad input or configuration); nothing was queued."""
+
+
+def run_workers_for(parent_id: str, workers: int, watch: Callable[[Sequence[subprocess.Popen[bytes]]], T]) -> T:
+    """Start worker processes scoped to one parent, watch them, and leave none behind."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "miroir_pipeline.cli", "worker", "--parent", parent_id, "--exit-when-empty", "--quiet"],
+            env=os.environ.copy(),
+        )
+        for _ in range(max(1, workers))
+    ]
+    try:
+        result = watch(procs)
+        # Workers exit by themselves once nothing is left; give their last run time to finish
+        # recording in Dagster before asking stragglers to drain.
+        deadline = time.monotonic() + 60
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        return result
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
 
 
 def _watch(store: Any, parent_id: str, procs: Sequence[subprocess.Popen[bytes]], *, quiet: bool) -> Any:
@@ -370,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_env(args)
     try:
         return int(args.func(args))
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # includes PlanRefused
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +36,13 @@ def add_reshard_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    from miroir_pipeline.cli import _instance, _run_failure
+    from miroir_pipeline.cli import (
+        QUIET_RUN_LOGS,
+        _instance,
+        _run_failure,
+        run_plan,
+        run_workers_for,
+    )
     from miroir_pipeline.jobstore import open_store
     from miroir_pipeline.jobstore.base import JobState
     from miroir_pipeline.orchestration.definitions import defs
@@ -46,46 +51,19 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     quiet = args.json or args.no_progress
     store = open_store()
     instance = _instance()
-    quiet_logs = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-    plan = defs.resolve_job_def("plan_reshard_job").execute_in_process(
-        run_config={
-            "ops": {
-                "plan_reshard_op": {
-                    "config": {
-                        "index_uid": args.index,
-                        "new_shards": args.new_shards,
-                        "shards_per_chunk": args.shards_per_chunk,
-                        "new_topology_path": os.path.abspath(args.new_topology) if args.new_topology else None,
-                        "replace_shadow": bool(args.replace_shadow),
-                    }
-                }
-            },
-            **quiet_logs,
-        },
-        instance=instance,
-        raise_on_error=False,
-    )
-    if not plan.success:
-        print(f"error: {_run_failure(plan)}", file=sys.stderr)
-        return 2
-    parent_id = plan.output_for_node("plan_reshard_op")
+    config = {
+        "index_uid": args.index,
+        "new_shards": args.new_shards,
+        "shards_per_chunk": args.shards_per_chunk,
+        "new_topology_path": os.path.abspath(args.new_topology) if args.new_topology else None,
+        "replace_shadow": bool(args.replace_shadow),
+    }
+    parent_id = run_plan("plan_reshard_job", "plan_reshard_op", config, instance)
     parent = store.get(parent_id)
     started = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "miroir_pipeline.cli", "worker", "--parent", parent_id, "--exit-when-empty", "--quiet"],
-            env=os.environ.copy(),
-        )
-        for _ in range(max(1, args.workers))
-    ]
-    try:
-        summary = _watch(store, parent_id, int(parent.params["old_shards"]), procs, quiet=quiet)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait()
+    summary = run_workers_for(
+        parent_id, args.workers, lambda procs: _watch(store, parent_id, int(parent.params["old_shards"]), procs, quiet=quiet)
+    )
     backfill_s = time.monotonic() - started
     prog = summary.progress
     failed = [c for c in store.children(parent_id) if c.state == JobState.FAILED]
@@ -111,7 +89,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
             result["error"] = "workers exited before every chunk completed; run `miroir-pipeline worker` to finish"
     else:
         verify = defs.resolve_job_def("reshard_verify_job").execute_in_process(
-            run_config={"ops": {"miroir__reshard_shadow": {"config": {"parent_job_id": parent_id}}}, **quiet_logs},
+            run_config={"ops": {"miroir__reshard_shadow": {"config": {"parent_job_id": parent_id}}}, **QUIET_RUN_LOGS},
             instance=instance,
             raise_on_error=False,
         )
