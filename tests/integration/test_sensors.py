@@ -250,6 +250,17 @@ def _tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, dsn: str) -
     return sensor(context)
 
 
+def _requests(result: object) -> list[dg.RunRequest]:
+    """The run requests of a tick that returned a SensorResult."""
+    assert isinstance(result, dg.SensorResult), result
+    return list(result.run_requests or [])
+
+
+def _key(rr: dg.RunRequest) -> str:
+    assert rr.run_key is not None
+    return rr.run_key
+
+
 def _record_requests(instance: dg.DagsterInstance, result: dg.SensorResult) -> list[dg.DagsterRun]:
     """What the sensor daemon does with a tick's result: add partitions, create queued runs.
 
@@ -262,7 +273,7 @@ def _record_requests(instance: dg.DagsterInstance, result: dg.SensorResult) -> l
     runs = []
     for rr in result.run_requests or []:
         tags = {**rr.tags, "dagster/run_key": rr.run_key, "dagster/partition": rr.partition_key}
-        runs.append(create_run_for_test(instance, job_name=rr.job_name, tags=tags, status=dg.DagsterRunStatus.NOT_STARTED))
+        runs.append(create_run_for_test(instance, job_name=str(rr.job_name), tags=tags, status=dg.DagsterRunStatus.NOT_STARTED))
     return runs
 
 
@@ -272,16 +283,17 @@ def test_dispatch_requests_one_run_per_chunk_attempt(env: Env) -> None:
     assert len(planned.chunk_ids) >= 3
     with dg.instance_for_test() as instance:
         first = _tick(chunk_dispatch_sensor, instance, env.dsn)
-        assert isinstance(first, dg.SensorResult)
+        first_requests = _requests(first)
         # every chunk gets its partition, and (cap 4) the first four chunks a run
         (partitions,) = first.dynamic_partitions_requests
+        assert isinstance(partitions, dg.AddDynamicPartitionsRequest)
         assert partitions.partitions_def_name == DUMP_CHUNKS
         assert sorted(partitions.partition_keys) == sorted(planned.chunk_ids)
-        requested = [rr.partition_key for rr in first.run_requests]
+        requested = [rr.partition_key for rr in first_requests]
         assert requested == planned.chunk_ids[:4]
-        assert len({rr.run_key for rr in first.run_requests}) == len(requested)
-        assert all(rr.run_key.startswith(f"{rr.partition_key}:1:") for rr in first.run_requests)
-        assert all(rr.tags[TAG_CHUNK_RUN] == "dump" for rr in first.run_requests)
+        assert len({_key(rr) for rr in first_requests}) == len(requested)
+        assert all(_key(rr).startswith(f"{rr.partition_key}:1:") for rr in first_requests)
+        assert all(rr.tags[TAG_CHUNK_RUN] == "dump" for rr in first_requests)
         runs = _record_requests(instance, first)
         assert set(instance.get_dynamic_partitions(DUMP_CHUNKS)) == set(planned.chunk_ids)
 
@@ -296,12 +308,11 @@ def test_dispatch_requests_one_run_per_chunk_attempt(env: Env) -> None:
         env.store.fail(lease, "node-1 refused the batch")
         assert env.store.get(victim).state == JobState.QUEUED
         time.sleep(0.2)  # backoff 0.05 s
-        third = _tick(chunk_dispatch_sensor, instance, env.dsn)
-        assert isinstance(third, dg.SensorResult)
-        assert [rr.partition_key for rr in third.run_requests] == [victim]
-        (retry,) = third.run_requests
-        assert retry.run_key.startswith(f"{victim}:2:")
-        assert retry.run_key != first.run_requests[0].run_key
+        third = _requests(_tick(chunk_dispatch_sensor, instance, env.dsn))
+        assert [rr.partition_key for rr in third] == [victim]
+        (retry,) = third
+        assert _key(retry).startswith(f"{victim}:2:")
+        assert _key(retry) != _key(first_requests[0])
 
 
 def test_dispatch_respects_the_cap_of_chunk_runs_in_flight(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -319,14 +330,13 @@ def test_dispatch_respects_the_cap_of_chunk_runs_in_flight(env: Env, monkeypatch
             status=dg.DagsterRunStatus.STARTED,
         )
         result = _tick(chunk_dispatch_sensor, instance, env.dsn)
-        assert isinstance(result, dg.SensorResult)
-        assert [rr.partition_key for rr in result.run_requests] == planned.chunk_ids[:2]
+        assert [rr.partition_key for rr in _requests(result)] == planned.chunk_ids[:2]
         _record_requests(instance, result)
 
         # cap reached (3 in flight): nothing, even though chunks are still claimable
         full = _tick(chunk_dispatch_sensor, instance, env.dsn)
         assert isinstance(full, dg.SkipReason)
-        assert "3/3" in full.skip_message
+        assert "3/3" in (full.skip_message or "")
 
 
 def test_dispatch_requeues_expired_leases(env: Env) -> None:
@@ -339,9 +349,8 @@ def test_dispatch_requeues_expired_leases(env: Env) -> None:
         result = _tick(chunk_dispatch_sensor, instance, env.dsn)
     row = env.store.get(chunk)
     assert row.state == JobState.QUEUED and row.claimed_by is None
-    assert isinstance(result, dg.SensorResult)
-    (rr,) = result.run_requests
-    assert rr.partition_key == chunk and rr.run_key.startswith(f"{chunk}:2:")
+    (rr,) = _requests(result)
+    assert rr.partition_key == chunk and _key(rr).startswith(f"{chunk}:2:")
 
 
 def test_dispatch_can_be_turned_off(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
