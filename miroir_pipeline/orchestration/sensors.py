@@ -21,7 +21,13 @@ import dagster as dg
 from miroir_pipeline import metrics
 from miroir_pipeline.jobstore.base import Job, JobState, JobStore, JobType
 from miroir_pipeline.orchestration.dump_import_assets import dump_chunk_job
-from miroir_pipeline.orchestration.partitions import DUMP_CHUNKS, TAG_CHUNK_RUN, TAG_WORKER_ID
+from miroir_pipeline.orchestration.partitions import (
+    DUMP_CHUNKS,
+    RESHARD_CHUNKS,
+    TAG_CHUNK_RUN,
+    TAG_WORKER_ID,
+)
+from miroir_pipeline.orchestration.reshard_assets import reshard_chunk_job
 from miroir_pipeline.orchestration.resources import JobStoreResource
 
 __all__ = [
@@ -72,9 +78,10 @@ class ChunkKind:
     chunk_run_tag: str
 
 
-#: The chunk types the dispatch sensor launches (reshard joins once its chunk job exists).
+#: The chunk types the dispatch sensor launches.
 CHUNK_KINDS: tuple[ChunkKind, ...] = (
     ChunkKind(JobType.DUMP_IMPORT, dump_chunk_job.name, DUMP_CHUNKS, "dump"),
+    ChunkKind(JobType.RESHARD_BACKFILL, reshard_chunk_job.name, RESHARD_CHUNKS, "reshard"),
 )
 
 
@@ -204,7 +211,7 @@ def _plan_runs(
 
 @dg.sensor(
     name="miroir_chunk_dispatch",
-    jobs=[dump_chunk_job],
+    jobs=[dump_chunk_job, reshard_chunk_job],
     minimum_interval_seconds=_env_number(DISPATCH_INTERVAL_ENV, 15, 1),
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(

@@ -28,10 +28,11 @@ from miroir_pipeline import metrics
 from miroir_pipeline.config import PipelineSettings
 from miroir_pipeline.dump_import import DumpImportRequest, PlannedImport, plan_dump_import
 from miroir_pipeline.jobstore import JobStore, open_store
-from miroir_pipeline.jobstore.base import JobState, JobType
+from miroir_pipeline.jobstore.base import JobState, JobType, NewChunk
 from miroir_pipeline.orchestration.definitions import defs
 from miroir_pipeline.orchestration.partitions import (
     DUMP_CHUNKS,
+    RESHARD_CHUNKS,
     TAG_CHUNK_RUN,
     TAG_WORKER_ID,
 )
@@ -351,6 +352,20 @@ def test_dispatch_requeues_expired_leases(env: Env) -> None:
     assert row.state == JobState.QUEUED and row.claimed_by is None
     (rr,) = _requests(result)
     assert rr.partition_key == chunk and _key(rr).startswith(f"{chunk}:2:")
+
+
+def test_dispatch_launches_reshard_chunks_with_their_job(env: Env) -> None:
+    parent = env.store.enqueue(JobType.RESHARD_BACKFILL, {"index_uid": "movies"})
+    chunks = env.store.split(parent.id, [NewChunk(chunk_index=i, params={"shard_start": i, "shard_end": i + 1}) for i in range(2)])
+    with dg.instance_for_test() as instance:
+        result = _tick(chunk_dispatch_sensor, instance, env.dsn)
+        requests = _requests(result)
+    assert [(rr.job_name, rr.partition_key, rr.tags[TAG_CHUNK_RUN]) for rr in requests] == [
+        ("reshard_chunk_job", c.id, "reshard") for c in chunks
+    ]
+    (partitions,) = result.dynamic_partitions_requests
+    assert partitions.partitions_def_name == RESHARD_CHUNKS
+    assert sorted(partitions.partition_keys) == sorted(c.id for c in chunks)
 
 
 def test_dispatch_can_be_turned_off(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
