@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
@@ -26,6 +27,7 @@ from miroir_pipeline.jobstore.base import (
 from miroir_pipeline.orchestration.partitions import (
     DUMP_CHUNKS,
     RESHARD_CHUNKS,
+    TAG_CHUNK_RUN,
     TAG_CLAIM_TOKEN,
     TAG_WORKER_ID,
 )
@@ -143,15 +145,15 @@ class Worker:
             self.instance.add_dynamic_partitions(partitions_name, [chunk_id])
         job_def = self.defs.resolve_job_def(job_name)
         started = time.monotonic()
-        tags: dict[str, Any] = {TAG_CLAIM_TOKEN: lease.token, TAG_WORKER_ID: self.worker_id}
+        # Pool runs are tagged apart from daemon-launched ones: the run queue's cap on chunk runs
+        # (dagster.yaml) must not count them, and a killed worker's run never finishes.
+        tags: dict[str, Any] = {
+            TAG_CLAIM_TOKEN: lease.token,
+            TAG_WORKER_ID: self.worker_id,
+            TAG_CHUNK_RUN: "pool",
+        }
         log.info("worker %s: running chunk %s (attempt %d)", self.worker_id, chunk_id, lease.attempt)
-        result = job_def.execute_in_process(
-            run_config={"loggers": {"console": {"config": {"log_level": self.run_log_level}}}},
-            instance=self.instance,
-            partition_key=chunk_id,
-            tags=tags,
-            raise_on_error=False,
-        )
+        result = self._execute_off_main_thread(job_def, chunk_id, tags)
         elapsed = time.monotonic() - started
         self.stats.chunks_run += 1
         self.stats.run_ids.append(result.run_id)
@@ -161,6 +163,39 @@ class Worker:
             self.stats.chunks_failed += 1
             self._settle_abandoned(lease, result.run_id)
         metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=self._outcome(lease)).observe(elapsed)
+
+    def _execute_off_main_thread(
+        self, job_def: Any, chunk_id: str, tags: dict[str, Any]
+    ) -> dg.ExecuteInProcessResult:
+        """Execute the run in a helper thread while the main thread waits.
+
+        On the main thread Dagster swaps SIGTERM/SIGINT for its own handler, which raises an
+        interrupt inside the chunk (mid-write) and never sets DRAIN, so the attempt is failed
+        and the worker goes on claiming. Off the main thread Dagster leaves the handlers alone:
+        SIGTERM sets DRAIN and the chunk hands itself back at its next batch boundary.
+        """
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["result"] = job_def.execute_in_process(
+                    run_config={"loggers": {"console": {"config": {"log_level": self.run_log_level}}}},
+                    instance=self.instance,
+                    partition_key=chunk_id,
+                    tags=tags,
+                    raise_on_error=False,
+                )
+            except BaseException as exc:  # re-raised on the main thread below
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"chunk-run-{chunk_id}")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)  # wakes up so signal handlers run on the main thread
+        if "error" in box:
+            raise box["error"]
+        result: dg.ExecuteInProcessResult = box["result"]
+        return result
 
     def _outcome(self, lease: Lease) -> str:
         """How the attempt ended, read from the row (one of ``metrics.CHUNK_OUTCOMES``)."""
