@@ -69,10 +69,13 @@ def test_node_down_for_twenty_seconds_is_ridden_out_by_batch_retries(
         victim = procs[1]
         victim.kill()
         killed_at = time.monotonic()
-        bytes_at_kill = store.parent_summary(plan.parent.id).progress.get("bytes_processed", 0)
+        at_kill = store.parent_summary(plan.parent.id)
+        assert at_kill.parent.state == JobState.IN_PROGRESS, "the import finished before the kill"
+        bytes_at_kill = at_kill.progress.get("bytes_processed", 0)
         time.sleep(OUTAGE_S)
         # Nothing could be committed while a target of every batch was down; nothing failed.
         during = store.parent_summary(plan.parent.id)
+        assert during.parent.state == JobState.IN_PROGRESS, "the import went on without the node"
         assert not during.chunks_by_state.get(JobState.FAILED)
         assert all(c.attempts <= 1 for c in store.children(plan.parent.id))
         stalled_bytes = during.progress.get("bytes_processed", 0) - bytes_at_kill

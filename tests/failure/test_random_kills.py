@@ -97,7 +97,7 @@ def test_twenty_random_sigkills_lose_nothing(tmp_path: Path, pg_dsn: str, worker
     assert not any(c.claim_token for c in chunks), "a completed chunk still carries a lease"
     extra_attempts = sum(c.attempts for c in chunks) - len(chunks)
     # Each lease left behind by a killed worker had to be re-claimed, which counts an attempt.
-    assert extra_attempts >= abandoned >= KILLS // 2, (abandoned, extra_attempts, kills)
+    assert extra_attempts >= abandoned >= KILLS // 4, (abandoned, extra_attempts, kills)
 
     expected = expected_placement(docs, topo)
     assert summary.progress["docs_routed"] == len(docs)
