@@ -251,6 +251,10 @@ class JobStore(abc.ABC):
         """Claimable chunks per type (queued and due, plus expired leases); every type present."""
 
     @abc.abstractmethod
+    def claimable(self, job_types: Sequence[str], limit: int = 100) -> list[Job]:
+        """The chunks the next claims would take, in claim order, without leasing them."""
+
+    @abc.abstractmethod
     def get(self, job_id: str) -> Job:
         """The row, or :class:`JobNotFound`."""
 

@@ -408,6 +408,13 @@ class PostgresJobStore(JobStore):
             rows = conn.execute(self._q["queue_depth"]).fetchall()
         return depth_for_all_types((r["type"], r["depth"]) for r in rows)
 
+    def claimable(self, job_types: Sequence[str], limit: int = 100) -> list[Job]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                self._q["claimable_chunks"], {"types": [str(t) for t in job_types], "limit": int(limit)}
+            ).fetchall()
+        return [_job(r) for r in rows]
+
     def get(self, job_id: str) -> Job:
         with self._tx() as conn:
             job = self._get(conn, job_id)

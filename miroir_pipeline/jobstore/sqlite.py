@@ -434,6 +434,11 @@ class SqliteJobStore(JobStore):
         rows = self._conn().execute(self._q["queue_depth"]).fetchall()
         return depth_for_all_types((r["type"], r["depth"]) for r in rows)
 
+    def claimable(self, job_types: Sequence[str], limit: int = 100) -> list[Job]:
+        types = msgspec.json.encode([str(t) for t in job_types]).decode()
+        rows = self._conn().execute(self._q["claimable_chunks"], {"types": types, "limit": int(limit)})
+        return [_job(r) for r in rows.fetchall()]
+
     def get(self, job_id: str) -> Job:
         job = self._get(self._conn(), job_id)
         if job is None:

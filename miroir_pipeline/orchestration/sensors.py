@@ -14,12 +14,11 @@ Both are running by default. Each tick is a handful of queries, never a chunk's 
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import dagster as dg
 
 from miroir_pipeline import metrics
-from miroir_pipeline.jobstore.base import Job, JobState, JobStore, JobType
+from miroir_pipeline.jobstore.base import Job, JobStore, JobType
 from miroir_pipeline.orchestration.dump_import_assets import dump_chunk_job
 from miroir_pipeline.orchestration.partitions import (
     DUMP_CHUNKS,
@@ -50,7 +49,7 @@ QUEUE_DEPTH_INTERVAL_ENV = "MIROIR_QUEUE_DEPTH_INTERVAL"
 #: Run tag: which attempt of the chunk a dispatched run is meant to be.
 TAG_ATTEMPT = "miroir/attempt"
 #: How many parents a dispatch tick looks at (newest first); unfinished ones beyond are not seen.
-PARENTS_SCANNED = 1000
+CANDIDATES_SCANNED = 500
 
 #: Run statuses of a run that is waiting for, or holding, a slot.
 _IN_FLIGHT = [
@@ -65,7 +64,6 @@ _NOT_YET_CLAIMING = {
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
 }
-_FINISHED_PARENT = (JobState.COMPLETED, JobState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -112,37 +110,11 @@ def chunk_run_key(job: Job) -> str:
     return f"{job.id}:{job.attempts + 1}:{int(since.timestamp() * 1000)}"
 
 
-def claimable_chunks(
-    store: JobStore, job_type: str, now: datetime | None = None
-) -> tuple[list[Job], list[str]]:
-    """Claimable chunks of ``job_type`` (queued and due), fair across parents, and the ids of
-    every chunk of an unfinished parent (for partition registration).
-
-    Parents are taken oldest first and their chunks interleaved (first chunk of each, then
-    the second, ...), so one huge import does not starve another queued with it.
-    """
-    now = now or datetime.now(UTC)
-    per_parent: list[list[Job]] = []
-    all_ids: list[str] = []
-    parents = store.list_parents(job_type, limit=PARENTS_SCANNED)
-    for summary in reversed(parents):  # oldest first
-        if summary.parent.state in _FINISHED_PARENT:
-            continue
-        children = store.children(summary.parent.id)
-        all_ids.extend(c.id for c in children)
-        per_parent.append(
-            [
-                c
-                for c in children
-                if c.state == JobState.QUEUED
-                and c.attempts < c.max_attempts
-                and (c.available_at is None or c.available_at <= now)
-            ]
-        )
-    fair: list[Job] = []
-    for round_ in range(max((len(p) for p in per_parent), default=0)):
-        fair.extend(p[round_] for p in per_parent if round_ < len(p))
-    return fair, all_ids
+def claimable_chunks(store: JobStore, job_type: str) -> tuple[list[Job], list[str]]:
+    """Claimable chunks of ``job_type`` in claim order (fair across parents: the store
+    interleaves parents queued together), and their ids for partition registration."""
+    candidates = store.claimable([job_type], limit=CANDIDATES_SCANNED)
+    return candidates, [c.id for c in candidates]
 
 
 def _chunk_runs_in_flight(instance: dg.DagsterInstance) -> list[dg.RunRecord]:

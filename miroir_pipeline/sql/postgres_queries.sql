@@ -328,3 +328,16 @@ SET state = 'in_progress',
     updated_at = now()
 WHERE id = %(id)s AND state IN ('completed', 'failed')
 RETURNING *;
+
+-- claimable_chunks --
+-- Why: what the next claims would take, without leasing anything (the dispatch sensor launches
+-- one run per row). Same predicate and order as claim_next, so it also walks jobs_claimable_idx.
+SELECT *
+FROM jobs
+WHERE kind = 'chunk'
+  AND state IN ('queued', 'in_progress')
+  AND type = ANY(%(types)s::text[])
+  AND ((state = 'queued' AND available_at <= now())
+       OR (state = 'in_progress' AND claim_expires_at < now() AND attempts < max_attempts))
+ORDER BY chunk_index, created_at, id
+LIMIT %(limit)s;

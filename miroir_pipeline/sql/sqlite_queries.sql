@@ -304,3 +304,18 @@ SET state = 'in_progress',
     updated_at = (julianday('now') - 2440587.5) * 86400.0
 WHERE id = :id AND state IN ('completed', 'failed')
 RETURNING *;
+
+-- claimable_chunks --
+-- Why: what the next claims would take, without leasing anything (the dispatch sensor launches
+-- one run per row). Same predicate and order as claim_next, so it also walks jobs_claimable_idx.
+SELECT *
+FROM jobs
+WHERE kind = 'chunk'
+  AND state IN ('queued', 'in_progress')
+  AND type IN (SELECT value FROM json_each(:types))
+  AND ((state = 'queued' AND available_at <= (julianday('now') - 2440587.5) * 86400.0)
+       OR (state = 'in_progress'
+           AND claim_expires_at < (julianday('now') - 2440587.5) * 86400.0
+           AND attempts < max_attempts))
+ORDER BY chunk_index, created_at, id
+LIMIT :limit;

@@ -635,3 +635,17 @@ def test_requeue_reopens_finished_chunks_and_their_parent(store: JobStore) -> No
         store.requeue(lease.job_id)
     with pytest.raises(JobNotFound):
         store.requeue("no-such-chunk")
+
+
+def test_claimable_peeks_in_claim_order_without_leasing(store: JobStore) -> None:
+    a, _ = make_parent(store, 3, job_id="a")
+    b, _ = make_parent(store, 2, job_id="b")
+    make_parent(store, 1, job_id="r", job_type=RESHARD)
+    peek = store.claimable([DUMP], limit=10)
+    assert [j.parent_job_id for j in peek] == ["a", "b", "a", "b", "a"]
+    assert all(j.state == JobState.QUEUED and j.claim_token is None for j in peek)
+    assert [j.id for j in store.claimable([DUMP], limit=2)] == [peek[0].id, peek[1].id]
+    assert [claim_one(store).job_id for _ in range(2)] == [peek[0].id, peek[1].id]
+    assert [j.id for j in store.claimable([DUMP])] == [j.id for j in peek[2:]]
+    assert {j.type for j in store.claimable([DUMP, RESHARD])} == {DUMP, RESHARD}
+    assert store.claimable([]) == []
