@@ -39,9 +39,21 @@ def _setup_env(args: argparse.Namespace) -> None:
 
 
 def _instance() -> Any:
+    """The Dagster instance of ``$DAGSTER_HOME``, its storage created under a file lock.
+
+    Workers started together on a fresh home would otherwise race to create Dagster's tables
+    (and one killed half-way leaves the storage half-made for every later one).
+    """
+    import fcntl
+
     import dagster as dg
 
-    return dg.DagsterInstance.get()
+    home = Path(os.environ["DAGSTER_HOME"])
+    with (home / ".miroir-init.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # forces storage creation and migration while locked
+    return instance
 
 
 # -- import ---------------------------------------------------------------------------------

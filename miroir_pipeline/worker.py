@@ -97,10 +97,17 @@ class Worker:
         while not DRAIN.is_set():
             if self.max_chunks is not None and self.stats.chunks_run >= self.max_chunks:
                 break
-            lease = self._claim()
+            try:
+                lease = self._claim()
+                done = lease is None and self.exit_when_empty and self._nothing_left()
+            except Exception:
+                # The jobs database is unreachable (restart, failover, network): a worker is a
+                # long-running process and waits it out; its chunks' leases expire meanwhile.
+                log.exception("worker %s: job store unavailable; retrying in %.1f s", self.worker_id, idle)
+                lease, done = None, False
+            if done:
+                break
             if lease is None:
-                if self.exit_when_empty and self._nothing_left():
-                    break
                 DRAIN.wait(idle)
                 idle = min(idle * 2, self.idle_max_sleep)
                 continue
@@ -161,8 +168,14 @@ class Worker:
             self.stats.chunks_succeeded += 1
         else:
             self.stats.chunks_failed += 1
-            self._settle_abandoned(lease, result.run_id)
-        metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=self._outcome(lease)).observe(elapsed)
+        try:
+            if not result.success:
+                self._settle_abandoned(lease, result.run_id)
+            outcome = self._outcome(lease)
+        except Exception:  # store unreachable: the lease expires and the chunk is re-claimed
+            log.exception("worker %s: could not record how chunk %s ended", self.worker_id, chunk_id)
+            outcome = "failed"
+        metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=outcome).observe(elapsed)
 
     def _execute_off_main_thread(
         self, job_def: Any, chunk_id: str, tags: dict[str, Any]

@@ -132,3 +132,17 @@ def test_cancel_and_prune(tmp_path: Path) -> None:
     assert store.list_parents() == []
     bad = cli(tmp_path, "prune", "--older-than", "soon")
     assert bad.returncode == 2 and "--older-than" in bad.stderr
+
+
+def test_workers_started_together_on_a_fresh_dagster_home_all_start(tmp_path: Path) -> None:
+    """They used to race to create Dagster's tables ('table alembic_version already exists')."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "miroir_pipeline.cli", "worker", "--exit-when-empty"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(4)
+    ]
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-1500:] for _, err in outcomes]
