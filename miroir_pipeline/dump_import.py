@@ -3,6 +3,7 @@ with the resume protocol of DESIGN §6."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -137,6 +138,10 @@ def plan_dump_import(
     )
     ref = staged.ref
     if staged.unapplied_update_files:
+        if staged.kind != "ndjson":  # do not leave a staged copy of a refused dump behind
+            for path in (ref.path + ".complete", ref.path):
+                with contextlib.suppress(OSError):
+                    ref.filesystem.delete_file(path)
         raise ValueError(
             f"{request.uri}: the Meilisearch dump holds {len(staged.unapplied_update_files)} document "
             "update(s) that were still queued when it was taken (tasks/update_files); importing it "

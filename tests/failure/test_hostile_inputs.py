@@ -380,6 +380,8 @@ def test_bad_source_is_refused_before_any_job_is_queued(env: dict[str, Any], out
     # A complete staged copy (with its marker) may stay for reuse; a partial one may not.
     partial = {n for n in staged if not n.endswith(".complete") and n + ".complete" not in staged}
     assert not partial, f"partial staged copies left behind: {partial}"
+    if case.make is _unapplied_updates_dump:  # refused after staging: nothing kept for reuse
+        assert not staged, f"staged copy of a refused dump left behind: {staged}"
     assert not (outside_dir.parent / "escaped").exists() and not Path("/tmp/miroir-failure-escape.jsonl").exists()
     for target in env["targets"].values():
         assert not target.index_exists("movies"), "a node was touched for a refused dump"
