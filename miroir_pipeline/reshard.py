@@ -10,13 +10,15 @@ acknowledged the batch, so a crashed attempt resumes exactly where the last comm
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +28,7 @@ from miroir_pipeline.config import PipelineSettings
 from miroir_pipeline.dump_import import new_parent_id
 from miroir_pipeline.jobstore.base import Job, JobStore, JobType, Lease, NewChunk
 from miroir_pipeline.lease import LeaseKeeper, run_under_lease
-from miroir_pipeline.routing import SHARD_FIELD, InvalidPrimaryKey, Router, primary_key_text
+from miroir_pipeline.routing import SHARD_FIELD, Router, primary_key_text
 from miroir_pipeline.shutdown import DRAIN, ChunkHandedBack
 from miroir_pipeline.targets.base import NodeTarget, TargetError
 from miroir_pipeline.topology import Topology
@@ -397,39 +399,48 @@ def _run_chunk(
     reader = _ShardReader(live_router, live_targets, params.index_uid)
     read_node: str | None = prog.get("read_node") if offset else None
     page_size = max(1, min(READ_PAGE_DOCS, settings.batch_size))
-    buffers: list[list[bytes]] = [[] for _ in node_targets]
-    buffered_docs = 0
-    buffered_bytes = 0
+    batch = _ShadowBatch(len(node_targets))
     pool = ThreadPoolExecutor(max_workers=max(1, len(node_targets)), thread_name_prefix=f"flush-{job.id}")
+    # As in the dump import: one batch's writes may be in flight while the next pages are read
+    # and re-hashed; a batch's writes start only once the previous one is acknowledged, and its
+    # progress is saved only after every shadow target acknowledged it.
+    in_flight: list[tuple[list[Future[None]], dict[str, Any], str]] = []
 
-    def flush(next_shard: int, next_offset: int) -> None:
-        nonlocal buffers, buffered_docs, buffered_bytes
-        writes = [
-            pool.submit(t.write_documents, params.shadow_uid, pk_field, b"".join(lines), len(lines))
-            for t, lines in zip(node_targets, buffers, strict=True)
-            if lines
-        ]
-        for w in writes:
-            w.result()  # raises the node's TargetError
-        for node_id, lines in zip(shadow_router.node_ids, buffers, strict=True):
+    def settle() -> None:
+        while in_flight:
+            writes, progress, at = in_flight.pop()
+            for w in writes:
+                w.result()  # raises the node's TargetError
+            keeper.check()
+            store.save_progress(keeper.lease, progress)
+            if on_batch is not None:
+                on_batch(report, at)
+
+    def flush(next_shard: int, next_offset: int, *, last: bool = False) -> None:
+        nonlocal batch
+        settle()
+        done, batch = batch, _ShadowBatch(len(node_targets))
+        for node_id, lines in zip(shadow_router.node_ids, done.lines, strict=True):
             report.per_node[node_id] += len(lines)
-        report.documents += buffered_docs
-        metrics.RESHARD_DOCUMENTS_BACKFILLED.inc(buffered_docs)
-        buffers = [[] for _ in node_targets]
-        buffered_docs = buffered_bytes = 0
+        report.documents += done.docs
+        metrics.RESHARD_DOCUMENTS_BACKFILLED.inc(done.docs)
         at = format_cursor(next_shard, next_offset)
         progress = {
             "last_cursor": at,
             "documents_backfilled": report.documents,
             "shards_done": next_shard - start,
-            "per_node": report.per_node,
+            "per_node": dict(report.per_node),
             # The node the cursor's offset refers to (offsets are per node); None at a shard start.
             "read_node": reader.node if next_offset else None,
         }
-        keeper.check()
-        store.save_progress(keeper.lease, progress)
-        if on_batch is not None:
-            on_batch(report, at)
+        writes = [
+            pool.submit(t.write_routed, params.shadow_uid, pk_field, lines, keys, shards)
+            for t, lines, keys, shards in zip(node_targets, done.lines, done.keys, done.shards, strict=True)
+            if lines
+        ]
+        in_flight.append((writes, progress, at))
+        if last or DRAIN.is_set():
+            settle()
         if DRAIN.is_set() and next_shard < end:
             store.release(keeper.lease)
             raise ChunkHandedBack(f"chunk {job.id} handed back at {at} because this worker is shutting down")
@@ -439,36 +450,71 @@ def _run_chunk(
             page, offset = reader.read(shard, offset, page_size, read_node)
             read_node = reader.node
             for raw in page:
-                data, new_shard = _rehash(raw, pk_field, shadow_router, params, shard)
-                for i in shadow_router.targets[new_shard]:
-                    buffers[i].append(data)
-                buffered_docs += 1
-                buffered_bytes += len(data)
+                data, new_shard, pk = _rehash(raw, pk_field, shadow_router, params, shard)
+                batch.add(data, pk, new_shard, shadow_router.targets[new_shard])
             offset += len(page)
             if len(page) < page_size:
                 shard, offset, read_node = shard + 1, 0, None
-            if buffered_docs >= settings.batch_size or buffered_bytes >= settings.memory_buffer_bytes // 2:
+            if batch.docs >= settings.batch_size or batch.nbytes >= settings.memory_buffer_bytes // 2:
                 flush(shard, offset)
-        flush(end, 0)
+        flush(end, 0, last=True)
     finally:
         pool.shutdown(wait=True)
     report.duration_s = time.monotonic() - started
     return report
 
 
+_SHARD_PREFIX = b'{"' + SHARD_FIELD.encode() + b'":'
+
+
 def _rehash(
     raw: bytes, pk_field: str, router: Router, params: ReshardChunkParams, shard: int
-) -> tuple[bytes, int]:
-    """The document as an NDJSON line tagged with its new shard, and that shard."""
+) -> tuple[bytes, int, str | int]:
+    """The document tagged with its new shard, that shard, and its primary key value.
+
+    Documents the pipeline wrote start with ``{"_miroir_shard":N,``; only that prefix is
+    rewritten (the primary key is decoded alone). Anything else is decoded and re-encoded.
+    """
     try:
+        if raw.startswith(_SHARD_PREFIX):
+            pk = _decoder(pk_field).decode(raw).pk
+            new_shard = router.shard(primary_key_text(pk))
+            comma = raw.index(b",", len(_SHARD_PREFIX))
+            return b'{"%s":%d%s' % (SHARD_FIELD.encode(), new_shard, raw[comma:]), new_shard, pk
         doc = orjson.loads(raw)
         pk = doc[pk_field]
         new_shard = router.shard(primary_key_text(pk))
-    except (orjson.JSONDecodeError, TypeError, KeyError, InvalidPrimaryKey) as exc:
+    except (orjson.JSONDecodeError, msgspec.DecodeError, msgspec.ValidationError, TypeError, KeyError, ValueError) as exc:
         what = f"no {pk_field!r} field" if isinstance(exc, KeyError | TypeError) else str(exc)
         raise InvalidLiveDocument(
             f"index {params.index_uid} shard {shard}: a live document cannot be re-hashed ({what}): "
             f"{raw[:200].decode('utf-8', 'replace')}"
         ) from None
     doc[SHARD_FIELD] = new_shard
-    return orjson.dumps(doc) + b"\n", new_shard
+    return orjson.dumps(doc), new_shard, pk
+
+
+@functools.lru_cache(maxsize=16)
+def _decoder(pk_field: str) -> msgspec.json.Decoder[Any]:
+    """Decodes only the primary key of a live document (present and valid: it was imported)."""
+    struct: Any = msgspec.defstruct("LivePrimaryKey", [("pk", Any)], rename={"pk": pk_field})
+    return msgspec.json.Decoder(struct)
+
+
+class _ShadowBatch:
+    """Re-hashed documents bound for each shadow node, with their keys and shards."""
+
+    def __init__(self, nodes: int) -> None:
+        self.lines: list[list[bytes]] = [[] for _ in range(nodes)]
+        self.keys: list[list[str | int]] = [[] for _ in range(nodes)]
+        self.shards: list[list[int]] = [[] for _ in range(nodes)]
+        self.docs = 0
+        self.nbytes = 0
+
+    def add(self, data: bytes, pk: str | int, shard: int, nodes: tuple[int, ...]) -> None:
+        for i in nodes:
+            self.lines[i].append(data)
+            self.keys[i].append(pk)
+            self.shards[i].append(shard)
+        self.docs += 1
+        self.nbytes += len(data)
