@@ -13,6 +13,7 @@ on embedded defaults. Checked: exit 0, every document routed, per-node counts su
 
     .venv/bin/python benchmarks/import_end_to_end.py [--quick] [--full] [--repeat 3]
         [--workers 1,2] [--backends sqlite,pg] [--chunk-size 256MiB]
+    .venv/bin/python benchmarks/import_end_to_end.py --profile-chunk   # where a worker's time goes
 """
 
 from __future__ import annotations
@@ -82,6 +83,52 @@ def run_import(
     }
 
 
+def profile_chunk(dump: Path, chunk_size: int, top: int = 22) -> str:
+    """cProfile of one chunk processed in this process (``process_dump_chunk`` into 3 fresh local
+    node stores, SQLite jobs store): where a worker's time goes. Threads (the per-node flush
+    writers) are not profiled; their share shows as waiting in ``settle``/``result``."""
+    import cProfile
+    import io
+    import pstats
+
+    from miroir_pipeline.config import PipelineSettings
+    from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
+    from miroir_pipeline.jobstore import open_store
+    from miroir_pipeline.targets.factory import open_targets
+    from miroir_pipeline.topology import default_topology
+
+    with c.scratch_subdir(f"e2e-profile-{os.getpid()}") as root:
+        topo = default_topology(root)
+        store = open_store(f"sqlite:///{root}/jobs.sqlite3")
+        targets = open_targets(topo)
+        settings = PipelineSettings(
+            allowed_roots=[str(dump.parent)],
+            staging_dir=str(root / "staging"),
+            chunk_size_bytes=chunk_size,
+        )
+        planned = plan_dump_import(
+            store,
+            DumpImportRequest(uri=str(dump), index_uid="bench", primary_key="id"),
+            topo,
+            targets,
+            settings,
+        )
+        lease = store.claim_by_id(planned.chunk_ids[0], "profiler")
+        prof = cProfile.Profile()
+        prof.enable()
+        report = process_dump_chunk(store, lease, targets, settings)
+        prof.disable()
+        for t in targets.values():
+            t.close()
+        store.close()
+    out = io.StringIO()
+    out.write(
+        f"one {c.fmt_size(chunk_size)} chunk: {report.mb_per_s:.1f} MB/s under the profiler\n"
+    )
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,7 +142,14 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="128MiB dump in 32MiB chunks, 1 run each")
+    ap.add_argument(
+        "--profile-chunk", action="store_true", help="only: cProfile one chunk in-process and exit"
+    )
     args = ap.parse_args()
+    if args.profile_chunk:
+        dump, _ = c.sample_dump(c.parse_sizes("256MiB")[0])
+        print(profile_chunk(dump, c.parse_sizes(args.chunk_size or "256MiB")[0]))
+        return
     if args.quick:
         args.sizes, args.chunk_size, args.repeat = "128MiB", "32MiB", 1
     if args.full:
