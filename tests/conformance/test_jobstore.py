@@ -638,8 +638,8 @@ def test_requeue_reopens_finished_chunks_and_their_parent(store: JobStore) -> No
 
 
 def test_claimable_peeks_in_claim_order_without_leasing(store: JobStore) -> None:
-    a, _ = make_parent(store, 3, job_id="a")
-    b, _ = make_parent(store, 2, job_id="b")
+    make_parent(store, 3, job_id="a")
+    make_parent(store, 2, job_id="b")
     make_parent(store, 1, job_id="r", job_type=RESHARD)
     peek = store.claimable([DUMP], limit=10)
     assert [j.parent_job_id for j in peek] == ["a", "b", "a", "b", "a"]

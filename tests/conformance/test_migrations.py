@@ -22,9 +22,12 @@ JOBS_COLUMNS = {
     "progress", "attempts", "max_attempts", "error", "parent_job_id", "chunk_index",
     "total_chunks", "available_at", "created_at", "updated_at", "finished_at",
 }  # fmt: skip
+#: The migrations the project ships, in order (test-only migrations are numbered 9xxx).
+SHIPPED = ["0001_jobs", "0002_unfinished_children_index"]
+
 JOBS_INDEXES = {
     "jobs_claimable_idx", "jobs_parent_job_id_idx", "jobs_lease_expiry_idx",
-    "jobs_parents_created_idx",
+    "jobs_parents_created_idx", "jobs_unfinished_children_idx",
 }  # fmt: skip
 
 
@@ -103,7 +106,7 @@ def test_migrate_twice_gives_one_correct_schema(jobs_dsn: str) -> None:
     store = open_store(jobs_dsn, migrate=False)
     try:
         names = [n for n, _ in migration_files(_dialect(jobs_dsn))]
-        assert store.migrate() == names == ["0001_jobs"]
+        assert store.migrate() == names == SHIPPED
         assert store.migrate() == []
         assert open_store(jobs_dsn).migrate() == []  # open_store migrates; nothing is left
     finally:
@@ -111,7 +114,7 @@ def test_migrate_twice_gives_one_correct_schema(jobs_dsn: str) -> None:
     shape = introspect(jobs_dsn)
     assert shape["columns"] == JOBS_COLUMNS
     assert shape["indexes"] >= JOBS_INDEXES
-    assert shape["migrations"] == ["0001_jobs"]
+    assert shape["migrations"] == SHIPPED
     for state, kind in (("bogus", "chunk"), ("queued", "bogus")):
         with pytest.raises((sqlite3.IntegrityError, psycopg.errors.CheckViolation)):
             insert_raw(jobs_dsn, state, kind)
@@ -120,15 +123,15 @@ def test_migrate_twice_gives_one_correct_schema(jobs_dsn: str) -> None:
 def test_new_migrations_are_applied_in_order(jobs_dsn: str, own_migrations: Path) -> None:
     store = open_store(jobs_dsn)
     try:
-        add_migration(own_migrations, "0003_second", "ALTER TABLE jobs ADD COLUMN note2 text;")
-        add_migration(own_migrations, "0002_first", "ALTER TABLE jobs ADD COLUMN note1 text;")
-        assert store.migrate() == ["0002_first", "0003_second"]
+        add_migration(own_migrations, "9003_second", "ALTER TABLE jobs ADD COLUMN note2 text;")
+        add_migration(own_migrations, "9002_first", "ALTER TABLE jobs ADD COLUMN note1 text;")
+        assert store.migrate() == ["9002_first", "9003_second"]
         assert store.migrate() == []
     finally:
         store.close()
     shape = introspect(jobs_dsn)
     assert {"note1", "note2"} <= shape["columns"]
-    assert shape["migrations"] == ["0001_jobs", "0002_first", "0003_second"]
+    assert shape["migrations"] == [*SHIPPED, "9002_first", "9003_second"]
 
 
 def test_failed_migration_is_rolled_back_and_named(jobs_dsn: str, own_migrations: Path) -> None:
@@ -136,16 +139,16 @@ def test_failed_migration_is_rolled_back_and_named(jobs_dsn: str, own_migrations
     try:
         add_migration(
             own_migrations,
-            "0002_broken",
+            "9002_broken",
             "ALTER TABLE jobs ADD COLUMN half_done text;\nTHIS IS NOT SQL;\n",
         )
-        with pytest.raises(JobStoreError, match="0002_broken"):
+        with pytest.raises(JobStoreError, match="9002_broken"):
             store.migrate()
     finally:
         store.close()
     shape = introspect(jobs_dsn)
     assert "half_done" not in shape["columns"]
-    assert shape["migrations"] == ["0001_jobs"]
+    assert shape["migrations"] == SHIPPED
 
 
 def _migrate_process(dsn: str, start: Any, out: str) -> None:
@@ -163,7 +166,7 @@ def test_processes_migrating_at_once_apply_each_migration_once(
     jobs_dsn: str, own_migrations: Path, tmp_path: Path
 ) -> None:
     # Not idempotent on purpose: applying it twice would fail with "already exists".
-    add_migration(own_migrations, "0002_marker", "CREATE TABLE marker (id integer);")
+    add_migration(own_migrations, "9002_marker", "CREATE TABLE marker (id integer);")
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(4)
     outs = [tmp_path / f"migrator-{i}.json" for i in range(4)]
@@ -180,10 +183,10 @@ def test_processes_migrating_at_once_apply_each_migration_once(
                 p.join()
     assert [p.exitcode for p in procs] == [0] * len(procs)
     applied = [name for o in outs for name in json.loads(o.read_text())]
-    assert sorted(applied) == ["0001_jobs", "0002_marker"]
+    assert sorted(applied) == [*SHIPPED, "9002_marker"]
     shape = introspect(jobs_dsn)
     assert shape["columns"] == JOBS_COLUMNS
-    assert shape["migrations"] == ["0001_jobs", "0002_marker"]
+    assert shape["migrations"] == [*SHIPPED, "9002_marker"]
 
 
 # -- opening stores ----------------------------------------------------------------------------

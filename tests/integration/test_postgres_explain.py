@@ -64,3 +64,14 @@ def test_planner_picks_the_partial_index_with_many_finished_rows(pg_dsn: str) ->
     plan = _claim_plan(pg_dsn)
     assert "jobs_claimable_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+def test_parent_completion_check_uses_the_unfinished_children_index(pg_dsn: str) -> None:
+    _fill(pg_dsn, chunks=5000, finished=4990)
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("SET search_path TO miroir")
+        parent = conn.execute("SELECT id FROM jobs WHERE kind = 'parent'").fetchone()
+        assert parent is not None
+        rows = conn.execute("EXPLAIN " + load_queries("postgres")["complete_parent_if_done"], {"id": parent[0]})
+        plan = "\n".join(r[0] for r in rows)
+    assert "jobs_unfinished_children_idx" in plan, plan
