@@ -303,7 +303,6 @@ class SqlJobStore(JobStore, Generic[ConnT]):
             return None
         token = new_token()
         with self._write() as conn:
-            self._fail_exhausted(conn)
             row = self._run(
                 conn,
                 "claim_next",
@@ -314,17 +313,23 @@ class SqlJobStore(JobStore, Generic[ConnT]):
                     "ttl": check_ttl(ttl),
                 },
             ).fetchone()
+            if row is None:
+                # Out-of-attempts expired leases are never claimed (claim_next skips them); they
+                # are failed for good here, when nothing else is claimable, and by
+                # reclaim_expired - not on every claim, where the sweep cost grew with the queue.
+                self._fail_exhausted(conn)
         return None if row is None else self._lease(row, token, worker_id)
 
     def claim_by_id(self, job_id: str, worker_id: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         token = new_token()
         with self._write() as conn:
-            self._fail_exhausted(conn)
             row = self._run(
                 conn,
                 "claim_by_id",
                 {"id": job_id, "worker_id": worker_id, "token": token, "ttl": check_ttl(ttl)},
             ).fetchone()
+            if row is None:
+                self._fail_exhausted(conn)  # e.g. this very row, expired on its last attempt
             current = None if row is not None else self._get(conn, job_id)
         if row is not None:
             return self._lease(row, token, worker_id)
