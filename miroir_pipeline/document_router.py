@@ -17,14 +17,12 @@ from typing import Annotated, Any, NamedTuple
 import msgspec
 import orjson
 import pyarrow as pa
-import xxhash
 
 from miroir_pipeline.routing import SHARD_FIELD, InvalidPrimaryKey, Router, primary_key_text
 
 __all__ = ["BlockResult", "DocumentRouter", "InvalidLine", "RoutedBatch"]
 
 _BOM = b"\xef\xbb\xbf"
-_TERM = b"\xff"
 # Meilisearch's document id rules, checked inside msgspec's decoder (C) on the fast path;
 # the reason for a rejection is worded by routing.primary_key_text on the slow path.
 _PrimaryKey = int | Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]+$", max_length=511)]
@@ -146,8 +144,7 @@ class DocumentRouter:
         buffers = self.buffers
         keys = self.keys
         shard_of = self.shards
-        shards = self.router.shards
-        xxh = xxhash.xxh64_intdigest
+        shard_of_key = self.router.shard  # the one place the routing formula lives
         unset = msgspec.UNSET
         docs = 0
         for i, line in enumerate(lines):
@@ -163,7 +160,7 @@ class DocumentRouter:
                 continue
             pk = doc.pk
             key = pk.encode() if type(pk) is str else b"%d" % pk
-            shard = xxh(key + _TERM) % shards
+            shard = shard_of_key(key)
             out = prefixes[shard] + line[1:] if doc.shard is unset else _replace_shard(line, shard)
             for node in targets[shard]:
                 buffers[node].append(out)
