@@ -1,7 +1,7 @@
 """Sensors (DESIGN §7-8): dispatch chunk runs from the jobs table, publish the queue depth.
 
-* ``miroir_chunk_dispatch`` re-queues expired leases, registers a dynamic partition for every
-  chunk of an unfinished parent, and requests one run per claimable chunk and attempt (run
+* ``miroir_chunk_dispatch`` re-queues expired leases, registers the dynamic partition of every
+  claimable chunk it sees, and requests one run per claimable chunk and attempt (run
   key = chunk id, attempt and the time the row became claimable), up to a cap of chunk runs
   in flight. The runs claim their chunk by id themselves: a run for a chunk someone else
   holds fails at once with a message naming the holder and leaves the lease alone.
@@ -48,7 +48,7 @@ MAX_CHUNK_RUNS_ENV = "MIROIR_MAX_CHUNK_RUNS"
 QUEUE_DEPTH_INTERVAL_ENV = "MIROIR_QUEUE_DEPTH_INTERVAL"
 #: Run tag: which attempt of the chunk a dispatched run is meant to be.
 TAG_ATTEMPT = "miroir/attempt"
-#: How many parents a dispatch tick looks at (newest first); unfinished ones beyond are not seen.
+#: How many claimable chunks a dispatch tick looks at, in claim order (far above any run cap).
 CANDIDATES_SCANNED = 500
 
 #: Run statuses of a run that is waiting for, or holding, a slot.
