@@ -101,6 +101,14 @@ QUEUE_DEPTH: Final = Gauge(
 _PUSH_LOCK: Final = threading.Lock()
 
 # -- served by workers on /metrics ---------------------------------------------------------------
+#: The queue depth as a worker sees it, for its own /metrics. Scraped under the workers' job
+#: label, so the adapter rule and alerts (which select the pushed series, job="miroir_pipeline")
+#: never count it twice.
+WORKER_QUEUE_DEPTH: Final = Gauge(
+    QUEUE_DEPTH_METRIC,
+    "Claimable background chunks per job type, as last seen by this worker.",
+    [JOB_TYPE_LABEL],
+)
 DUMP_IMPORT_BYTES_READ: Final = Counter(
     "miroir_dump_import_bytes_read_total",
     "Dump bytes read and committed by dump-import chunks.",

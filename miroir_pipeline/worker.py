@@ -35,6 +35,9 @@ from miroir_pipeline.shutdown import DRAIN
 
 __all__ = ["Worker", "WorkerStats"]
 
+#: How often a worker refreshes the queue depth it serves (between chunks, while idle).
+QUEUE_DEPTH_EVERY_S = 5.0
+
 log = logging.getLogger(__name__)
 
 _JOB_FOR_TYPE = {
@@ -94,10 +97,14 @@ class Worker:
 
     def run(self) -> WorkerStats:
         idle = 0.05
+        published = float("-inf")
         while not DRAIN.is_set():
             if self.max_chunks is not None and self.stats.chunks_run >= self.max_chunks:
                 break
             try:
+                if time.monotonic() - published >= QUEUE_DEPTH_EVERY_S:
+                    self._publish_queue_depth()
+                    published = time.monotonic()
                 lease = self._claim()
                 done = lease is None and self.exit_when_empty and self._nothing_left()
             except Exception:
@@ -114,6 +121,12 @@ class Worker:
             idle = 0.05
             self._run_chunk(lease)
         return self.stats
+
+    def _publish_queue_depth(self) -> None:
+        """Refresh this worker's ``miroir_background_queue_depth`` on its /metrics."""
+        depth = self.store.queue_depth()
+        for job_type in JobType:
+            metrics.WORKER_QUEUE_DEPTH.labels(job_type=job_type.value).set(depth.get(job_type, 0))
 
     # -- claiming -----------------------------------------------------------------------------
     def _claim(self) -> Lease | None:
