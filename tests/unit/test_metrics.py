@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import httpx
@@ -69,13 +70,17 @@ def test_worker_metrics_have_design_names_types_and_labels() -> None:
     }
 
 
-def test_queue_depth_is_not_served_by_workers() -> None:
-    """Only the sensor's push carries the gauge; a worker copy would be summed twice by the HPA."""
+def test_pushed_queue_depth_is_kept_apart_from_what_workers_serve() -> None:
+    """The push carries only the queue depth (from its own registry); workers serve their own
+    copy, which the HPA never sums twice because the adapter selects job="miroir_pipeline"."""
     assert metrics.QUEUE_DEPTH_METRIC == "miroir_background_queue_depth"
     assert metrics.JOB_TYPE_LABEL == "job_type"
-    assert metrics.QUEUE_DEPTH_METRIC not in _families(generate_latest(REGISTRY).decode())
-    queue = _families(generate_latest(metrics.QUEUE_DEPTH_REGISTRY).decode())
-    assert queue[metrics.QUEUE_DEPTH_METRIC][0] == "gauge"
+    pushed = _families(generate_latest(metrics.QUEUE_DEPTH_REGISTRY).decode())
+    assert set(pushed) == {metrics.QUEUE_DEPTH_METRIC} and pushed[metrics.QUEUE_DEPTH_METRIC][0] == "gauge"
+    served = _families(generate_latest(REGISTRY).decode())
+    assert served[metrics.QUEUE_DEPTH_METRIC][0] == "gauge"
+    rule = (Path(__file__).resolve().parents[2] / "k8s" / "prometheus-adapter-rules.yaml").read_text()
+    assert 'miroir_background_queue_depth{job="miroir_pipeline"' in rule
 
 
 @pytest.fixture
