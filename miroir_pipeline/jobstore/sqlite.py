@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from miroir_pipeline.jobstore.base import (
     JobStoreError,
 )
 from miroir_pipeline.jobstore.sql_store import EncodedChunk, Row, SqlJobStore
+from miroir_pipeline.sqlite_wal import set_wal
 
 __all__ = ["SqliteJobStore"]
 
@@ -95,7 +95,7 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
             raise JobStoreError(f"cannot open the SQLite job store {self.path}: {exc}") from None
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        self._set_wal(conn)
+        set_wal(conn, self.busy_timeout)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         with self._lock:
@@ -103,19 +103,6 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
         self._local.conn = conn
         self._local.pid = os.getpid()
         return conn
-
-    def _set_wal(self, conn: sqlite3.Connection) -> None:
-        # Switching a fresh file to WAL can report "locked" without calling the busy handler
-        # while another process does the same; retry within the busy timeout.
-        deadline = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                conn.execute("PRAGMA journal_mode = WAL")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

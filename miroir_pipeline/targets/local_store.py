@@ -14,7 +14,6 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import msgspec
 
 from miroir_pipeline.routing import SHARD_FIELD
+from miroir_pipeline.sqlite_wal import set_wal
 from miroir_pipeline.targets._settings import merge_settings
 from miroir_pipeline.targets._sql import load_statements
 from miroir_pipeline.targets.base import IndexNotFound, NodeTarget, TargetError
@@ -52,20 +52,6 @@ def _key_decoder(primary_key: str) -> msgspec.json.Decoder[Any]:
         ],
     )
     return msgspec.json.Decoder(struct)
-
-
-def _set_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
-    """Switch to WAL. On a fresh file another process doing the same can make this report
-    "locked" without calling the busy handler, so retry within the busy timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
 
 
 class LocalNodeStore(NodeTarget):
@@ -134,7 +120,7 @@ class LocalNodeStore(NodeTarget):
             # page_size only takes effect on a new file, before WAL is switched on.
             conn.execute(f"PRAGMA page_size = {int(self._page_size)}")
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-            _set_wal(conn, self._busy_timeout_s)
+            set_wal(conn, self._busy_timeout_s)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute(f"PRAGMA cache_size = -{int(self._cache_size_kib)}")
             conn.execute(f"PRAGMA wal_autocheckpoint = {int(self._wal_autocheckpoint_pages)}")
