@@ -203,3 +203,23 @@ def fmt_size(n: int) -> str:
     from miroir_pipeline.sizes import format_size
 
     return str(format_size(n))
+
+
+def plan_local_import(root: Path, dump: Path, chunk_size: int) -> tuple[Any, Any, Any, Any, Any]:
+    """Plan an import of ``dump`` on the embedded defaults under ``root`` (SQLite jobs store,
+    three local nodes): ``(topology, store, targets, settings, planned)``."""
+    from miroir_pipeline.config import PipelineSettings
+    from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
+    from miroir_pipeline.jobstore import open_store
+    from miroir_pipeline.targets.factory import open_targets
+    from miroir_pipeline.topology import default_topology
+
+    topo = default_topology(root)
+    store = open_store(f"sqlite:///{root}/jobs.sqlite3")
+    targets = open_targets(topo)
+    settings = PipelineSettings(
+        allowed_roots=[str(dump.parent)], staging_dir=str(root / "staging"), chunk_size_bytes=chunk_size
+    )
+    request = DumpImportRequest(uri=str(dump), index_uid="bench", primary_key="id")
+    planned = plan_dump_import(store, request, topo, targets, settings)
+    return topo, store, targets, settings, planned

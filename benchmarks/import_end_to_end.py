@@ -91,28 +91,10 @@ def profile_chunk(dump: Path, chunk_size: int, top: int = 22) -> str:
     import io
     import pstats
 
-    from miroir_pipeline.config import PipelineSettings
-    from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
-    from miroir_pipeline.jobstore import open_store
-    from miroir_pipeline.targets.factory import open_targets
-    from miroir_pipeline.topology import default_topology
+    from miroir_pipeline.dump_import import process_dump_chunk
 
     with c.scratch_subdir(f"e2e-profile-{os.getpid()}") as root:
-        topo = default_topology(root)
-        store = open_store(f"sqlite:///{root}/jobs.sqlite3")
-        targets = open_targets(topo)
-        settings = PipelineSettings(
-            allowed_roots=[str(dump.parent)],
-            staging_dir=str(root / "staging"),
-            chunk_size_bytes=chunk_size,
-        )
-        planned = plan_dump_import(
-            store,
-            DumpImportRequest(uri=str(dump), index_uid="bench", primary_key="id"),
-            topo,
-            targets,
-            settings,
-        )
+        _topo, store, targets, settings, planned = c.plan_local_import(root, dump, chunk_size)
         lease = store.claim_by_id(planned.chunk_ids[0], "profiler")
         prof = cProfile.Profile()
         prof.enable()

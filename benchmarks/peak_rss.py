@@ -51,31 +51,9 @@ def plan(root: Path, dump: Path, chunk_size: int) -> tuple[str, int]:
     """Plan the import into fresh stores under ``root``; return (first chunk id, its size)."""
     import yaml
 
-    from miroir_pipeline.config import PipelineSettings
-    from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
-    from miroir_pipeline.jobstore import open_store
-    from miroir_pipeline.targets.factory import open_targets
-    from miroir_pipeline.topology import default_topology
-
-    topo = default_topology(root)
-    (root / "topology.yaml").write_text(
-        yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True))
-    )
-    store = open_store(f"sqlite:///{root}/jobs.sqlite3")
-    targets = open_targets(topo)
+    topo, store, targets, _settings, planned = c.plan_local_import(root, dump, chunk_size)
+    (root / "topology.yaml").write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True)))
     try:
-        settings = PipelineSettings(
-            allowed_roots=[str(dump.parent)],
-            staging_dir=str(root / "staging"),
-            chunk_size_bytes=chunk_size,
-        )
-        planned = plan_dump_import(
-            store,
-            DumpImportRequest(uri=str(dump), index_uid="bench", primary_key="id"),
-            topo,
-            targets,
-            settings,
-        )
         first = store.get(planned.chunk_ids[0])
         return first.id, int(first.params["end"]) - int(first.params["start"])
     finally:
