@@ -1,5 +1,5 @@
 """Dagster entry point (``dagster dev`` loads this through ``[tool.dagster]`` in pyproject.toml)."""
 
-from miroir_pipeline.orchestration.definitions import defs
+from miroir_pipeline.dagster.definitions import defs
 
 __all__ = ["defs"]

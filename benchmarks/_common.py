@@ -47,7 +47,7 @@ def scratch_dir(*parts: str) -> Path:
 def sample_dump(size_bytes: int, *, seed: int = 0) -> tuple[Path, int]:
     """A cached ~1 KiB-document NDJSON dump of about ``size_bytes`` (``write_sample_dump``);
     returns (path, documents). Reused across scripts and runs: generating 1 GiB takes a while."""
-    from miroir_pipeline.sample_dump import write_sample_dump
+    from miroir_pipeline.jobs.dump_import.sample_dump import write_sample_dump
 
     root = scratch_dir("dumps")
     path = root / f"sample-{size_bytes}-s{seed}.ndjson"
@@ -194,13 +194,13 @@ def scratch_subdir(name: str, *, keep: bool = False) -> Iterator[Path]:
 
 def parse_sizes(text: str) -> list[int]:
     """Comma-separated sizes with units (``64MiB,1GiB``)."""
-    from miroir_pipeline.sizes import parse_size
+    from miroir_pipeline.util.sizes import parse_size
 
     return [parse_size(s.strip()) for s in text.split(",") if s.strip()]
 
 
 def fmt_size(n: int) -> str:
-    from miroir_pipeline.sizes import format_size
+    from miroir_pipeline.util.sizes import format_size
 
     return str(format_size(n))
 
@@ -208,11 +208,11 @@ def fmt_size(n: int) -> str:
 def plan_local_import(root: Path, dump: Path, chunk_size: int) -> tuple[Any, Any, Any, Any, Any]:
     """Plan an import of ``dump`` on the embedded defaults under ``root`` (SQLite jobs store,
     three local nodes): ``(topology, store, targets, settings, planned)``."""
-    from miroir_pipeline.config import PipelineSettings
-    from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
-    from miroir_pipeline.jobstore import open_store
-    from miroir_pipeline.targets.factory import open_targets
-    from miroir_pipeline.topology import default_topology
+    from miroir_pipeline.fleet.targets.factory import open_targets
+    from miroir_pipeline.fleet.topology import default_topology
+    from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
+    from miroir_pipeline.jobs.settings import PipelineSettings
+    from miroir_pipeline.queue import open_store
 
     topo = default_topology(root)
     store = open_store(f"sqlite:///{root}/jobs.sqlite3")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import _common  # noqa: F401 - puts the repo root on sys.path for `tests.fixtures`
 
-from miroir_pipeline.topology import Group, Node, Topology
+from miroir_pipeline.fleet.topology import Group, Node, Topology
 from tests.fixtures.meilisearch import MeiliProcess, verified_binary
 from tests.fixtures.postgres import ENV_DSN, PostgresServer
 

@@ -28,8 +28,8 @@ import _common as c
 import _services as svc
 import psycopg
 
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState, JobType, NewChunk
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState, JobType, NewChunk
 
 GOAL = 3000.0
 

@@ -3,7 +3,7 @@
 Every chunk here is tiny (one small document), so what is measured is what Dagster adds:
 
 * **bare**: claim the chunk and ``process_dump_chunk`` it directly, no Dagster (the baseline);
-* **worker pool**: ``miroir_pipeline.worker.Worker`` claims the chunk and executes
+* **worker pool**: ``miroir_pipeline.dagster.worker_pool.Worker`` claims the chunk and executes
   ``dump_chunk_job`` in-process against the instance (what ``miroir-pipeline worker`` does);
 * **daemon launch**: the run is submitted over GraphQL (``DagsterGraphQLClient``) to a real
   ``dagster-webserver`` + ``dagster-daemon`` (QueuedRunCoordinator, dequeue every second,
@@ -88,10 +88,10 @@ def _setup(root: Path) -> dict[str, str]:
 
 def _plan(root: Path, name: str, chunks: int) -> list[str]:
     """An import of ``chunks`` one-document chunks; partitions registered by the caller."""
-    from miroir_pipeline.config import PipelineSettings, resolve_topology
-    from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
-    from miroir_pipeline.jobstore import open_store
-    from miroir_pipeline.orchestration.resources import targets_for
+    from miroir_pipeline.dagster.resources import targets_for
+    from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
+    from miroir_pipeline.jobs.settings import PipelineSettings, resolve_topology
+    from miroir_pipeline.queue import open_store
 
     dump = root / f"{name}.ndjson"
     lines = [f'{{"id":"{name}-{i:05d}","title":"tiny chunk {i}"}}'.ljust(63) + "\n" for i in range(chunks)]
@@ -110,11 +110,11 @@ def _plan(root: Path, name: str, chunks: int) -> list[str]:
 
 
 def measure_bare(root: Path, n: int) -> list[float]:
-    from miroir_pipeline.config import PipelineSettings
-    from miroir_pipeline.dump_import import DumpChunkParams, process_dump_chunk
-    from miroir_pipeline.jobstore import open_store
-    from miroir_pipeline.orchestration.resources import targets_for
-    from miroir_pipeline.topology import Topology
+    from miroir_pipeline.dagster.resources import targets_for
+    from miroir_pipeline.fleet.topology import Topology
+    from miroir_pipeline.jobs.dump_import import DumpChunkParams, process_dump_chunk
+    from miroir_pipeline.jobs.settings import PipelineSettings
+    from miroir_pipeline.queue import open_store
 
     store = open_store()
     settings = PipelineSettings.from_env()
@@ -131,10 +131,10 @@ def measure_bare(root: Path, n: int) -> list[float]:
 def measure_worker_pool(root: Path, n: int) -> list[float]:
     import dagster as dg
 
-    from miroir_pipeline.config import PipelineSettings
-    from miroir_pipeline.jobstore import open_store
-    from miroir_pipeline.orchestration.definitions import defs
-    from miroir_pipeline.worker import Worker
+    from miroir_pipeline.dagster.definitions import defs
+    from miroir_pipeline.dagster.worker_pool import Worker
+    from miroir_pipeline.jobs.settings import PipelineSettings
+    from miroir_pipeline.queue import open_store
 
     store = open_store()
     settings = PipelineSettings.from_env()
@@ -197,7 +197,7 @@ def measure_daemon(root: Path, n: int, env: dict[str, str]) -> tuple[list[float]
     import dagster as dg
     from dagster_graphql import DagsterGraphQLClient
 
-    from miroir_pipeline.orchestration.partitions import DUMP_CHUNKS
+    from miroir_pipeline.dagster.partitions import DUMP_CHUNKS
 
     chunk_ids = _plan(root, "launched", n)
     port = _free_port()

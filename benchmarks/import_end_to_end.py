@@ -30,7 +30,7 @@ from typing import Any
 import _common as c
 import _services as svc
 
-CLI = [sys.executable, "-m", "miroir_pipeline.cli"]
+CLI = [sys.executable, "-m", "miroir_pipeline.cli.main"]
 
 
 def run_import(
@@ -91,7 +91,7 @@ def profile_chunk(dump: Path, chunk_size: int, top: int = 22) -> str:
     import io
     import pstats
 
-    from miroir_pipeline.dump_import import process_dump_chunk
+    from miroir_pipeline.jobs.dump_import import process_dump_chunk
 
     with c.scratch_subdir(f"e2e-profile-{os.getpid()}") as root:
         _topo, store, targets, settings, planned = c.plan_local_import(root, dump, chunk_size)

@@ -37,16 +37,16 @@ import _common as c
 import _services as svc
 import httpx
 
-from miroir_pipeline.chunking import split_dump
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.document_router import DocumentRouter, InvalidLine
-from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState, JobType
-from miroir_pipeline.routing import SHARD_FIELD, Router
+from miroir_pipeline.fleet.routing import SHARD_FIELD, Router
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
+from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState, JobType
 from miroir_pipeline.sources import iter_range_blocks, resolve_dump
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import Topology
+from miroir_pipeline.sources.split import split_dump
 
 BATCH_DOCS = 10_000
 

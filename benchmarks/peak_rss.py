@@ -27,11 +27,11 @@ import _common as c
 
 CHILD = r"""
 import sys, json, os
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.dump_import import process_dump_chunk
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import load_topology
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.jobs.dump_import import process_dump_chunk
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import load_topology
 
 root, chunk_id, mode, cache_kib = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5])
 store = open_store(f"sqlite:///{root}/jobs.sqlite3", migrate=False)

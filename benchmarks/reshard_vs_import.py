@@ -20,14 +20,18 @@ import time
 
 import _common as c
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobType
-from miroir_pipeline.reshard import ReshardRequest, plan_reshard, process_reshard_chunk
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import default_topology
-from miroir_pipeline.verification import verify_shadow
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import default_topology
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
+from miroir_pipeline.jobs.reshard_backfill import (
+    ReshardRequest,
+    plan_reshard,
+    process_reshard_chunk,
+)
+from miroir_pipeline.jobs.reshard_backfill.verification import verify_shadow
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobType
 
 
 def run_all(store: object, job_type: str, fn: object) -> int:

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import _common as c
 
-from miroir_pipeline.document_router import DocumentRouter, InvalidLine
-from miroir_pipeline.routing import SHARD_FIELD, Router
+from miroir_pipeline.fleet.routing import SHARD_FIELD, Router
+from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
 from miroir_pipeline.sources import iter_range_blocks, resolve_dump
-from miroir_pipeline.topology import Topology
 
 BLOCK = 4 * c.MIB
 BATCH_DOCS = 10_000

@@ -27,8 +27,8 @@ from typing import Any
 
 import _common as c
 
-from miroir_pipeline.chunking import ByteRange, split_dump
 from miroir_pipeline.sources import resolve_dump
+from miroir_pipeline.sources.split import ByteRange, split_dump
 
 REGION = 256 * 1024
 

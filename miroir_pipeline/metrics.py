@@ -34,7 +34,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from miroir_pipeline.jobstore.base import JobType
+from miroir_pipeline.queue.contract import JobType
 
 __all__ = [
     "CHUNK_CLAIMS",
@@ -67,7 +67,7 @@ __all__ = [
 
 #: Name of the queue-depth gauge; the HPA, adapter rule and alert use exactly this name.
 QUEUE_DEPTH_METRIC: Final = "miroir_background_queue_depth"
-#: Label carrying a :class:`~miroir_pipeline.jobstore.base.JobType` value.
+#: Label carrying a :class:`~miroir_pipeline.queue.contract.JobType` value.
 JOB_TYPE_LABEL: Final = "job_type"
 #: Pushgateway ``job`` grouping label of every push.
 PUSH_JOB: Final = "miroir_pipeline"

@@ -10,9 +10,9 @@ from typing import Any
 
 import orjson
 
-from miroir_pipeline.routing import SHARD_FIELD, shard_for_key, write_targets
-from miroir_pipeline.targets.base import NodeTarget
-from miroir_pipeline.topology import Topology
+from miroir_pipeline.fleet.routing import SHARD_FIELD, shard_for_key, write_targets
+from miroir_pipeline.fleet.targets.base import NodeTarget
+from miroir_pipeline.fleet.topology import Topology
 
 
 def make_docs(n: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from miroir_pipeline.jobstore import JobStore, open_store
+from miroir_pipeline.queue import JobStore, open_store
 
 #: Retry backoff base for tests (seconds): short enough to wait out, long enough to observe.
 TEST_BACKOFF_BASE = 0.05

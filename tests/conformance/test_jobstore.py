@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from miroir_pipeline.jobstore import (
+from miroir_pipeline.queue import (
     Job,
     JobKind,
     JobNotClaimable,
@@ -35,7 +35,7 @@ from miroir_pipeline.jobstore import (
     SplitRefused,
     open_store,
 )
-from miroir_pipeline.jobstore.base import chunk_id
+from miroir_pipeline.queue.contract import chunk_id
 
 DUMP = JobType.DUMP_IMPORT
 RESHARD = JobType.RESHARD_BACKFILL

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.topology import Topology
+from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.settings import PipelineSettings
 from tests.fixtures.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +123,7 @@ class Workers:
         env = {**env, "POD_NAME": name}  # the worker id recorded in claimed_by
         with log.open("wb") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "miroir_pipeline.cli", "--log-level", "WARNING", "worker", *args],
+                [sys.executable, "-m", "miroir_pipeline.cli.main", "--log-level", "WARNING", "worker", *args],
                 env=env,
                 cwd=REPO,
                 start_new_session=True,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState, JobStore, JobType, Lease, LeaseLost, NewChunk
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState, JobStore, JobType, Lease, LeaseLost, NewChunk
 
 CLAIMERS = 8
 ROWS = 500

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState
-from miroir_pipeline.targets.factory import open_targets
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState
 from tests.failure.conftest import Workers, settings_for, wait_for, worker_env, write_topology
 from tests.fixtures.postgres import PostgresServer
 from tests.import_helpers import (

@@ -29,18 +29,18 @@ import orjson
 import pytest
 import yaml
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.dump_import import (
+from miroir_pipeline.fleet.targets.base import TargetError
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import Topology, TopologyError, load_topology
+from miroir_pipeline.jobs.dump_import import (
     DumpImportRequest,
     InvalidDocumentError,
     plan_dump_import,
     process_dump_chunk,
 )
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState, JobStore
-from miroir_pipeline.targets.base import TargetError
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import Topology, TopologyError, load_topology
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState, JobStore
 from tests.failure.conftest import REPO, init_dagster_home, settings_for
 from tests.import_helpers import (
     actual_placement,
@@ -391,11 +391,11 @@ def test_bad_source_is_refused_before_any_job_is_queued(env: dict[str, Any], out
 
 _PLAN_AS_NOBODY = """
 import os, sys
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import load_topology
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import load_topology
 dsn, topo_file, dump, root = sys.argv[1:]
 store = open_store(dsn)
 topo = load_topology(topo_file)
@@ -528,7 +528,7 @@ def test_cli_import_with_a_bad_topology_is_refused_before_any_job_is_queued(tmp_
     init_dagster_home(tmp_path / "dagster")
     dsn = f"sqlite:///{tmp_path}/jobs.sqlite3"
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster"), "MIROIR_ALLOWED_ROOTS": str(tmp_path), "MIROIR_JOBS_DSN": dsn}
-    cmd = [sys.executable, "-m", "miroir_pipeline.cli", "import", str(dump), "--index", "x", "--topology", str(topo_file), "--json"]
+    cmd = [sys.executable, "-m", "miroir_pipeline.cli.main", "import", str(dump), "--index", "x", "--topology", str(topo_file), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
     assert str(topo_file) in proc.stderr and "shards" in proc.stderr, proc.stderr[-3000:]

@@ -17,10 +17,10 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState
-from miroir_pipeline.targets.factory import open_targets
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState
 from tests.failure.conftest import (
     LEASE_TTL,
     Workers,

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState, JobStore
-from miroir_pipeline.targets.base import NodeTarget, TargetError
-from miroir_pipeline.targets.factory import open_targets
+from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState, JobStore
 from tests.failure.conftest import settings_for, wait_for
 from tests.import_helpers import (
     actual_placement,

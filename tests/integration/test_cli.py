@@ -14,9 +14,9 @@ import dagster as dg
 import orjson
 import pytest
 
-from miroir_pipeline.orchestration.definitions import defs
-from miroir_pipeline.targets.local_store import LocalNodeStore
-from miroir_pipeline.topology import default_topology
+from miroir_pipeline.dagster.definitions import defs
+from miroir_pipeline.fleet.targets.local_store import LocalNodeStore
+from miroir_pipeline.fleet.topology import default_topology
 from tests.import_helpers import actual_placement, assert_exact_placement, expected_placement
 
 
@@ -24,7 +24,7 @@ def cli(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float
     full = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
     full.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "miroir_pipeline.cli", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "miroir_pipeline.cli.main", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -114,10 +114,10 @@ def test_reshard_after_import_verifies_the_shadow(tmp_path: Path) -> None:
 def test_cancel_and_prune(tmp_path: Path) -> None:
     assert cli(tmp_path, "sample-dump", "d.ndjson", "--size", "64KiB").returncode == 0
     done = json.loads(cli(tmp_path, "import", "d.ndjson", "--index", "a", "--primary-key", "id", "--workers", "1", "--json").stdout)
-    from miroir_pipeline.config import PipelineSettings
-    from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
-    from miroir_pipeline.jobstore import open_store
-    from miroir_pipeline.targets.factory import open_targets
+    from miroir_pipeline.fleet.targets.factory import open_targets
+    from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
+    from miroir_pipeline.jobs.settings import PipelineSettings
+    from miroir_pipeline.queue import open_store
 
     store = open_store(f"sqlite:///{tmp_path}/.miroir/jobs.sqlite3")
     topo = default_topology(tmp_path / ".miroir")
@@ -139,7 +139,7 @@ def test_workers_started_together_on_a_fresh_dagster_home_all_start(tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "miroir_pipeline.cli", "worker", "--exit-when-empty"],
+            [sys.executable, "-m", "miroir_pipeline.cli.main", "worker", "--exit-when-empty"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for _ in range(4)

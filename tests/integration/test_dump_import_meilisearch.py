@@ -11,14 +11,14 @@ import dagster as dg
 import httpx
 import pytest
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState
-from miroir_pipeline.orchestration.definitions import defs
-from miroir_pipeline.orchestration.partitions import DUMP_CHUNKS
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.worker import Worker
+from miroir_pipeline.dagster.definitions import defs
+from miroir_pipeline.dagster.partitions import DUMP_CHUNKS
+from miroir_pipeline.dagster.worker_pool import Worker
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState
 from tests.import_helpers import (
     actual_placement,
     assert_exact_placement,

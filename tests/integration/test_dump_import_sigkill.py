@@ -13,11 +13,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.dump_import import DumpImportRequest, plan_dump_import
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobState
-from miroir_pipeline.targets.factory import open_targets
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobState
 from tests.import_helpers import (
     actual_placement,
     assert_exact_placement,
@@ -49,7 +49,7 @@ def worker_env(root: Path, dsn: str, topo_file: Path) -> dict[str, str]:
 
 def start_worker(env: dict[str, str], parent: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "miroir_pipeline.cli", "worker", "--parent", parent, "--exit-when-empty"],
+        [sys.executable, "-m", "miroir_pipeline.cli.main", "worker", "--parent", parent, "--exit-when-empty"],
         env=env,
         cwd=REPO,
         start_new_session=True,

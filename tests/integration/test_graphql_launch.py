@@ -20,10 +20,10 @@ import httpx
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
-from miroir_pipeline.jobstore import JobStore, open_store
-from miroir_pipeline.jobstore.base import JobState
-from miroir_pipeline.orchestration.partitions import DUMP_CHUNKS
-from miroir_pipeline.orchestration.sensors import DISPATCH_ENABLED_ENV
+from miroir_pipeline.dagster.partitions import DUMP_CHUNKS
+from miroir_pipeline.dagster.sensors import DISPATCH_ENABLED_ENV
+from miroir_pipeline.queue import JobStore, open_store
+from miroir_pipeline.queue.contract import JobState
 from tests.integration.test_sensors import (
     LOCATION_NAME,
     VENV_BIN,

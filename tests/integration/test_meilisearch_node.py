@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from miroir_pipeline.routing import shard_for_key
-from miroir_pipeline.targets.base import IndexNotFound, TargetError
-from miroir_pipeline.targets.factory import open_target, open_targets
-from miroir_pipeline.targets.meilisearch import (
+from miroir_pipeline.fleet.routing import shard_for_key
+from miroir_pipeline.fleet.targets.base import IndexNotFound, TargetError
+from miroir_pipeline.fleet.targets.factory import open_target, open_targets
+from miroir_pipeline.fleet.targets.meilisearch import (
     MeilisearchNode,
     TaskFailed,
     split_ndjson,

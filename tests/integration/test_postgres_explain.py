@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from miroir_pipeline.jobstore import NewChunk, open_store
-from miroir_pipeline.sql import load_queries
+from miroir_pipeline.queue import NewChunk, open_store
+from miroir_pipeline.queue.sql import load_queries
 
 pytestmark = pytest.mark.postgres
 

@@ -7,7 +7,6 @@ import uuid
 import pytest
 from prometheus_client import CollectorRegistry, Summary, push_to_gateway
 
-from miroir_pipeline.jobstore.base import JobType
 from miroir_pipeline.metrics import (
     DEPLOYMENT_ENV,
     JOB_TYPE_LABEL,
@@ -18,6 +17,7 @@ from miroir_pipeline.metrics import (
     push_queue_depth,
     push_queue_depth_from_env,
 )
+from miroir_pipeline.queue.contract import JobType
 from tests.fixtures.pushgateway import Pushgateway, samples_of
 
 

@@ -19,10 +19,11 @@ import orjson
 import pytest
 import yaml
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.jobstore import JobStore, open_store
-from miroir_pipeline.jobstore.base import JobState, JobType
-from miroir_pipeline.reshard import (
+from miroir_pipeline.fleet.routing import SHARD_FIELD, shard_for_key, write_targets
+from miroir_pipeline.fleet.targets.base import NodeTarget
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import Group, Node, Topology
+from miroir_pipeline.jobs.reshard_backfill import (
     PlannedReshard,
     ReshardChunkReport,
     ReshardRequest,
@@ -30,12 +31,11 @@ from miroir_pipeline.reshard import (
     plan_reshard,
     process_reshard_chunk,
 )
-from miroir_pipeline.routing import SHARD_FIELD, shard_for_key, write_targets
-from miroir_pipeline.shutdown import DRAIN, ChunkHandedBack
-from miroir_pipeline.targets.base import NodeTarget
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import Group, Node, Topology
-from miroir_pipeline.verification import verify_shadow
+from miroir_pipeline.jobs.reshard_backfill.verification import verify_shadow
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import JobStore, open_store
+from miroir_pipeline.queue.contract import JobState, JobType
+from miroir_pipeline.queue.shutdown import DRAIN, ChunkHandedBack
 
 REPO = Path(__file__).resolve().parents[2]
 N_DOCS = 10_000
@@ -205,11 +205,11 @@ def test_reshard_places_every_document_exactly(
 
 VICTIM = """
 import sys, time
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.reshard import ReshardChunkParams, process_reshard_chunk
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import Topology
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.jobs.reshard_backfill import ReshardChunkParams, process_reshard_chunk
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import Topology
 
 store = open_store(sys.argv[1])
 settings = PipelineSettings.from_env(allowed_roots=["/"])
@@ -440,12 +440,12 @@ def test_empty_live_index_backfills_nothing_and_verifies(
 
 
 def _defs() -> dg.Definitions:
-    from miroir_pipeline.orchestration.reshard_assets import (
+    from miroir_pipeline.dagster.reshard_assets import (
         RESHARD_ASSET_CHECKS,
         RESHARD_ASSETS,
         RESHARD_JOBS,
     )
-    from miroir_pipeline.orchestration.resources import (
+    from miroir_pipeline.dagster.resources import (
         JobStoreResource,
         SettingsResource,
         TopologyResource,
@@ -465,8 +465,8 @@ def test_dagster_plan_backfill_blocking_check_and_cutover(
     opened: Callable[[Topology], dict[str, NodeTarget]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from miroir_pipeline.orchestration.partitions import RESHARD_CHUNKS
-    from miroir_pipeline.orchestration.reshard_assets import latest_verification
+    from miroir_pipeline.dagster.partitions import RESHARD_CHUNKS
+    from miroir_pipeline.dagster.reshard_assets import latest_verification
 
     topo = local_topology(tmp_path / "nodes", 16, [["n0", "n1", "n2"]])
     (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True)))
@@ -526,7 +526,7 @@ def test_dagster_plan_backfill_blocking_check_and_cutover(
         assert check_meta["divergences"]["missing"] == [str(pk)] and str(pk) in why
 
         # Cutover on its own also refuses while the latest evaluation failed.
-        from miroir_pipeline.orchestration.reshard_assets import cutover
+        from miroir_pipeline.dagster.reshard_assets import cutover
 
         alone = dg.materialize([cutover], instance=instance, raise_on_error=False)
         assert not alone.success

@@ -11,15 +11,15 @@ from typing import Any
 import orjson
 import pytest
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.jobstore import JobStore, open_store
-from miroir_pipeline.jobstore.base import JobState
-from miroir_pipeline.reshard import ReshardRefused, ReshardRequest, plan_reshard
-from miroir_pipeline.routing import SHARD_FIELD, shard_for_key, write_targets
-from miroir_pipeline.targets.base import NodeTarget
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import Topology
-from miroir_pipeline.verification import verify_shadow
+from miroir_pipeline.fleet.routing import SHARD_FIELD, shard_for_key, write_targets
+from miroir_pipeline.fleet.targets.base import NodeTarget
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.reshard_backfill import ReshardRefused, ReshardRequest, plan_reshard
+from miroir_pipeline.jobs.reshard_backfill.verification import verify_shadow
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import JobStore, open_store
+from miroir_pipeline.queue.contract import JobState
 from tests.fixtures.meilisearch import MeiliFleet, MeiliTopology
 from tests.integration.test_reshard_local import (
     assert_exact_placement,

@@ -25,26 +25,26 @@ import yaml
 from dagster._core.test_utils import create_run_for_test
 
 from miroir_pipeline import metrics
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.dump_import import DumpImportRequest, PlannedImport, plan_dump_import
-from miroir_pipeline.jobstore import JobStore, open_store
-from miroir_pipeline.jobstore.base import JobState, JobType, NewChunk
-from miroir_pipeline.orchestration.definitions import defs
-from miroir_pipeline.orchestration.partitions import (
+from miroir_pipeline.dagster.definitions import defs
+from miroir_pipeline.dagster.partitions import (
     DUMP_CHUNKS,
     RESHARD_CHUNKS,
     TAG_CHUNK_RUN,
     TAG_WORKER_ID,
 )
-from miroir_pipeline.orchestration.resources import JobStoreResource, targets_for
-from miroir_pipeline.orchestration.sensors import (
+from miroir_pipeline.dagster.resources import JobStoreResource, targets_for
+from miroir_pipeline.dagster.sensors import (
     DISPATCH_ENABLED_ENV,
     MAX_CHUNK_RUNS_ENV,
     chunk_dispatch_sensor,
     queue_depth_sensor,
 )
-from miroir_pipeline.sample_dump import write_sample_dump
-from miroir_pipeline.topology import Topology, load_topology
+from miroir_pipeline.fleet.topology import Topology, load_topology
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, PlannedImport, plan_dump_import
+from miroir_pipeline.jobs.dump_import.sample_dump import write_sample_dump
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import JobStore, open_store
+from miroir_pipeline.queue.contract import JobState, JobType, NewChunk
 from tests.fixtures.pushgateway import Pushgateway, samples_of
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

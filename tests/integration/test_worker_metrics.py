@@ -8,12 +8,12 @@ import dagster as dg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import JobType, NewChunk
+from miroir_pipeline.dagster.definitions import defs
+from miroir_pipeline.dagster.worker_pool import Worker
+from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.metrics import start_metrics_server
-from miroir_pipeline.orchestration.definitions import defs
-from miroir_pipeline.worker import Worker
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import JobType, NewChunk
 
 
 def _samples(url: str, name: str) -> dict[str, float]:

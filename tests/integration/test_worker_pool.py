@@ -25,12 +25,12 @@ import orjson
 import psycopg
 import pytest
 
-from miroir_pipeline.jobstore import open_store
-from miroir_pipeline.jobstore.base import Job, JobState
-from miroir_pipeline.orchestration.partitions import TAG_WORKER_ID
-from miroir_pipeline.orchestration.resources import targets_for
-from miroir_pipeline.routing import shard_for_key, write_targets
-from miroir_pipeline.topology import Topology, load_topology
+from miroir_pipeline.dagster.partitions import TAG_WORKER_ID
+from miroir_pipeline.dagster.resources import targets_for
+from miroir_pipeline.fleet.routing import shard_for_key, write_targets
+from miroir_pipeline.fleet.topology import Topology, load_topology
+from miroir_pipeline.queue import open_store
+from miroir_pipeline.queue.contract import Job, JobState
 from tests.fixtures.postgres import PostgresServer
 from tests.integration.test_sensors import (
     REPO_ROOT,
@@ -52,7 +52,7 @@ DRAIN_TIMEOUT_S = 120.0
 def _start_worker(name: str, root: Path, env: Mapping[str, str]) -> ServiceProcess:
     return ServiceProcess.start(
         name,
-        [sys.executable, "-m", "miroir_pipeline.cli", "--log-level", "INFO", "worker", "--exit-when-empty"],
+        [sys.executable, "-m", "miroir_pipeline.cli.main", "--log-level", "INFO", "worker", "--exit-when-empty"],
         {**env, "POD_NAME": name},
         root / f"{name}.log",
         REPO_ROOT,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from miroir_pipeline.chunking import ByteRange, SplitResult, split_dump, split_shards
 from miroir_pipeline.sources import DumpRef, resolve_dump
+from miroir_pipeline.sources.split import ByteRange, SplitResult, split_dump, split_shards
 
 
 def _ref(path: Path, content: bytes) -> DumpRef:

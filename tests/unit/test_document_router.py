@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from miroir_pipeline.document_router import DocumentRouter, InvalidLine
-from miroir_pipeline.routing import Router, shard_for_key, write_targets
-from miroir_pipeline.topology import Topology
+from miroir_pipeline.fleet.routing import Router, shard_for_key, write_targets
+from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
 
 TOPO = Topology.parse(
     {

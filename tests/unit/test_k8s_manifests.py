@@ -1,5 +1,5 @@
 """k8s/ manifests agree with the code (metric names, labels, env, lease TTL) and the HPA
-behaves as designed on a recorded queue-depth series (miroir_pipeline.hpa)."""
+behaves as designed on a recorded queue-depth series (tests.support.hpa)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from miroir_pipeline.hpa import desired_replicas, simulate
-from miroir_pipeline.jobstore.base import DEFAULT_LEASE_TTL, JobType
+from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.metrics import (
     DEPLOYMENT_ENV,
     DEPLOYMENT_LABEL,
@@ -23,7 +22,8 @@ from miroir_pipeline.metrics import (
     PUSHGATEWAY_URL_ENV,
     QUEUE_DEPTH_METRIC,
 )
-from miroir_pipeline.topology import Topology
+from miroir_pipeline.queue.contract import DEFAULT_LEASE_TTL, JobType
+from tests.support.hpa import desired_replicas, simulate
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 NOT_MANIFESTS = {"kustomization.yaml", "secret.example.yaml", "dagster-values.yaml"}

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from miroir_pipeline.routing import shard_for_key
-from miroir_pipeline.targets.base import IndexNotFound, TargetError
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.targets.local_store import LocalNodeStore
-from miroir_pipeline.topology import default_topology
+from miroir_pipeline.fleet.routing import shard_for_key
+from miroir_pipeline.fleet.targets.base import IndexNotFound, TargetError
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.targets.local_store import LocalNodeStore
+from miroir_pipeline.fleet.topology import default_topology
 
 SHARDS = 8
 

@@ -16,7 +16,6 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from miroir_pipeline import metrics
-from miroir_pipeline.jobstore.base import JobType
 from miroir_pipeline.metrics import (
     METRICS_ADDR_ENV,
     METRICS_PORT_ENV,
@@ -26,6 +25,7 @@ from miroir_pipeline.metrics import (
     start_metrics_server,
     start_metrics_server_from_env,
 )
+from miroir_pipeline.queue.contract import JobType
 
 JOB_TYPES = {t.value for t in JobType}
 PUSHES = 60

@@ -9,10 +9,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from miroir_pipeline.config import PipelineSettings
-from miroir_pipeline.jobstore import JobStore, open_store
-from miroir_pipeline.jobstore.base import JobKind, JobState, JobType
-from miroir_pipeline.reshard import (
+from miroir_pipeline.fleet.routing import SHARD_FIELD, shard_for_key, write_targets
+from miroir_pipeline.fleet.targets.base import NodeTarget
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import Group, Node, Topology, default_topology
+from miroir_pipeline.jobs.reshard_backfill import (
     ReshardChunkParams,
     ReshardRefused,
     ReshardRequest,
@@ -22,10 +23,9 @@ from miroir_pipeline.reshard import (
     shadow_index_uid,
     shadow_topology_for,
 )
-from miroir_pipeline.routing import SHARD_FIELD, shard_for_key, write_targets
-from miroir_pipeline.targets.base import NodeTarget
-from miroir_pipeline.targets.factory import open_targets
-from miroir_pipeline.topology import Group, Node, Topology, default_topology
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import JobStore, open_store
+from miroir_pipeline.queue.contract import JobKind, JobState, JobType
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from miroir_pipeline import routing
-from miroir_pipeline.routing import (
+from miroir_pipeline.fleet import routing
+from miroir_pipeline.fleet.routing import (
     InvalidPrimaryKey,
     Router,
     assign_shard_in_group,
@@ -26,7 +26,7 @@ from miroir_pipeline.routing import (
     shard_for_key_bytes,
     write_targets,
 )
-from miroir_pipeline.topology import Topology
+from miroir_pipeline.fleet.topology import Topology
 
 # key -> full unsigned 64-bit xxh64(utf8(key) + 0xFF, seed 0)
 KEY_HASHES: dict[str, int] = {
@@ -292,3 +292,12 @@ def test_primary_key_text_accepts_valid_alphabet(value: str) -> None:
 def test_primary_key_text_rejects_other_characters(value: str) -> None:
     with pytest.raises(InvalidPrimaryKey):
         primary_key_text(value)
+
+
+def test_stable_import_path_re_exports_the_formula() -> None:
+    """``miroir_pipeline.routing`` is a fixed interface that other tools script against."""
+    from miroir_pipeline import routing as stable
+
+    assert stable.shard_for_key is shard_for_key
+    assert stable.score is routing.score
+    assert stable.shard_for_key("user:12345", 64) == 15

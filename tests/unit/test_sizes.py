@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from miroir_pipeline.sizes import format_size, parse_size
+from miroir_pipeline.util.sizes import format_size, parse_size
 
 
 @pytest.mark.parametrize(

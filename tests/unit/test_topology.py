@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from miroir_pipeline.topology import Topology, TopologyError, default_topology, load_topology
+from miroir_pipeline.fleet.topology import Topology, TopologyError, default_topology, load_topology
 
 VALID_YAML = """\
 shards: 64

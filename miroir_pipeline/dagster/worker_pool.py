@@ -1,0 +1,248 @@
+"""The worker pool member: claim a chunk, execute it as a Dagster run in-process against the
+shared instance (so it shows in the UI without a process start per chunk), repeat (DESIGN §7)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import dagster as dg
+
+from miroir_pipeline import metrics
+from miroir_pipeline.dagster.partitions import (
+    DUMP_CHUNKS,
+    RESHARD_CHUNKS,
+    TAG_CHUNK_RUN,
+    TAG_CLAIM_TOKEN,
+    TAG_WORKER_ID,
+)
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue.claims import default_worker_id
+from miroir_pipeline.queue.contract import (
+    JobNotClaimable,
+    JobState,
+    JobStore,
+    JobType,
+    Lease,
+    LeaseLost,
+)
+from miroir_pipeline.queue.shutdown import DRAIN
+
+__all__ = ["Worker", "WorkerStats"]
+
+#: How often a worker refreshes the queue depth it serves (between chunks, while idle).
+QUEUE_DEPTH_EVERY_S = 5.0
+
+log = logging.getLogger(__name__)
+
+_JOB_FOR_TYPE = {
+    JobType.DUMP_IMPORT: ("dump_chunk_job", DUMP_CHUNKS),
+    JobType.RESHARD_BACKFILL: ("reshard_chunk_job", RESHARD_CHUNKS),
+}
+
+
+@dataclass
+class WorkerStats:
+    chunks_run: int = 0
+    chunks_succeeded: int = 0
+    chunks_failed: int = 0
+    run_ids: list[str] = field(default_factory=list)
+
+
+class Worker:
+    """Claims chunks of the given types (optionally of one parent only) and runs each one."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        instance: dg.DagsterInstance,
+        defs: dg.Definitions,
+        settings: PipelineSettings,
+        *,
+        job_types: tuple[str, ...] = (JobType.DUMP_IMPORT, JobType.RESHARD_BACKFILL),
+        worker_id: str | None = None,
+        parent_id: str | None = None,
+        exit_when_empty: bool = False,
+        max_chunks: int | None = None,
+        idle_max_sleep: float = 5.0,
+        run_log_level: str = "WARNING",
+    ) -> None:
+        self.store = store
+        self.instance = instance
+        self.defs = defs
+        self.settings = settings
+        self.job_types = job_types
+        self.worker_id = worker_id or default_worker_id()
+        self.parent_id = parent_id
+        self.exit_when_empty = exit_when_empty
+        self.max_chunks = max_chunks
+        self.idle_max_sleep = idle_max_sleep
+        self.run_log_level = run_log_level
+        self.stats = WorkerStats()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop claiming; the running chunk hands itself back at its next batch."""
+
+        def _drain(signum: int, _frame: FrameType | None) -> None:
+            log.warning("worker %s: signal %d, draining", self.worker_id, signum)
+            DRAIN.set()
+
+        signal.signal(signal.SIGTERM, _drain)
+        signal.signal(signal.SIGINT, _drain)
+
+    def run(self) -> WorkerStats:
+        idle = 0.05
+        published = float("-inf")
+        while not DRAIN.is_set():
+            if self.max_chunks is not None and self.stats.chunks_run >= self.max_chunks:
+                break
+            try:
+                if time.monotonic() - published >= QUEUE_DEPTH_EVERY_S:
+                    self._publish_queue_depth()
+                    published = time.monotonic()
+                lease = self._claim()
+                done = lease is None and self.exit_when_empty and self._nothing_left()
+            except Exception:
+                # The jobs database is unreachable (restart, failover, network): a worker is a
+                # long-running process and waits it out; its chunks' leases expire meanwhile.
+                log.exception("worker %s: job store unavailable; retrying in %.1f s", self.worker_id, idle)
+                lease, done = None, False
+            if done:
+                break
+            if lease is None:
+                DRAIN.wait(idle)
+                idle = min(idle * 2, self.idle_max_sleep)
+                continue
+            idle = 0.05
+            self._run_chunk(lease)
+        return self.stats
+
+    def _publish_queue_depth(self) -> None:
+        """Refresh this worker's ``miroir_background_queue_depth`` on its /metrics."""
+        depth = self.store.queue_depth()
+        for job_type in JobType:
+            metrics.WORKER_QUEUE_DEPTH.labels(job_type=job_type.value).set(depth.get(job_type, 0))
+
+    # -- claiming -----------------------------------------------------------------------------
+    def _claim(self) -> Lease | None:
+        if self.parent_id is None:
+            lease = self.store.claim(list(self.job_types), self.worker_id, self.settings.lease_ttl)
+        else:
+            lease = self._claim_in_parent(self.parent_id)
+        if lease is not None:
+            metrics.CHUNK_CLAIMS.labels(job_type=lease.job.type).inc()
+            if lease.attempt > 1:
+                metrics.CHUNK_RECLAIMS.inc()
+        return lease
+
+    def _claim_in_parent(self, parent_id: str) -> Lease | None:
+        for job in self.store.children(parent_id):
+            if job.state not in (JobState.QUEUED, JobState.IN_PROGRESS):
+                continue
+            try:
+                return self.store.claim_by_id(job.id, self.worker_id, self.settings.lease_ttl)
+            except JobNotClaimable:
+                continue
+        return None
+
+    def _nothing_left(self) -> bool:
+        if self.parent_id is not None:
+            summary = self.store.parent_summary(self.parent_id)
+            return summary.parent.state in (JobState.COMPLETED, JobState.FAILED)
+        depth = self.store.queue_depth()
+        return all(depth.get(t, 0) == 0 for t in self.job_types)
+
+    # -- running ------------------------------------------------------------------------------
+    def _run_chunk(self, lease: Lease) -> None:
+        job_name, partitions_name = _JOB_FOR_TYPE[JobType(lease.job.type)]
+        chunk_id = lease.job_id
+        if not self.instance.has_dynamic_partition(partitions_name, chunk_id):
+            self.instance.add_dynamic_partitions(partitions_name, [chunk_id])
+        job_def = self.defs.resolve_job_def(job_name)
+        started = time.monotonic()
+        # Pool runs are tagged apart from daemon-launched ones: the run queue's cap on chunk runs
+        # (dagster.yaml) must not count them, and a killed worker's run never finishes.
+        tags: dict[str, Any] = {
+            TAG_CLAIM_TOKEN: lease.token,
+            TAG_WORKER_ID: self.worker_id,
+            TAG_CHUNK_RUN: "pool",
+        }
+        log.info("worker %s: running chunk %s (attempt %d)", self.worker_id, chunk_id, lease.attempt)
+        result = self._execute_off_main_thread(job_def, chunk_id, tags)
+        elapsed = time.monotonic() - started
+        self.stats.chunks_run += 1
+        self.stats.run_ids.append(result.run_id)
+        if result.success:
+            self.stats.chunks_succeeded += 1
+        else:
+            self.stats.chunks_failed += 1
+        try:
+            if not result.success:
+                self._settle_abandoned(lease, result.run_id)
+            outcome = self._outcome(lease)
+        except Exception:  # store unreachable: the lease expires and the chunk is re-claimed
+            log.exception("worker %s: could not record how chunk %s ended", self.worker_id, chunk_id)
+            outcome = "failed"
+        metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=outcome).observe(elapsed)
+
+    def _execute_off_main_thread(
+        self, job_def: Any, chunk_id: str, tags: dict[str, Any]
+    ) -> dg.ExecuteInProcessResult:
+        """Execute the run in a helper thread while the main thread waits.
+
+        On the main thread Dagster swaps SIGTERM/SIGINT for its own handler, which raises an
+        interrupt inside the chunk (mid-write) and never sets DRAIN, so the attempt is failed
+        and the worker goes on claiming. Off the main thread Dagster leaves the handlers alone:
+        SIGTERM sets DRAIN and the chunk hands itself back at its next batch boundary.
+        """
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["result"] = job_def.execute_in_process(
+                    run_config={"loggers": {"console": {"config": {"log_level": self.run_log_level}}}},
+                    instance=self.instance,
+                    partition_key=chunk_id,
+                    tags=tags,
+                    raise_on_error=False,
+                )
+            except BaseException as exc:  # re-raised on the main thread below
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"chunk-run-{chunk_id}")
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)  # wakes up so signal handlers run on the main thread
+        if "error" in box:
+            raise box["error"]
+        result: dg.ExecuteInProcessResult = box["result"]
+        return result
+
+    def _outcome(self, lease: Lease) -> str:
+        """How the attempt ended, read from the row (one of ``metrics.CHUNK_OUTCOMES``)."""
+        job = self.store.get(lease.job_id)
+        if job.state == JobState.COMPLETED:
+            return "completed"
+        if job.state == JobState.IN_PROGRESS and job.claim_token != lease.token:
+            return "lease_lost"
+        if job.state == JobState.QUEUED and job.attempts < lease.attempt:
+            return "released"
+        return "failed"
+
+    def _settle_abandoned(self, lease: Lease, run_id: str) -> None:
+        """A run that failed before the chunk took over its lease must not leave it dangling."""
+        job = self.store.get(lease.job_id)
+        if job.state != JobState.IN_PROGRESS or job.claim_token != lease.token:
+            return
+        try:
+            if DRAIN.is_set():
+                self.store.release(lease)
+            else:
+                self.store.fail(lease, f"Dagster run {run_id} failed before processing the chunk")
+        except LeaseLost:
+            pass

@@ -1,0 +1,535 @@
+"""Meilisearch node target: a real Meilisearch server reached over HTTP (DESIGN §5).
+
+Writes are NDJSON bodies (gzip'd) kept under the node's payload limit; a batch counts as
+committed only once every task it enqueued has ``succeeded``. 429, 5xx, connection errors and
+timeouts are retried with exponential backoff and jitter until a retry budget runs out.
+
+The API key comes from the environment variable the topology names; it is only ever put in
+the ``Authorization`` header, never in a message, log line or ``repr``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from miroir_pipeline.fleet.routing import SHARD_FIELD
+from miroir_pipeline.fleet.targets._settings import with_shard_filterable
+from miroir_pipeline.fleet.targets.base import IndexNotFound, NodeTarget, TargetError
+from miroir_pipeline.fleet.topology import DEFAULT_PAYLOAD_LIMIT, Node
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MeilisearchNode", "TaskFailed", "split_ndjson", "wait_healthy"]
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=30.0)
+_FIRST_POLL_S = 0.005
+_MAX_POLL_S = 0.2
+_FACET_VALUES_FLOOR = 1000
+
+
+class TaskFailed(TargetError):
+    """A Meilisearch task ended ``failed`` or ``canceled``; ``code`` is Meilisearch's error code."""
+
+    def __init__(self, message: str, *, node_id: str, task_uid: int, code: str | None) -> None:
+        super().__init__(message, node_id=node_id, retryable=False)
+        self.task_uid = task_uid
+        self.code = code
+
+
+class _Page(msgspec.Struct):
+    """A ``documents/fetch`` answer; documents stay raw JSON so they are never re-encoded."""
+
+    results: list[msgspec.Raw]
+    total: int
+
+
+def split_ndjson(ndjson: bytes, limit: int) -> list[bytes]:
+    """Cut NDJSON on line boundaries into pieces of at most ``limit`` bytes each.
+
+    A single line longer than ``limit`` becomes a piece of its own (the node will refuse it
+    with a clear ``payload_too_large`` error rather than this function hiding it).
+    """
+    if len(ndjson) <= limit:
+        return [ndjson] if ndjson else []
+    pieces: list[bytes] = []
+    start, size = 0, len(ndjson)
+    view = memoryview(ndjson)
+    while start < size:
+        end = start + limit
+        if end >= size:
+            pieces.append(bytes(view[start:]))
+            break
+        cut = ndjson.rfind(b"\n", start, end) + 1
+        if cut <= start:  # one line longer than the limit
+            nl = ndjson.find(b"\n", start)
+            cut = size if nl < 0 else nl + 1
+        pieces.append(bytes(view[start:cut]))
+        start = cut
+    return pieces
+
+
+def _error_detail(resp: httpx.Response) -> tuple[str, str | None]:
+    """Meilisearch's ``message`` and ``code`` from an error response (or the raw text)."""
+    try:
+        body = msgspec.json.decode(resp.content)
+    except msgspec.DecodeError:
+        return (resp.text[:300] or resp.reason_phrase), None
+    if isinstance(body, dict):
+        return str(body.get("message", body))[:1000], body.get("code")
+    return str(body)[:300], None
+
+
+def wait_healthy(url: str, timeout: float = 30.0) -> None:
+    """Wait until the Meilisearch server at ``url`` answers ``GET /health`` as available."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    with httpx.Client(base_url=url.rstrip("/"), timeout=2.0) as client:
+        while True:
+            try:
+                resp = client.get("/health")
+                if resp.status_code == 200:
+                    return
+                last = f"HTTP {resp.status_code}"
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise TargetError(
+                    f"Meilisearch at {url} not healthy after {timeout:.0f}s (last: {last})",
+                    node_id=url,
+                    retryable=True,
+                )
+            time.sleep(0.05)
+
+
+class MeilisearchNode(NodeTarget):
+    """One Meilisearch server of the fleet."""
+
+    def __init__(
+        self,
+        node_id: str,
+        url: str,
+        *,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        payload_limit_bytes: int = DEFAULT_PAYLOAD_LIMIT,
+        max_retries: int = 8,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 10.0,
+        task_timeout: float = 1800.0,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        gzip_level: int = 1,
+    ) -> None:
+        self.node_id = node_id
+        self.url = url.rstrip("/")
+        self.payload_limit_bytes = payload_limit_bytes
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.task_timeout = task_timeout
+        self.gzip_level = gzip_level
+        #: Name of the env var holding the key (for error messages; never the key itself).
+        self._api_key_env = api_key_env
+        self._timeout = timeout
+        self._client = self._new_client({"Authorization": f"Bearer {api_key}"} if api_key else {})
+        self._pid = os.getpid()
+
+    @classmethod
+    def from_node(cls, node: Node, **options: Any) -> MeilisearchNode:
+        """Build from a topology node, reading its API key from the environment now."""
+        key = node.api_key()
+        if node.api_key_env and key is None:
+            raise TargetError(
+                f"node {node.id}: environment variable {node.api_key_env} (api_key_env) is not set; "
+                f"export it with the node's Meilisearch API key",
+                node_id=node.id,
+            )
+        return cls(
+            node.id,
+            node.url,
+            api_key=key,
+            api_key_env=node.api_key_env,
+            payload_limit_bytes=node.payload_limit_bytes,
+            **options,
+        )
+
+    def __repr__(self) -> str:
+        return f"MeilisearchNode(node_id={self.node_id!r}, url={self.url!r})"
+
+    def _new_client(self, headers: Mapping[str, str]) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url,
+            headers=dict(headers),
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+        )
+
+    def _http(self) -> httpx.Client:
+        """The keep-alive client; a forked child gets its own instead of sharing sockets."""
+        if self._pid != os.getpid():
+            self._client = self._new_client(self._client.headers)
+            self._pid = os.getpid()
+        return self._client
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            self._client.close()
+
+    # -- HTTP plumbing --------------------------------------------------------------------------
+
+    def _where(self, index_uid: str | None) -> str:
+        return f"node {self.node_id} ({self.url})" + (f", index {index_uid}" if index_uid else "")
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        delay = min(self.backoff_cap, self.backoff_base * 2.0**attempt)
+        if retry_after:
+            with contextlib.suppress(ValueError):
+                delay = max(delay, min(self.backoff_cap, float(retry_after)))
+        return delay * random.uniform(0.5, 1.0)  # jitter: spread retries of many workers
+
+    def _request(
+        self, method: str, path: str, *, what: str, index_uid: str | None = None, **kw: Any
+    ) -> httpx.Response:
+        """Send a request, retrying 429/5xx/transport errors; 4xx become :class:`TargetError`."""
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            retry_after: str | None = None
+            try:
+                resp = self._http().request(method, path, **kw)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code < 400:
+                    return resp
+                message, code = _error_detail(resp)
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    last = f"HTTP {resp.status_code}: {message}" + (f" ({code})" if code else "")
+                    retry_after = resp.headers.get("Retry-After")
+                else:
+                    raise self._http_error(resp.status_code, message, code, what, index_uid)
+            if attempt < self.max_retries:
+                time.sleep(self._backoff(attempt, retry_after))
+        raise TargetError(
+            f"{self._where(index_uid)}: {what} failed after {self.max_retries + 1} attempts; "
+            f"last error: {last}",
+            node_id=self.node_id,
+            retryable=True,
+        )
+
+    def _http_error(
+        self, status: int, message: str, code: str | None, what: str, index_uid: str | None
+    ) -> TargetError:
+        text = f"{self._where(index_uid)}: {what} refused (HTTP {status}"
+        text += f", {code}): {message}" if code else f"): {message}"
+        if code == "index_not_found" or (status == 404 and index_uid and code is None):
+            return IndexNotFound(text, node_id=self.node_id)
+        if status in (401, 403):
+            source = f"environment variable {self._api_key_env}" if self._api_key_env else "no key"
+            text += f"; check the node's API key ({source})"
+        elif code == "payload_too_large":
+            text += "; lower payload_limit_bytes of this node in the topology"
+        return TargetError(text, node_id=self.node_id)
+
+    def _json(
+        self, method: str, path: str, *, what: str, index_uid: str | None = None, **kw: Any
+    ) -> Any:
+        return msgspec.json.decode(
+            self._request(method, path, what=what, index_uid=index_uid, **kw).content
+        )
+
+    def _enqueue(
+        self, method: str, path: str, *, what: str, index_uid: str | None, **kw: Any
+    ) -> int:
+        body = self._json(method, path, what=what, index_uid=index_uid, **kw)
+        return int(body["taskUid"])
+
+    def await_task(
+        self, task_uid: int, *, what: str, index_uid: str | None = None
+    ) -> dict[str, Any]:
+        """Poll ``GET /tasks/{uid}`` (5 ms doubling to 200 ms) until it ends; only ``succeeded``
+        returns, ``failed``/``canceled`` raise :class:`TaskFailed`."""
+        delay = _FIRST_POLL_S
+        deadline = time.monotonic() + self.task_timeout
+        while True:
+            task: dict[str, Any] = self._json(
+                "GET",
+                f"/tasks/{task_uid}",
+                what=f"{what}: polling task {task_uid}",
+                index_uid=index_uid,
+            )
+            status = task.get("status")
+            if status == "succeeded":
+                return task
+            if status in ("failed", "canceled"):
+                error = task.get("error") or {}
+                code = error.get("code")
+                raise TaskFailed(
+                    f"{self._where(index_uid)}: task {task_uid} ({task.get('type')}, {what}) {status}: "
+                    f"{error.get('message', 'no error message')}" + (f" ({code})" if code else ""),
+                    node_id=self.node_id,
+                    task_uid=task_uid,
+                    code=code,
+                )
+            if time.monotonic() >= deadline:
+                raise TargetError(
+                    f"{self._where(index_uid)}: task {task_uid} ({what}) still {status} after "
+                    f"{self.task_timeout:.0f}s",
+                    node_id=self.node_id,
+                    retryable=True,
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_POLL_S)
+
+    def _await_index_idle(self, index_uid: str) -> None:
+        """Wait for every enqueued or processing task of the index (counts must see all writes)."""
+        while True:
+            page = self._json(
+                "GET",
+                "/tasks",
+                what="listing pending tasks",
+                index_uid=index_uid,
+                params={"indexUids": index_uid, "statuses": "enqueued,processing", "limit": 100},
+            )
+            pending = page.get("results") or []
+            if not pending:
+                return
+            for task in pending:
+                # A failed task (maybe someone else's) changes nothing stored: only wait for it.
+                with contextlib.suppress(TaskFailed):
+                    self.await_task(int(task["uid"]), what="pending task", index_uid=index_uid)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until this node answers ``GET /health``."""
+        wait_healthy(self.url, timeout)
+
+    @staticmethod
+    def _index_path(index_uid: str) -> str:
+        return f"/indexes/{quote(index_uid, safe='')}"
+
+    # -- NodeTarget -----------------------------------------------------------------------------
+
+    def _index_info(self, index_uid: str) -> dict[str, Any] | None:
+        try:
+            info: dict[str, Any] = self._json(
+                "GET", self._index_path(index_uid), what="reading index", index_uid=index_uid
+            )
+        except IndexNotFound:
+            return None
+        return info
+
+    def ensure_index(
+        self,
+        index_uid: str,
+        primary_key: str,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        info = self._index_info(index_uid)
+        if info is None:
+            task = self._enqueue(
+                "POST",
+                "/indexes",
+                what="creating index",
+                index_uid=index_uid,
+                json={"uid": index_uid, "primaryKey": primary_key},
+            )
+            try:
+                self.await_task(task, what="creating index", index_uid=index_uid)
+            except TaskFailed as exc:
+                if exc.code != "index_already_exists":  # another worker won the race: fine
+                    raise
+            info = self._index_info(index_uid) or {}
+        existing = info.get("primaryKey")
+        if existing is None:
+            task = self._enqueue(
+                "PATCH",
+                self._index_path(index_uid),
+                what="setting primary key",
+                index_uid=index_uid,
+                json={"primaryKey": primary_key},
+            )
+            self.await_task(task, what="setting primary key", index_uid=index_uid)
+        elif existing != primary_key:
+            raise TargetError(
+                f"{self._where(index_uid)}: index already has primary key {existing!r}, not "
+                f"{primary_key!r}; import with --primary-key {existing} or into a new index uid",
+                node_id=self.node_id,
+            )
+        current = self.get_settings(index_uid)
+        wanted = dict(settings or {})
+        wanted["filterableAttributes"] = with_shard_filterable(
+            wanted.get("filterableAttributes", current.get("filterableAttributes"))
+        )
+        # A settings.json from a .dump lists every setting, including experimental ones (e.g.
+        # `chat`) that this node has not enabled and does not report; setting them would be
+        # refused. Keep only settings the node knows, and say which were left out.
+        unknown = sorted(k for k in wanted if k not in current)
+        if unknown:
+            log.warning(
+                "%s: not applying setting(s) %s: this node does not report them (experimental "
+                "feature not enabled?)", self._where(index_uid), ", ".join(unknown)
+            )
+        patch = {k: v for k, v in wanted.items() if k in current and current.get(k) != v}
+        if patch:
+            task = self._enqueue(
+                "PATCH",
+                f"{self._index_path(index_uid)}/settings",
+                what="updating settings",
+                index_uid=index_uid,
+                json=patch,
+            )
+            self.await_task(task, what="updating settings", index_uid=index_uid)
+
+    def write_documents(self, index_uid: str, primary_key: str, ndjson: bytes, count: int) -> None:
+        """Send the batch in pieces under the payload limit, then await every task."""
+        lines = ndjson.count(b"\n")
+        if lines != count:
+            raise TargetError(
+                f"{self._where(index_uid)}: batch holds {lines} NDJSON lines but {count} documents "
+                f"were announced; refusing a batch that does not add up",
+                node_id=self.node_id,
+            )
+        path = f"{self._index_path(index_uid)}/documents"
+        headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"}
+        tasks = []
+        for piece in split_ndjson(ndjson, self.payload_limit_bytes):
+            body = gzip.compress(piece, compresslevel=self.gzip_level, mtime=0)
+            tasks.append(
+                self._enqueue(
+                    "POST",
+                    path,
+                    what="adding documents",
+                    index_uid=index_uid,
+                    params={"primaryKey": primary_key},
+                    content=body,
+                    headers=headers,
+                )
+            )
+        # Tasks run in order on the node: awaiting them in order polls the least.
+        for task in tasks:
+            self.await_task(task, what="adding documents", index_uid=index_uid)
+
+    def index_exists(self, index_uid: str) -> bool:
+        return self._index_info(index_uid) is not None
+
+    def get_primary_key(self, index_uid: str) -> str | None:
+        info = self._json(
+            "GET", self._index_path(index_uid), what="reading index", index_uid=index_uid
+        )
+        pk = info.get("primaryKey")
+        return None if pk is None else str(pk)
+
+    def get_settings(self, index_uid: str) -> dict[str, Any]:
+        settings: dict[str, Any] = self._json(
+            "GET",
+            f"{self._index_path(index_uid)}/settings",
+            what="reading settings",
+            index_uid=index_uid,
+        )
+        return settings
+
+    def _fetch(self, index_uid: str, body: dict[str, Any], what: str) -> _Page:
+        resp = self._request(
+            "POST",
+            f"{self._index_path(index_uid)}/documents/fetch",
+            what=what,
+            index_uid=index_uid,
+            json=body,
+        )
+        return msgspec.json.decode(resp.content, type=_Page)
+
+    def fetch_shard(self, index_uid: str, shard: int, offset: int, limit: int) -> list[bytes]:
+        page = self._fetch(
+            index_uid,
+            {"filter": f"{SHARD_FIELD} = {int(shard)}", "offset": offset, "limit": limit},
+            f"fetching shard {shard}",
+        )
+        return [bytes(doc) for doc in page.results]
+
+    def iter_documents(self, index_uid: str, page_size: int = 1000) -> Iterator[bytes]:
+        offset = 0
+        while True:
+            page = self._fetch(
+                index_uid, {"offset": offset, "limit": page_size}, "reading documents"
+            )
+            for doc in page.results:
+                yield bytes(doc)
+            offset += len(page.results)
+            if not page.results or offset >= page.total:
+                return
+
+    def count_documents(self, index_uid: str) -> int:
+        self._await_index_idle(index_uid)
+        stats = self._json(
+            "GET", f"{self._index_path(index_uid)}/stats", what="reading stats", index_uid=index_uid
+        )
+        return int(stats["numberOfDocuments"])
+
+    def count_by_shard(self, index_uid: str) -> dict[int, int]:
+        """Exact documents per shard from the ``_miroir_shard`` facet distribution.
+
+        Meilisearch returns at most ``faceting.maxValuesPerFacet`` values; when the answer may be
+        cut short (as many values as the cap and fewer documents than the index holds), the cap
+        is raised and the question asked again.
+        """
+        total = self.count_documents(index_uid)
+        faceting = self._json(
+            "GET",
+            f"{self._index_path(index_uid)}/settings/faceting",
+            what="reading faceting",
+            index_uid=index_uid,
+        )
+        cap = int(faceting.get("maxValuesPerFacet") or 100)
+        while True:
+            result = self._json(
+                "POST",
+                f"{self._index_path(index_uid)}/search",
+                what="counting documents per shard",
+                index_uid=index_uid,
+                json={"q": "", "limit": 0, "facets": [SHARD_FIELD]},
+            )
+            dist: dict[str, int] = (result.get("facetDistribution") or {}).get(SHARD_FIELD, {})
+            counts = {int(k): int(v) for k, v in dist.items()}
+            if len(counts) < cap or sum(counts.values()) >= total:
+                return counts
+            cap = max(cap * 4, _FACET_VALUES_FLOOR)
+            task = self._enqueue(
+                "PATCH",
+                f"{self._index_path(index_uid)}/settings/faceting",
+                what="raising maxValuesPerFacet",
+                index_uid=index_uid,
+                json={"maxValuesPerFacet": cap},
+            )
+            self.await_task(task, what="raising maxValuesPerFacet", index_uid=index_uid)
+
+    def delete_documents(self, index_uid: str, primary_keys: list[str]) -> None:
+        task = self._enqueue(
+            "POST",
+            f"{self._index_path(index_uid)}/documents/delete-batch",
+            what="deleting documents",
+            index_uid=index_uid,
+            json=list(primary_keys),
+        )
+        self.await_task(task, what="deleting documents", index_uid=index_uid)
+
+    def delete_index(self, index_uid: str) -> None:
+        """Delete an index; a missing index is not an error."""
+        try:
+            task = self._enqueue(
+                "DELETE", self._index_path(index_uid), what="deleting index", index_uid=index_uid
+            )
+            self.await_task(task, what="deleting index", index_uid=index_uid)
+        except TaskFailed as exc:
+            if exc.code != "index_not_found":
+                raise
+        except IndexNotFound:
+            pass

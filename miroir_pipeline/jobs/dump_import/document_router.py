@@ -1,0 +1,232 @@
+"""The import hot path: NDJSON lines → primary key → shard → ``_miroir_shard`` injected →
+per-node buffers (DESIGN §6 step 3).
+
+Only the primary key (and a stray ``_miroir_shard``) is decoded; every other field is checked
+by msgspec's JSON scanner but never becomes a Python object, and the document bytes are
+forwarded as they are, with the shard spliced in after the opening brace. Block-level checks
+(UTF-8 via Arrow's SIMD validator, CR, leading bytes) let ordinary blocks take a loop with no
+per-line special cases; anything unusual takes the careful per-line path.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Annotated, Any, NamedTuple
+
+import msgspec
+import orjson
+import pyarrow as pa
+
+from miroir_pipeline.fleet.routing import SHARD_FIELD, InvalidPrimaryKey, Router, primary_key_text
+
+__all__ = ["BlockResult", "DocumentRouter", "InvalidLine", "RoutedBatch"]
+
+_BOM = b"\xef\xbb\xbf"
+# Meilisearch's document id rules, checked inside msgspec's decoder (C) on the fast path;
+# the reason for a rejection is worded by routing.primary_key_text on the slow path.
+_PrimaryKey = int | Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]+$", max_length=511)]
+
+
+@dataclass(frozen=True)
+class InvalidLine:
+    """A line that cannot be imported: where it is (relative to its block) and why."""
+
+    line_in_block: int  # 0-based index of the line within the block
+    offset_in_block: int
+    reason: str
+    raw: bytes
+
+
+class RoutedBatch(NamedTuple):
+    """Documents bound for one node: the lines to send, with each one's primary key and shard."""
+
+    lines: list[bytes]
+    keys: list[str | int]
+    shards: list[int]
+
+
+@dataclass
+class BlockResult:
+    documents: int = 0
+    blank_lines: int = 0
+    lines: int = 0
+
+
+class DocumentRouter:
+    """Routes blocks of complete NDJSON lines into one buffer per node of the topology."""
+
+    def __init__(self, router: Router, primary_key: str, max_document_bytes: int) -> None:
+        self.router = router
+        self.primary_key = primary_key
+        self.max_document_bytes = max_document_bytes
+        strict: Any = msgspec.defstruct(
+            "PrimaryKeyOnly",
+            [("pk", _PrimaryKey), ("shard", Any, msgspec.UNSET)],
+            rename={"pk": primary_key, "shard": SHARD_FIELD},
+        )
+        self._decode = msgspec.json.Decoder(strict).decode
+        self._prefixes = [b'{"%s":%d,' % (SHARD_FIELD.encode(), s) for s in range(router.shards)]
+        self._targets = router.targets
+        self._replicas = len(router.targets[0]) if router.targets else 1
+        self.buffers: list[list[bytes]] = [[] for _ in router.node_ids]
+        #: Per node, the primary key value and shard of each buffered line (same order).
+        self.keys: list[list[str | int]] = [[] for _ in router.node_ids]
+        self.shards: list[list[int]] = [[] for _ in router.node_ids]
+        self._flushed_per_node = [0] * len(router.node_ids)
+        self.buffered_bytes = 0
+        self.buffered_docs = 0
+        self._at_file_start = False
+        self._blank = 0
+        self._lines_ctx: list[bytes] = []
+
+    # -- buffers ----------------------------------------------------------------------------
+    @property
+    def per_node_docs(self) -> list[int]:
+        """Documents routed to each node so far (flushed and buffered)."""
+        return [f + len(b) for f, b in zip(self._flushed_per_node, self.buffers, strict=True)]
+
+    def set_per_node_docs(self, counts: list[int]) -> None:
+        """Start counting from committed progress (a resumed chunk)."""
+        self._flushed_per_node = list(counts)
+
+    def take_buffers(self) -> list[RoutedBatch]:
+        """Hand over what is buffered (one batch per node, in node order) and start afresh."""
+        out = [RoutedBatch(*b) for b in zip(self.buffers, self.keys, self.shards, strict=True)]
+        self._flushed_per_node = self.per_node_docs
+        n = len(self.buffers)
+        self.buffers = [[] for _ in range(n)]
+        self.keys = [[] for _ in range(n)]
+        self.shards = [[] for _ in range(n)]
+        self.buffered_bytes = 0
+        self.buffered_docs = 0
+        return out
+
+    # -- routing ----------------------------------------------------------------------------
+    def route_block(
+        self, block: bytes, *, at_file_start: bool, invalid: list[InvalidLine]
+    ) -> BlockResult:
+        """Route every line of ``block`` (complete lines; the last may lack its newline).
+
+        Invalid lines are appended to ``invalid`` (in order) and not routed; the caller decides
+        whether that stops the chunk.
+        """
+        lines = block.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        result = BlockResult(lines=len(lines))
+        self._at_file_start = at_file_start
+        self._blank = 0
+        if self._plain(block, lines, at_file_start):
+            docs = self._route_fast(lines, invalid)
+        else:
+            docs = sum(self._route_careful(lines, i, invalid) for i in range(len(lines)))
+        result.documents = docs
+        result.blank_lines = self._blank
+        self.buffered_docs += docs
+        self.buffered_bytes += len(block) * self._replicas
+        return result
+
+    def _plain(self, block: bytes, lines: list[bytes], at_file_start: bool) -> bool:
+        """True when the block has no CR, no over-long line and is valid UTF-8 — checked with
+        C-speed passes over the whole block; the fast loop checks each line's first byte."""
+        if not block or b"\r" in block:
+            return False
+        if len(block) > self.max_document_bytes and max(map(len, lines)) > self.max_document_bytes:
+            return False
+        return _utf8_valid(block)
+
+    def _route_fast(self, lines: list[bytes], invalid: list[InvalidLine], base: int = -1) -> int:
+        """The per-document loop; lines that are not plain ``{...}`` go to the careful path."""
+        decode = self._decode
+        prefixes = self._prefixes
+        targets = self._targets
+        buffers = self.buffers
+        keys = self.keys
+        shard_of = self.shards
+        shard_of_key = self.router.shard  # the one place the routing formula lives
+        unset = msgspec.UNSET
+        docs = 0
+        for i, line in enumerate(lines):
+            try:
+                if line[0] != 123:  # not "{": blank, BOM, whitespace, or not an object
+                    raise ValueError
+                doc = decode(line)
+            except (IndexError, ValueError):  # msgspec's errors are ValueErrors too
+                if base < 0:
+                    docs += self._route_careful(lines, i, invalid)
+                else:
+                    invalid.append(self._explain(self._lines_ctx, base, line))
+                continue
+            pk = doc.pk
+            key = pk.encode() if type(pk) is str else b"%d" % pk
+            shard = shard_of_key(key)
+            out = prefixes[shard] + line[1:] if doc.shard is unset else _replace_shard(line, shard)
+            for node in targets[shard]:
+                buffers[node].append(out)
+                keys[node].append(pk)
+                shard_of[node].append(shard)
+            docs += 1
+        return docs
+
+    def _route_careful(self, lines: list[bytes], i: int, invalid: list[InvalidLine]) -> int:
+        """Per-line checks for one unusual line: BOM, CR, blank, whitespace, size, UTF-8."""
+        raw = lines[i]
+        line = raw[len(_BOM):] if i == 0 and self._at_file_start and raw.startswith(_BOM) else raw
+        line = line.strip(b" \t\r")
+        if not line:
+            self._blank += 1
+            return 0
+        if len(line) > self.max_document_bytes:
+            invalid.append(
+                self._invalid(lines, i, f"document is {len(line)} bytes, over the {self.max_document_bytes}-byte limit")
+            )
+            return 0
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            invalid.append(self._invalid(lines, i, f"invalid UTF-8 at byte {exc.start} of the line"))
+            return 0
+        self._lines_ctx = lines
+        return self._route_fast([line], invalid, base=i)
+
+    def _explain(self, lines: list[bytes], i: int, line: bytes) -> InvalidLine:
+        """Why msgspec refused a line (already stripped of BOM/whitespace), in an operator's words."""
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            return self._invalid(lines, i, f"invalid JSON: {exc}")
+        if not isinstance(doc, dict):
+            return self._invalid(lines, i, f"not a JSON object (a JSON {type(doc).__name__})")
+        if self.primary_key not in doc:
+            return self._invalid(lines, i, f"primary key {self.primary_key!r} is missing")
+        try:
+            primary_key_text(doc[self.primary_key])
+        except InvalidPrimaryKey as exc:
+            return self._invalid(lines, i, str(exc))
+        return self._invalid(lines, i, "document rejected by the JSON decoder")
+
+    @staticmethod
+    def _invalid(lines: list[bytes], i: int, reason: str) -> InvalidLine:
+        offset = sum(len(x) for x in lines[:i]) + i
+        return InvalidLine(line_in_block=i, offset_in_block=offset, reason=reason, raw=lines[i])
+
+
+def _utf8_valid(block: bytes) -> bool:
+    """UTF-8 validation of a whole block: pure ASCII is valid (a fast C scan); otherwise Arrow's
+    validator checks it without a copy or a str object."""
+    if block.isascii():
+        return True
+    offsets = pa.py_buffer(struct.pack("<ii", 0, len(block)))
+    try:
+        pa.StringArray.from_buffers(1, offsets, pa.py_buffer(block)).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _replace_shard(line: bytes, shard: int) -> bytes:
+    """Rare path: the dump carries its own ``_miroir_shard``; replace it (DESIGN §2)."""
+    doc = orjson.loads(line)
+    doc[SHARD_FIELD] = shard
+    return bytes(orjson.dumps(doc))

@@ -1,0 +1,160 @@
+"""Postgres job store: production backend — psycopg 3 with a connection pool (DESIGN §3).
+
+The table lives in its own schema (default ``miroir``; Dagster's storage has its own
+``jobs`` table). Every connection runs READ COMMITTED in UTC with ``search_path`` set to that
+schema; time comes from the database clock (``now()``). The pool checks each connection
+before lending it, so the store carries on after a database restart.
+
+Lock order, which keeps concurrent writers deadlock-free: a parent row before its chunks,
+several parents in id order; the claim locks one chunk only and never waits (SKIP LOCKED).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import ConnectionPool
+
+from miroir_pipeline.queue.contract import (
+    RETRY_BACKOFF_BASE,
+    RETRY_BACKOFF_CAP,
+    Job,
+    JobStoreError,
+)
+from miroir_pipeline.queue.sql_store import EncodedChunk, Row, SqlJobStore
+from miroir_pipeline.queue.stores import redact_dsn, validate_schema
+
+__all__ = ["DEFAULT_SCHEMA", "PostgresJobStore"]
+
+DEFAULT_SCHEMA = "miroir"
+Conn = psycopg.Connection[DictRow]
+
+
+def _migration_lock_key(schema: str) -> int:
+    """A stable signed 64-bit advisory-lock key per schema."""
+    digest = hashlib.blake2b(f"miroir-pipeline:migrate:{schema}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+class PostgresJobStore(SqlJobStore[Conn]):
+    """The job store in ``<schema>.jobs`` on Postgres (``postgresql://…``)."""
+
+    dsn_scheme = "postgresql"
+    dialect = "postgres"
+    row_locks = True  # a parent row before its chunks, parents in id order
+    duplicate_key_errors = (psycopg.errors.UniqueViolation,)
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str | None = DEFAULT_SCHEMA,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+        retry_backoff_base: float = RETRY_BACKOFF_BASE,
+        retry_backoff_cap: float = RETRY_BACKOFF_CAP,
+    ) -> None:
+        self.schema = validate_schema(schema or DEFAULT_SCHEMA)
+        super().__init__(retry_backoff_base=retry_backoff_base, retry_backoff_cap=retry_backoff_cap)
+        self._where = redact_dsn(conninfo)
+        # Connect once up front: a wrong host or password fails here with libpq's reason
+        # (which never contains the password) instead of as a pool timeout later.
+        try:
+            psycopg.connect(conninfo, connect_timeout=max(1, int(connect_timeout))).close()
+        except psycopg.Error as exc:
+            raise JobStoreError(
+                f"cannot connect to the jobs database {self._where}: {exc}".rstrip()
+                + " — check the host, port, user and password in the jobs DSN"
+            ) from None
+        self._pool: ConnectionPool[Conn] = ConnectionPool(
+            conninfo,
+            connection_class=psycopg.Connection[DictRow],
+            kwargs={"row_factory": dict_row, "connect_timeout": max(1, int(connect_timeout))},
+            min_size=min_size,
+            max_size=max_size,
+            open=True,
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            name=f"miroir-jobs-{self.schema}",
+            timeout=max(30.0, connect_timeout),
+        )
+
+    def _configure(self, conn: Conn) -> None:
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        conn.execute(sql.SQL(self._q["set_search_path"]).format(schema=sql.Identifier(self.schema)))
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.commit()
+
+    @contextmanager
+    def _write(self) -> Iterator[Conn]:
+        """One transaction: committed when the block ends, rolled back on an exception."""
+        with self._pool.connection() as conn:
+            yield conn
+
+    def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Conn]:
+        """Reads run in a pooled transaction too (READ COMMITTED, as every connection)."""
+        return self._write()
+
+    # -- dialect hooks ---------------------------------------------------------------------
+    def _ts(self, value: datetime | None) -> datetime | None:
+        """timestamptz as UTC (the session is UTC already; this pins the tzinfo)."""
+        return None if value is None else value.astimezone(UTC)
+
+    def _list_param(self, values: Sequence[str]) -> list[str]:
+        """Lists travel as Postgres arrays (``= ANY(%(ids)s)``, ``%(types)s::text[]``)."""
+        return list(values)
+
+    def _insert_chunks(self, conn: Conn, parent: Job, chunks: Sequence[EncodedChunk]) -> list[Job]:
+        """All children in one statement (unnest of parallel arrays): one round trip."""
+        rows = self._rows(
+            conn,
+            "insert_chunks",
+            {
+                "type": parent.type,
+                "max_attempts": parent.max_attempts,
+                "parent_id": parent.id,
+                "total": len(chunks),
+                "ids": [c.id for c in chunks],
+                "indexes": [c.chunk_index for c in chunks],
+                "params": [c.params for c in chunks],
+                "progresses": [c.progress for c in chunks],
+            },
+        )
+        return sorted((self._job(r) for r in rows), key=lambda j: j.chunk_index or 0)
+
+    def _fail_expired_exhausted(self, conn: Conn) -> list[Row]:
+        """Found without locks first, so their parents are locked before them (in id order);
+        then failed with the conditions re-checked under the row lock."""
+        found = self._rows(conn, "expired_exhausted")
+        if not found:
+            return []
+        parents = sorted({r["parent_job_id"] for r in found if r["parent_job_id"] is not None})
+        if parents:
+            self._rows(conn, "lock_jobs", {"ids": parents})
+        return self._rows(conn, "fail_expired_exhausted", {"ids": [r["id"] for r in found]})
+
+    def _begin_migrations(self, conn: Conn) -> None:
+        """Serialise migrators (advisory lock per schema), then create and enter the schema."""
+        schema = sql.Identifier(self.schema)
+        self._run(conn, "migration_lock", {"key": _migration_lock_key(self.schema)})
+        conn.execute(sql.SQL(self._q["create_schema"]).format(schema=schema))
+        conn.execute(sql.SQL(self._q["set_search_path"]).format(schema=schema))
+
+    def _apply_migration(self, conn: Conn, name: str, script: str) -> None:
+        try:
+            conn.execute(script.encode())
+        except psycopg.Error as exc:
+            raise JobStoreError(
+                f"Postgres migration {name} failed in schema {self.schema} on {self._where}: {exc}"
+            ) from exc
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self._pool.close()

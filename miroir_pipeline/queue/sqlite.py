@@ -1,0 +1,182 @@
+"""SQLite job store: the embedded default — one file, one host, many processes (DESIGN §3).
+
+WAL mode lets readers run beside the single writer; every write is a ``BEGIN IMMEDIATE``
+transaction (the write lock is taken up front, so no transaction fails half-way on a
+lock upgrade) and waits up to ``busy_timeout`` for other processes. Each thread gets its
+own connection. Time comes from SQLite's clock as epoch seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+from miroir_pipeline.queue.contract import (
+    RETRY_BACKOFF_BASE,
+    RETRY_BACKOFF_CAP,
+    Job,
+    JobStoreError,
+)
+from miroir_pipeline.queue.sql_store import EncodedChunk, Row, SqlJobStore
+from miroir_pipeline.util.sqlite_wal import set_wal
+
+__all__ = ["SqliteJobStore"]
+
+
+def split_script(script: str) -> list[str]:
+    """Split a migration file into statements (``executescript`` would commit mid-migration)."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    rest = "\n".join(
+        ln for ln in buffer.splitlines() if ln.strip() and not ln.strip().startswith("--")
+    )
+    if rest:
+        raise ValueError(f"migration ends with an unterminated statement: {rest[:80]!r}")
+    return statements
+
+
+class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
+    """The job store in one SQLite file (``sqlite:///path``)."""
+
+    dsn_scheme = "sqlite"
+    dialect = "sqlite"
+    duplicate_key_errors = (sqlite3.IntegrityError,)
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 30.0,
+        retry_backoff_base: float = RETRY_BACKOFF_BASE,
+        retry_backoff_cap: float = RETRY_BACKOFF_CAP,
+    ) -> None:
+        self.path = Path(path)
+        self.busy_timeout = float(busy_timeout)
+        super().__init__(retry_backoff_base=retry_backoff_base, retry_backoff_cap=retry_backoff_cap)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JobStoreError(
+                f"cannot create the folder for the SQLite job store {self.path}: {exc}"
+            ) from None
+        self._conn()  # a bad path fails here, not on first use
+
+    # -- connections -----------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise JobStoreError(f"the job store {self.path} is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn  # (after a fork the child opens its own connection)
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # explicit BEGIN IMMEDIATE / COMMIT only
+                check_same_thread=False,  # so close() can close every thread's connection
+            )
+        except sqlite3.Error as exc:
+            raise JobStoreError(f"cannot open the SQLite job store {self.path}: {exc}") from None
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        set_wal(conn, self.busy_timeout)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self._lock:
+            self._connections.append(conn)
+        self._local.conn = conn
+        self._local.pid = os.getpid()
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One writer transaction, lock taken up front."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
+        """Reads run on this thread's connection; a snapshot inside one read transaction."""
+        conn = self._conn()
+        if not snapshot:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    # -- dialect hooks ---------------------------------------------------------------------
+    def _ts(self, value: float | None) -> datetime | None:
+        """Epoch seconds (SQLite's clock) as an aware UTC datetime."""
+        return None if value is None else datetime.fromtimestamp(value, tz=UTC)
+
+    def _list_param(self, values: Sequence[str]) -> str:
+        """Lists travel as a JSON array, read back with ``json_each``."""
+        return msgspec.json.encode(list(values)).decode()
+
+    def _insert_chunks(
+        self, conn: sqlite3.Connection, parent: Job, chunks: Sequence[EncodedChunk]
+    ) -> list[Job]:
+        conn.executemany(
+            self._q["insert_chunk"],
+            [
+                {
+                    "id": c.id,
+                    "type": parent.type,
+                    "params": c.params,
+                    "progress": c.progress,
+                    "max_attempts": parent.max_attempts,
+                    "parent_id": parent.id,
+                    "chunk_index": c.chunk_index,
+                    "total": len(chunks),
+                }
+                for c in chunks
+            ],
+        )
+        return [self._job(r) for r in self._rows(conn, "children", {"id": parent.id})]
+
+    def _fail_expired_exhausted(self, conn: sqlite3.Connection) -> list[Row]:
+        # One UPDATE: no other writer runs inside BEGIN IMMEDIATE, so no lock order to keep.
+        return self._rows(conn, "fail_expired_exhausted")
+
+    def _begin_migrations(self, conn: sqlite3.Connection) -> None:
+        """Nothing to do: ``BEGIN IMMEDIATE`` already serialises concurrent migrators."""
+
+    def _apply_migration(self, conn: sqlite3.Connection, name: str, script: str) -> None:
+        try:
+            for statement in split_script(script):
+                conn.execute(statement)
+        except (sqlite3.Error, ValueError) as exc:
+            raise JobStoreError(f"SQLite migration {name} failed on {self.path}: {exc}") from exc
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
