@@ -29,7 +29,7 @@ import _services as svc
 import psycopg
 
 from miroir_pipeline.queue import open_store
-from miroir_pipeline.queue.contract import JobState, JobType, NewChunk
+from miroir_pipeline.queue.contract import JobState, NewChunk
 
 GOAL = 3000.0
 
@@ -44,7 +44,7 @@ def claimer(dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
         barrier.wait()
         t0 = time.monotonic()
         n = 0
-        while (lease := store.claim([JobType.DUMP_IMPORT], worker, 60.0)) is not None:
+        while (lease := store.claim(["dump_import"], worker, 60.0)) is not None:
             store.complete(lease, {"bytes_processed": 1})
             n += 1
         out.put((worker, n, t0, time.monotonic()))
@@ -55,7 +55,7 @@ def claimer(dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
 def enqueue(dsn: str, rows: int) -> str:
     store = open_store(dsn)
     try:
-        parent = store.enqueue(JobType.DUMP_IMPORT, {"bench": True})
+        parent = store.enqueue("dump_import", {"bench": True})
         store.split(
             parent.id,
             [NewChunk(chunk_index=i, params={"start": i, "end": i + 1}) for i in range(rows)],

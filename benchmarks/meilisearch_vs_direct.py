@@ -44,7 +44,7 @@ from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
 from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
-from miroir_pipeline.queue.contract import JobState, JobType
+from miroir_pipeline.queue.contract import JobState
 from miroir_pipeline.sources import iter_range_blocks, resolve_dump
 from miroir_pipeline.sources.split import split_dump
 
@@ -162,7 +162,7 @@ def _pipeline_worker(
     targets = open_targets(Topology.parse(topo_data))
     settings = PipelineSettings(**settings_data)
     try:
-        while (lease := store.claim([JobType.DUMP_IMPORT], worker, settings.lease_ttl)) is not None:
+        while (lease := store.claim(["dump_import"], worker, settings.lease_ttl)) is not None:
             process_dump_chunk(store, lease, targets, settings)
     finally:
         for t in targets.values():

@@ -31,7 +31,6 @@ from miroir_pipeline.jobs.reshard_backfill import (
 from miroir_pipeline.jobs.reshard_backfill.verification import verify_shadow
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
-from miroir_pipeline.queue.contract import JobType
 
 
 def run_all(store: object, job_type: str, fn: object) -> int:
@@ -66,7 +65,7 @@ def main() -> None:
             store, DumpImportRequest(uri=str(dump), index_uid="bench", primary_key="id"), topology, targets, settings
         )
         t0 = time.perf_counter()
-        import_chunks = run_all(store, JobType.DUMP_IMPORT, lambda lease: process_dump_chunk(store, lease, targets, settings))
+        import_chunks = run_all(store, "dump_import", lambda lease: process_dump_chunk(store, lease, targets, settings))
         import_s = time.perf_counter() - t0
         imported = int(store.parent_summary(planned.parent.id).progress.get("docs_routed", 0))
 
@@ -80,7 +79,7 @@ def main() -> None:
         t0 = time.perf_counter()
         reshard_chunks = run_all(
             store,
-            JobType.RESHARD_BACKFILL,
+            "reshard_backfill",
             lambda lease: process_reshard_chunk(store, lease, targets, targets, settings),
         )
         backfill_s = time.perf_counter() - t0
@@ -99,7 +98,7 @@ def main() -> None:
         )
         profiler = cProfile.Profile()
         profiler.enable()
-        run_all(store, JobType.RESHARD_BACKFILL, lambda lease: process_reshard_chunk(store, lease, targets, targets, settings))
+        run_all(store, "reshard_backfill", lambda lease: process_reshard_chunk(store, lease, targets, targets, settings))
         profiler.disable()
         for t in targets.values():
             t.close()

@@ -1,4 +1,4 @@
-"""Prometheus metrics of miroir-pipeline, all defined in this one module (DESIGN §8).
+"""Prometheus metrics of miroir-pipeline, all defined in this one module.
 
 Two audiences:
 
@@ -34,8 +34,6 @@ from prometheus_client import (
     start_http_server,
 )
 
-from miroir_pipeline.queue.contract import JobType
-
 __all__ = [
     "CHUNK_CLAIMS",
     "CHUNK_DURATION",
@@ -59,6 +57,7 @@ __all__ = [
     "QUEUE_DEPTH_REGISTRY",
     "RESHARD_DOCUMENTS_BACKFILLED",
     "MetricsPushError",
+    "prime_job_type",
     "push_queue_depth",
     "push_queue_depth_from_env",
     "start_metrics_server",
@@ -67,7 +66,7 @@ __all__ = [
 
 #: Name of the queue-depth gauge; the HPA, adapter rule and alert use exactly this name.
 QUEUE_DEPTH_METRIC: Final = "miroir_background_queue_depth"
-#: Label carrying a :class:`~miroir_pipeline.queue.contract.JobType` value.
+#: Label carrying a job kind's ``job_type`` (a row's ``type``).
 JOB_TYPE_LABEL: Final = "job_type"
 #: Pushgateway ``job`` grouping label of every push.
 PUSH_JOB: Final = "miroir_pipeline"
@@ -84,7 +83,7 @@ DEFAULT_DEPLOYMENT: Final = "default"
 
 #: ``outcome`` label values of :data:`CHUNK_DURATION`.
 CHUNK_OUTCOMES: Final = ("completed", "failed", "lease_lost", "released")
-#: ``policy`` label values of :data:`INVALID_DOCUMENTS` (DESIGN §9: stop, or dead-letter and skip).
+#: ``policy`` label values of :data:`INVALID_DOCUMENTS` (stop, or dead-letter and skip).
 INVALID_DOCUMENT_POLICIES: Final = ("fail", "skip")
 
 # Chunks take from seconds (small dumps, tests) to tens of minutes (256 MiB over slow nodes).
@@ -147,15 +146,17 @@ CHUNK_DURATION: Final = Histogram(
     buckets=_CHUNK_DURATION_BUCKETS,
 )
 
-# Export every known label combination at zero from the start, so rate() and alerts see
-# a series before the first event instead of a gap.
-for _job_type in JobType:
-    CHUNK_CLAIMS.labels(job_type=_job_type.value)
-    CHUNK_LEASE_LOSSES.labels(job_type=_job_type.value)
-    for _policy in INVALID_DOCUMENT_POLICIES:
-        INVALID_DOCUMENTS.labels(job_type=_job_type.value, policy=_policy)
-    for _outcome in CHUNK_OUTCOMES:
-        CHUNK_DURATION.labels(job_type=_job_type.value, outcome=_outcome)
+
+
+def prime_job_type(job_type: str) -> None:
+    """Export every label combination of ``job_type`` at zero, so rate() and alerts see a series
+    before the first event instead of a gap (the job-kind registry calls it on registration)."""
+    CHUNK_CLAIMS.labels(job_type=job_type)
+    CHUNK_LEASE_LOSSES.labels(job_type=job_type)
+    for policy in INVALID_DOCUMENT_POLICIES:
+        INVALID_DOCUMENTS.labels(job_type=job_type, policy=policy)
+    for outcome in CHUNK_OUTCOMES:
+        CHUNK_DURATION.labels(job_type=job_type, outcome=outcome)
 
 
 class MetricsPushError(RuntimeError):
@@ -186,9 +187,8 @@ def push_queue_depth(
     """Replace the queue-depth group on the Pushgateway with ``depth``.
 
     Uses PUT, so the pushed group is exactly this gauge: a type that drained to zero is
-    pushed as 0 (every :class:`JobType` is always present) rather than left at its old
-    value, which would keep the HPA scaled up. Types in ``depth`` that are not a known
-    :class:`JobType` are pushed as given. Raises :class:`MetricsPushError` naming the
+    pushed as 0 (pass every registered type: ``store.queue_depth(job_types())`` does) rather
+    than left at its old value, which would keep the HPA scaled up. Raises :class:`MetricsPushError` naming the
     gateway on any failure, and :class:`ValueError` for a negative depth or a grouping key
     that would clash with the ``job``/``job_type`` labels.
     """
@@ -198,7 +198,7 @@ def push_queue_depth(
             f"grouping_key must not contain {sorted(clashing)}: 'job' is set by the job "
             f"argument and '{JOB_TYPE_LABEL}' is the per-series label of {QUEUE_DEPTH_METRIC}"
         )
-    values: dict[str, int] = {t.value: 0 for t in JobType}
+    values: dict[str, int] = {}
     for job_type, count in depth.items():
         if count < 0:
             raise ValueError(
@@ -256,7 +256,7 @@ def push_queue_depth_from_env(
 def start_metrics_server(port: int, addr: str = "127.0.0.1") -> WSGIServer:
     """Serve the default registry on ``http://addr:port/metrics`` from a daemon thread.
 
-    Loopback by default (DESIGN §10); a Kubernetes pod passes ``0.0.0.0``. Returns the
+    Loopback by default; a Kubernetes pod passes ``0.0.0.0``. Returns the
     server: call ``shutdown()`` then ``server_close()`` to stop it. Port 0 picks a free port
     (read it from ``server.server_port``).
     """

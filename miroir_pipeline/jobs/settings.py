@@ -17,10 +17,13 @@ from miroir_pipeline.queue.contract import (
 )
 from miroir_pipeline.util.sizes import parse_size
 
-__all__ = ["DEFAULT_HOME", "PipelineSettings", "resolve_topology"]
+__all__ = ["PipelineSettings", "default_home", "resolve_topology"]
 
-#: Where the embedded defaults live (jobs database, local node stores, Dagster home, staging).
-DEFAULT_HOME = Path(os.environ.get("MIROIR_HOME", ".miroir"))
+
+def default_home() -> Path:
+    """Where the embedded defaults live (jobs database, local node stores, Dagster home, staging):
+    ``$MIROIR_HOME``, else ``./.miroir``. Read when asked, never at import."""
+    return Path(os.environ.get("MIROIR_HOME", ".miroir"))
 
 OnInvalid = Literal["fail", "skip"]
 
@@ -31,8 +34,8 @@ class PipelineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     allowed_roots: list[str] = Field(default_factory=lambda: _env_list("MIROIR_ALLOWED_ROOTS", [os.getcwd()]))
-    staging_dir: str = Field(default_factory=lambda: os.environ.get("MIROIR_STAGING_DIR", str(DEFAULT_HOME / "staging")))
-    dead_letter_dir: str = Field(default_factory=lambda: os.environ.get("MIROIR_DEAD_LETTER_DIR", str(DEFAULT_HOME / "dead-letter")))
+    staging_dir: str = Field(default_factory=lambda: os.environ.get("MIROIR_STAGING_DIR", str(default_home() / "staging")))
+    dead_letter_dir: str = Field(default_factory=lambda: os.environ.get("MIROIR_DEAD_LETTER_DIR", str(default_home() / "dead-letter")))
     chunk_size_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     memory_buffer_bytes: int = Field(default=128 * 1024 * 1024, ge=64 * 1024)
     read_block_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
@@ -78,4 +81,4 @@ def _env_list(name: str, default: list[str]) -> list[str]:
 def resolve_topology(path: str | None = None) -> Topology:
     """The topology file given, else ``$MIROIR_TOPOLOGY``, else the 3-node local default."""
     path = path or os.environ.get("MIROIR_TOPOLOGY")
-    return load_topology(path) if path else default_topology(DEFAULT_HOME)
+    return load_topology(path) if path else default_topology(default_home())

@@ -24,7 +24,6 @@ __all__ = [
     "JobState",
     "JobStore",
     "JobStoreError",
-    "JobType",
     "Lease",
     "LeaseLost",
     "NewChunk",
@@ -39,11 +38,6 @@ DEFAULT_MAX_ATTEMPTS = 5
 #: Retry backoff after a failed attempt: base * 2**(attempt-1), capped.
 RETRY_BACKOFF_BASE = 2.0
 RETRY_BACKOFF_CAP = 300.0
-
-
-class JobType(StrEnum):
-    DUMP_IMPORT = "dump_import"
-    RESHARD_BACKFILL = "reshard_backfill"
 
 
 class JobState(StrEnum):
@@ -247,8 +241,9 @@ class JobStore(abc.ABC):
 
     # -- observers / operators -------------------------------------------------------------
     @abc.abstractmethod
-    def queue_depth(self) -> dict[str, int]:
-        """Claimable chunks per type (queued and due, plus expired leases); every type present."""
+    def queue_depth(self, job_types: Sequence[str] = ()) -> dict[str, int]:
+        """Claimable chunks per type (queued and due, plus expired leases); every type of
+        ``job_types`` is present (0 when idle), so a drained type reads 0, not missing."""
 
     @abc.abstractmethod
     def claimable(self, job_types: Sequence[str], limit: int = 100) -> list[Job]:

@@ -1,9 +1,19 @@
-"""Holding a lease while a chunk runs: a heartbeat thread that renews it and stops the chunk
-the moment renewal is refused (DESIGN §6 step 1)."""
+"""Every way a chunk's lease begins and ends, in one place.
+
+* begin: :func:`acquire_chunk` adopts the claim a worker made, or claims by id (re-queueing a
+  chunk failed for good, or a completed one for a re-import);
+* hold: :class:`LeaseKeeper` renews it on a heartbeat and stops the chunk the moment renewal is
+  refused;
+* end: :func:`run_under_lease` completes it under the fence, or fails it (retryable or for good);
+  :func:`hand_back` releases it at its cursor on shutdown; :func:`settle_abandoned` ends a lease
+  whose run died before the chunk took it over; a lost lease is left to its new holder.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -11,12 +21,18 @@ from types import TracebackType
 from typing import TypeVar
 
 from miroir_pipeline import metrics
-from miroir_pipeline.fleet.targets.base import TargetError
-from miroir_pipeline.jobs.settings import PipelineSettings
-from miroir_pipeline.queue.contract import JobStore, Lease, LeaseLost
+from miroir_pipeline.queue.contract import JobNotClaimable, JobState, JobStore, Lease, LeaseLost
 from miroir_pipeline.queue.shutdown import ChunkHandedBack
 
-__all__ = ["LeaseKeeper", "run_under_lease"]
+__all__ = [
+    "LeaseKeeper",
+    "acquire_chunk",
+    "default_worker_id",
+    "hand_back",
+    "lease_outcome",
+    "run_under_lease",
+    "settle_abandoned",
+]
 
 R = TypeVar("R")
 
@@ -99,18 +115,21 @@ class LeaseKeeper:
 def run_under_lease(
     store: JobStore,
     lease: Lease,
-    settings: PipelineSettings,
     body: Callable[[LeaseKeeper], R],
     *,
+    ttl: float,
+    heartbeat_interval: float,
     permanent: tuple[type[Exception], ...] = (),
+    plain: tuple[type[Exception], ...] = (),
 ) -> R:
     """Run ``body`` while a heartbeat holds the lease, then complete the chunk under the fence.
 
     On error the row is failed under the fence — for good for ``permanent`` errors (bad input a
-    retry cannot fix), otherwise re-queued with backoff — and the error re-raised. A lost lease
-    or a hand-back on shutdown leaves the row alone: it belongs to someone else now.
+    retry cannot fix), otherwise re-queued with backoff — and the error re-raised; ``permanent``
+    and ``plain`` errors are recorded by their message alone (it already says what and where).
+    A lost lease or a hand-back on shutdown leaves the row alone: it belongs to someone else now.
     """
-    keeper = LeaseKeeper(store, lease, ttl=settings.lease_ttl, interval=settings.heartbeat_interval)
+    keeper = LeaseKeeper(store, lease, ttl=ttl, interval=heartbeat_interval)
     keeper.start()
     try:
         result = body(keeper)
@@ -120,7 +139,7 @@ def run_under_lease(
     except (LeaseLost, ChunkHandedBack):
         raise
     except Exception as exc:
-        known = isinstance(exc, (TargetError, *permanent))
+        known = isinstance(exc, (*plain, *permanent))
         error = str(exc) if known else f"{type(exc).__name__}: {exc}"
         try:
             store.fail(keeper.lease, error, retryable=not isinstance(exc, permanent))
@@ -129,3 +148,81 @@ def run_under_lease(
         raise
     finally:
         keeper.stop()
+
+
+def hand_back(store: JobStore, keeper: LeaseKeeper, where: str, reason: str) -> ChunkHandedBack:
+    """Release the chunk at its committed cursor (``where``) because its runner is shutting down;
+    returns the exception the caller raises to stop the chunk."""
+    keeper.check()
+    store.release(keeper.lease)
+    return ChunkHandedBack(f"chunk {keeper.lease.job_id} handed back at {where}: {reason}")
+
+
+def default_worker_id() -> str:
+    """``$POD_NAME`` in Kubernetes, else host and pid."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def acquire_chunk(
+    store: JobStore,
+    chunk_id: str,
+    worker_id: str,
+    ttl: float,
+    adopt_token: str | None = None,
+    *,
+    reimport: bool = False,
+) -> Lease | None:
+    """The lease to process ``chunk_id`` under; ``None`` when the chunk is already completed
+    (a no-op) unless ``reimport`` asks to import it again from the start.
+
+    With ``adopt_token`` (a worker claimed the row and handed it to this run) the claim is
+    adopted as is instead of claiming again. A run launched for a chunk that failed for good is
+    an operator's retry: the chunk is re-queued with a fresh attempt budget and resumes at its
+    cursor. Raises :class:`JobNotClaimable` naming the holder when another worker holds it.
+    """
+    job = store.get(chunk_id)
+    if adopt_token:
+        if job.state == JobState.IN_PROGRESS and job.claim_token == adopt_token:
+            assert job.claimed_by is not None and job.claim_expires_at is not None
+            return Lease(job=job, token=adopt_token, worker_id=job.claimed_by, expires_at=job.claim_expires_at)
+        raise JobNotClaimable(
+            f"chunk {chunk_id}: the claim handed to this run is no longer held "
+            f"(state {job.state}, holder {job.claimed_by or 'none'}); nothing was written",
+            job,
+        )
+    if job.state == JobState.COMPLETED:
+        if not reimport:
+            return None
+        store.requeue(chunk_id, reset_progress=True)
+    elif job.state == JobState.FAILED:
+        store.requeue(chunk_id, reset_progress=False)
+    return store.claim_by_id(chunk_id, worker_id, ttl)
+
+
+def settle_abandoned(store: JobStore, lease: Lease, why: str, *, hand_back: bool) -> None:
+    """End a lease whose run stopped before the chunk took it over (so it never dangles until
+    expiry): released on shutdown (``hand_back``), else failed with ``why`` (retryable).
+    A lease that has moved on (completed, failed, re-claimed) is left alone."""
+    job = store.get(lease.job_id)
+    if job.state != JobState.IN_PROGRESS or job.claim_token != lease.token:
+        return
+    try:
+        if hand_back:
+            store.release(lease)
+        else:
+            store.fail(lease, why)
+    except LeaseLost:
+        pass
+
+
+def lease_outcome(store: JobStore, lease: Lease) -> str:
+    """How an attempt ended, read from its row: ``completed``, ``lease_lost``, ``released`` or
+    ``failed`` (one of ``metrics.CHUNK_OUTCOMES``)."""
+    job = store.get(lease.job_id)
+    if job.state == JobState.COMPLETED:
+        return "completed"
+    if job.state == JobState.IN_PROGRESS and job.claim_token != lease.token:
+        return "lease_lost"
+    if job.state == JobState.QUEUED and job.attempts < lease.attempt:
+        return "released"
+    return "failed"

@@ -27,8 +27,8 @@ from miroir_pipeline.queue.contract import (
     Job,
     JobStoreError,
 )
+from miroir_pipeline.queue.dsn import redact_dsn, validate_schema
 from miroir_pipeline.queue.sql_store import EncodedChunk, Row, SqlJobStore
-from miroir_pipeline.queue.stores import redact_dsn, validate_schema
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresJobStore"]
 

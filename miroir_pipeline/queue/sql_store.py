@@ -34,12 +34,11 @@ from miroir_pipeline.queue.contract import (
     SplitRefused,
     chunk_id,
 )
-from miroir_pipeline.queue.sql import load_queries, migration_files
-from miroir_pipeline.queue.stores import (
+from miroir_pipeline.queue.rules import (
     check_chunks,
     check_new_job,
     check_ttl,
-    depth_for_all_types,
+    depth_by_type,
     dump_json,
     lease_lost,
     load_json,
@@ -49,6 +48,7 @@ from miroir_pipeline.queue.stores import (
     retry_backoff,
     summarize,
 )
+from miroir_pipeline.queue.sql import load_queries, migration_files
 
 __all__ = ["Cursor", "EncodedChunk", "SqlConnection", "SqlJobStore"]
 
@@ -407,10 +407,10 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         return failed + max(requeued, 0)
 
     # -- observers / operators -------------------------------------------------------------
-    def queue_depth(self) -> dict[str, int]:
+    def queue_depth(self, job_types: Sequence[str] = ()) -> dict[str, int]:
         with self._read() as conn:
             rows = self._rows(conn, "queue_depth")
-        return depth_for_all_types((r["type"], r["depth"]) for r in rows)
+        return depth_by_type(((r["type"], r["depth"]) for r in rows), job_types)
 
     def claimable(self, job_types: Sequence[str], limit: int = 100) -> list[Job]:
         types = self._list_param([str(t) for t in job_types])

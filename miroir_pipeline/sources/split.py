@@ -1,4 +1,4 @@
-"""Split work into chunks: dump byte ranges on line boundaries, shard-id ranges (DESIGN §4).
+"""Split work into chunks: dump byte ranges on line boundaries, shard-id ranges.
 
 :func:`split_dump` reads only a small window after each nominal cut point, so its cost
 grows with the number of chunks, not with the dump's size; :attr:`SplitResult.bytes_read`
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from miroir_pipeline.sources import DumpRef, DumpSourceError
+from miroir_pipeline.sources.resolve import DumpRef, DumpSourceError
 
 __all__ = ["ByteRange", "SplitResult", "split_dump", "split_shards"]
 

@@ -28,7 +28,6 @@ from miroir_pipeline.queue import (
     JobNotFound,
     JobState,
     JobStore,
-    JobType,
     Lease,
     LeaseLost,
     NewChunk,
@@ -37,8 +36,8 @@ from miroir_pipeline.queue import (
 )
 from miroir_pipeline.queue.contract import chunk_id
 
-DUMP = JobType.DUMP_IMPORT
-RESHARD = JobType.RESHARD_BACKFILL
+DUMP = "dump_import"
+RESHARD = "reshard_backfill"
 SHORT_TTL = 0.3
 PAST_SHORT_TTL = 0.45
 
@@ -71,7 +70,7 @@ def test_parent_is_never_claimable(store: JobStore) -> None:
     parent = store.enqueue(DUMP, {"uri": "x"})
     assert parent.kind == JobKind.PARENT and parent.state == JobState.QUEUED
     assert store.claim([DUMP], "w1") is None
-    assert store.queue_depth() == {DUMP: 0, RESHARD: 0}
+    assert store.queue_depth([DUMP, RESHARD]) == {DUMP: 0, RESHARD: 0}
 
 
 def test_split_inserts_children_and_moves_parent_out_of_queue(store: JobStore) -> None:
@@ -90,7 +89,7 @@ def test_split_inserts_children_and_moves_parent_out_of_queue(store: JobStore) -
     assert got.claim_token is None and got.claim_expires_at is None and got.claimed_by is None
     assert got.params == {"uri": "x", "ünï": [1, {"a": None}]}
     assert [c.id for c in store.children(parent.id)] == [c.id for c in children]
-    assert store.queue_depth()[DUMP] == 3
+    assert store.queue_depth([DUMP])[DUMP] == 3
 
 
 def test_resplit_is_refused_and_nothing_changes(store: JobStore) -> None:
@@ -160,7 +159,7 @@ def test_expired_lease_is_reclaimed_with_progress_and_next_attempt(store: JobSto
     first = claim_one(store, "w1", ttl=SHORT_TTL)
     store.save_progress(first, {"bytes_processed": 100, "last_cursor": {"offset": 100}})
     time.sleep(PAST_SHORT_TTL)
-    assert store.queue_depth()[DUMP] == 1  # the expired lease counts
+    assert store.queue_depth([DUMP])[DUMP] == 1  # the expired lease counts
     second = claim_one(store, "w2", ttl=30)
     assert second.job_id == first.job_id and second.token != first.token
     assert second.attempt == 2 and second.job.claimed_by == "w2"
@@ -234,7 +233,7 @@ def test_expired_lease_out_of_attempts_fails_for_good(store: JobStore) -> None:
     claim_one(store, "w2", ttl=SHORT_TTL)
     store.save_progress(a, {"docs_routed": 3})
     time.sleep(PAST_SHORT_TTL)
-    assert store.queue_depth()[DUMP] == 0  # never claimable again
+    assert store.queue_depth([DUMP])[DUMP] == 0  # never claimable again
     assert store.reclaim_expired() == 2
     for child in store.children(parent.id):
         assert child.state == JobState.FAILED and child.finished_at is not None
@@ -318,7 +317,7 @@ def test_retry_with_backoff_then_failed_after_max_attempts(
         backoff = (job.available_at - job.updated_at).total_seconds()
         assert backoff == pytest.approx(expected_backoff[attempt - 1], abs=0.005)
         assert store.claim([DUMP], "eager") is None  # not before the backoff
-        assert store.queue_depth()[DUMP] == 0
+        assert store.queue_depth([DUMP])[DUMP] == 0
         time.sleep(backoff + 0.1)
     last = claim_one(store, "w3")
     assert last.attempt == 3 and last.job.progress == {"docs_routed": 20}
@@ -389,15 +388,16 @@ def test_queue_depth_counts_due_and_expired_and_lists_every_type(
     open_jobs: Callable[..., JobStore],
 ) -> None:
     store = open_jobs(retry_backoff_base=SHORT_TTL)  # backoff ends with the short lease
-    assert store.queue_depth() == {DUMP: 0, RESHARD: 0}
+    assert store.queue_depth() == {}  # only types asked for are zero-filled
+    assert store.queue_depth([DUMP, RESHARD]) == {DUMP: 0, RESHARD: 0}
     make_parent(store, 4)
     claim_one(store, "live", ttl=30)
     claim_one(store, "dies", ttl=SHORT_TTL)
     backoff = claim_one(store, "fails")
     store.fail(backoff, "retry me")
-    assert store.queue_depth() == {DUMP: 1, RESHARD: 0}
+    assert store.queue_depth([DUMP, RESHARD]) == {DUMP: 1, RESHARD: 0}
     time.sleep(PAST_SHORT_TTL)  # the short lease expires, the backoff passes
-    assert store.queue_depth() == {DUMP: 3, RESHARD: 0}
+    assert store.queue_depth([DUMP, RESHARD]) == {DUMP: 3, RESHARD: 0}
 
 
 def test_list_parents_newest_first_with_summaries(store: JobStore) -> None:
@@ -593,7 +593,7 @@ def test_postgres_store_carries_on_after_a_database_restart(pg_server: Any, pg_d
         pg_server.start()
         store.save_progress(lease, {"docs_routed": 2})  # the lease survived; the pool healed
         store.complete(lease)
-        assert store.queue_depth()[DUMP] == 1
+        assert store.queue_depth([DUMP])[DUMP] == 1
         assert store.get(lease.job_id).progress == {"docs_routed": 2}
     finally:
         store.close()

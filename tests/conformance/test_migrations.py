@@ -15,7 +15,7 @@ import pytest
 
 from miroir_pipeline.queue import JobStore, JobStoreError, default_dsn, open_store
 from miroir_pipeline.queue.sql import migration_files, migrations_dir
-from miroir_pipeline.queue.stores import redact_dsn
+from miroir_pipeline.queue.dsn import redact_dsn
 
 JOBS_COLUMNS = {
     "id", "type", "kind", "params", "state", "claimed_by", "claim_token", "claim_expires_at",

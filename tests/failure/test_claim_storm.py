@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from miroir_pipeline.queue import open_store
-from miroir_pipeline.queue.contract import JobState, JobStore, JobType, Lease, LeaseLost, NewChunk
+from miroir_pipeline.queue.contract import JobState, JobStore, Lease, LeaseLost, NewChunk
 
 CLAIMERS = 8
 ROWS = 500
@@ -54,7 +54,7 @@ def claimer(dsn: str, n: int, parent: str, records: list[LeaseRecord], stats: Co
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
-            lease = store.claim([JobType.DUMP_IMPORT], f"claimer-{n}", TTL)
+            lease = store.claim(["dump_import"], f"claimer-{n}", TTL)
             if lease is None:
                 if store.get(parent).state != JobState.IN_PROGRESS:
                     return
@@ -114,7 +114,7 @@ def _hold(store: JobStore, lease: Lease, rec: LeaseRecord, rng: random.Random, s
 @pytest.mark.timeout(240)
 def test_claim_storm_leases_never_overlap_and_every_row_completes_once(storm_dsn: str) -> None:
     store = open_store(storm_dsn)
-    parent = store.enqueue(JobType.DUMP_IMPORT, {"storm": True}, max_attempts=10_000)
+    parent = store.enqueue("dump_import", {"storm": True}, max_attempts=10_000)
     store.split(parent.id, [NewChunk(chunk_index=i, params={"i": i}) for i in range(ROWS)])
     records: list[LeaseRecord] = []
     stats: Counter[str] = Counter()

@@ -34,8 +34,8 @@ from miroir_pipeline.jobs.reshard_backfill import (
 from miroir_pipeline.jobs.reshard_backfill.verification import verify_shadow
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import JobStore, open_store
-from miroir_pipeline.queue.contract import JobState, JobType
-from miroir_pipeline.queue.shutdown import DRAIN, ChunkHandedBack
+from miroir_pipeline.queue.contract import JobState
+from miroir_pipeline.queue.shutdown import ChunkHandedBack, Shutdown
 
 REPO = Path(__file__).resolve().parents[2]
 N_DOCS = 10_000
@@ -84,7 +84,7 @@ def run_backfill(
     settings: PipelineSettings = SETTINGS,
 ) -> list[ReshardChunkReport]:
     reports = []
-    while (lease := store.claim([JobType.RESHARD_BACKFILL], "test-worker", settings.lease_ttl)) is not None:
+    while (lease := store.claim(["reshard_backfill"], "test-worker", settings.lease_ttl)) is not None:
         reports.append(process_reshard_chunk(store, lease, live_targets, shadow_targets, settings))
     return reports
 
@@ -264,7 +264,7 @@ def test_killed_worker_resumes_at_its_shard_offset_cursor(
     lease = None
     while lease is None:  # the victim's lease must run out first
         assert time.monotonic() < deadline, "the killed worker's lease never expired"
-        lease = store.claim([JobType.RESHARD_BACKFILL], "rescuer", settings.lease_ttl)
+        lease = store.claim(["reshard_backfill"], "rescuer", settings.lease_ttl)
         if lease is None:
             time.sleep(0.1)
     assert lease.job_id == chunk_id and lease.attempt == 2
@@ -293,13 +293,13 @@ def test_drain_hands_the_chunk_back_at_a_batch_boundary_and_it_resumes(
         store, ReshardRequest(index_uid="books", new_shards=3, shards_per_chunk=4), topo, live, SETTINGS
     )
     settings = PipelineSettings(allowed_roots=["/"], batch_size=300)
-    lease = store.claim([JobType.RESHARD_BACKFILL], "w1", settings.lease_ttl)
+    lease = store.claim(["reshard_backfill"], "w1", settings.lease_ttl)
     assert lease is not None
-    try:
-        with pytest.raises(ChunkHandedBack):
-            process_reshard_chunk(store, lease, live, live, settings, on_batch=lambda r, c: DRAIN.set())
-    finally:
-        DRAIN.clear()
+    shutdown = Shutdown()
+    with pytest.raises(ChunkHandedBack):
+        process_reshard_chunk(
+            store, lease, live, live, settings, shutdown=shutdown, on_batch=lambda r, c: shutdown.request()
+        )
     row = store.get(lease.job_id)
     assert row.state == JobState.QUEUED
     handed_back_at = row.progress["last_cursor"]

@@ -15,14 +15,14 @@ import itertools
 import math
 from collections.abc import Collection, Mapping, Sequence
 
-from miroir_pipeline.queue.contract import JobType
+from miroir_pipeline.jobs.registry import job_types as registered_job_types
 
 __all__ = ["DEFAULT_TOLERANCE", "desired_replicas", "simulate"]
 
 #: kube-controller-manager ``--horizontal-pod-autoscaler-tolerance`` default.
 DEFAULT_TOLERANCE = 0.1
 #: What the HPA selector in ``k8s/hpa.yaml`` matches: every job type.
-_ALL_JOB_TYPES: tuple[str, ...] = tuple(jt.value for jt in JobType)
+_ALL_JOB_TYPES: tuple[str, ...] = registered_job_types()
 
 
 def _check_bounds(min_replicas: int, max_replicas: int) -> None:

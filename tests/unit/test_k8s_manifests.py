@@ -22,7 +22,8 @@ from miroir_pipeline.metrics import (
     PUSHGATEWAY_URL_ENV,
     QUEUE_DEPTH_METRIC,
 )
-from miroir_pipeline.queue.contract import DEFAULT_LEASE_TTL, JobType
+from miroir_pipeline.queue.contract import DEFAULT_LEASE_TTL
+from miroir_pipeline.jobs.registry import job_types
 from tests.support.hpa import desired_replicas, simulate
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
@@ -237,7 +238,7 @@ def test_hpa_scales_worker_on_queue_depth() -> None:
     selector = metric["metric"]["selector"]
     (expr,) = selector["matchExpressions"]
     assert (expr["key"], expr["operator"]) == (JOB_TYPE_LABEL, "In")
-    assert set(expr["values"]) == {t.value for t in JobType}
+    assert set(expr["values"]) == set(job_types())
     # Matches exactly what the sensor pushes (dagster-values.yaml env of the code location).
     sensor_env = env_of(user_deployment())
     assert selector["matchLabels"] == {

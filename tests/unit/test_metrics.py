@@ -25,9 +25,9 @@ from miroir_pipeline.metrics import (
     start_metrics_server,
     start_metrics_server_from_env,
 )
-from miroir_pipeline.queue.contract import JobType
+from miroir_pipeline.jobs.registry import job_types
 
-JOB_TYPES = {t.value for t in JobType}
+JOB_TYPES = set(job_types())
 PUSHES = 60
 
 

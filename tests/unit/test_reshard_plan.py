@@ -25,7 +25,7 @@ from miroir_pipeline.jobs.reshard_backfill import (
 )
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import JobStore, open_store
-from miroir_pipeline.queue.contract import JobKind, JobState, JobType
+from miroir_pipeline.queue.contract import JobKind, JobState
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_plan_splits_old_shard_space_and_prepares_the_shadow(
     assert planned.shadow_uid == "books__reshard_64" == shadow_index_uid("books", 64)
     assert planned.old_shards == 16 and planned.new_shards == 64 and planned.primary_key == "id"
     parent = store.get(planned.parent.id)
-    assert parent.kind == JobKind.PARENT and parent.type == JobType.RESHARD_BACKFILL
+    assert parent.kind == JobKind.PARENT and parent.type == "reshard_backfill"
     chunks = store.children(parent.id)
     assert [c.id for c in chunks] == planned.chunk_ids
     params = [ReshardChunkParams.model_validate(c.params) for c in chunks]

@@ -22,7 +22,6 @@ from typing import Any
 import pyarrow.fs as pafs
 import pytest
 
-from miroir_pipeline import sources
 from miroir_pipeline.sources import (
     DumpRef,
     DumpSourceError,
@@ -31,6 +30,7 @@ from miroir_pipeline.sources import (
     resolve_dump,
     stage_dump,
 )
+from miroir_pipeline.sources import staging as sources
 
 DOCS = b"".join(b'{"id":%d,"title":"doc %d"}\n' % (i, i) for i in range(1000))
 

@@ -1,4 +1,4 @@
-"""Verify a reshard's shadow index against the live index before any cutover (DESIGN §7).
+"""Verify a reshard's shadow index against the live index before any cutover.
 
 Three promises are checked:
 
@@ -27,8 +27,9 @@ from typing import Any
 import orjson
 import xxhash
 
+from miroir_pipeline.fleet.replica_reads import from_first_replica
 from miroir_pipeline.fleet.routing import SHARD_FIELD, InvalidPrimaryKey, Router, primary_key_text
-from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
+from miroir_pipeline.fleet.targets.base import NodeTarget
 from miroir_pipeline.fleet.topology import Topology
 
 __all__ = ["VerificationResult", "content_hash", "verify_shadow"]
@@ -105,25 +106,14 @@ def _read_live(
     """pk → content hash of every live document, each shard from its first healthy replica."""
     hashes: dict[str, bytes] = {}
     for shard in range(router.shards):
-        replicas = router.targets_of(shard)
-        last: TargetError | None = None
-        for node in replicas:
-            try:
-                shard_docs = _read_shard(targets[node], uid, shard, primary_key)
-            except TargetError as exc:
-                log.warning("verification: live node %s failed on shard %d (%s)", node, shard, exc)
-                last = exc
-                continue
-            hashes.update(shard_docs)
-            break
-        else:
-            assert last is not None
-            raise TargetError(
-                f"verification of {uid}: no live node holding shard {shard} answered "
-                f"(tried {replicas}); last error: {last}",
-                node_id=last.node_id,
-                retryable=True,
-            )
+
+        def read(_node: str, target: NodeTarget, shard: int = shard) -> dict[str, bytes]:
+            return _read_shard(target, uid, shard, primary_key)
+
+        _, shard_docs = from_first_replica(
+            router.targets_of(shard), targets, read, f"verification of {uid}: live shard {shard}"
+        )
+        hashes.update(shard_docs)
     return hashes
 
 

@@ -1,0 +1,47 @@
+"""The ``_miroir_shard`` tag every routed document carries, spliced into raw JSON bytes.
+
+Documents are tagged without decoding them: the tag is written as the object's first member
+(``{"_miroir_shard":N,`` + the rest of the original object). A document that already carries a
+tag (a dump made from a sharded index) is decoded and re-encoded once, with its old value
+replaced: the tag is reserved for the pipeline.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from miroir_pipeline.fleet.routing import SHARD_FIELD
+
+__all__ = ["TAG_START", "retag", "shard_prefixes", "tag"]
+
+#: How every document the pipeline wrote starts: ``{"_miroir_shard":``.
+TAG_START = b'{"' + SHARD_FIELD.encode() + b'":'
+
+
+def shard_prefixes(shards: int) -> list[bytes]:
+    """``{"_miroir_shard":N,`` for every shard, precomputed for the hot path."""
+    return [b"%s%d," % (TAG_START, s) for s in range(shards)]
+
+
+def tag(line: bytes, shard: int, prefix: bytes, *, carries_tag: bool) -> bytes:
+    """``line`` (one JSON object, first byte ``{``) tagged with ``shard``; ``prefix`` is
+    ``shard_prefixes(S)[shard]``. ``carries_tag``: the object already has a ``_miroir_shard``."""
+    if not carries_tag:
+        return prefix + line[1:]
+    doc = orjson.loads(line)
+    doc[SHARD_FIELD] = shard
+    return bytes(orjson.dumps(doc))
+
+
+def retag(raw: bytes, shard: int) -> bytes:
+    """A stored document with its tag set to ``shard``: only the prefix is rewritten when the
+    pipeline wrote it (it starts with :data:`TAG_START`); anything else is decoded once."""
+    if raw.startswith(TAG_START):
+        comma = raw.find(b",", len(TAG_START))
+        if comma > 0:
+            return b"%s%d%s" % (TAG_START, shard, raw[comma:])
+    doc = orjson.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    doc[SHARD_FIELD] = shard
+    return bytes(orjson.dumps(doc))

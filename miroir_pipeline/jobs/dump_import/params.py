@@ -1,0 +1,101 @@
+"""What a dump import is asked for, what each chunk row carries, and what a chunk reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from miroir_pipeline.queue.contract import Job
+
+__all__ = [
+    "DUMP_IMPORT",
+    "ChunkReport",
+    "DumpChunkParams",
+    "DumpImportRequest",
+    "InvalidDocumentError",
+    "PlannedImport",
+]
+
+#: The ``type`` of dump-import rows.
+DUMP_IMPORT = "dump_import"
+
+
+class DumpImportRequest(BaseModel):
+    """What an operator asks for: one dump into one index of the fleet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = Field(min_length=1)
+    index_uid: str = Field(pattern=r"^[A-Za-z0-9_-]{1,400}$")
+    primary_key: str | None = Field(default=None, min_length=1)
+    chunk_size_bytes: int | None = Field(default=None, ge=1)
+    on_invalid_document: Literal["fail", "skip"] | None = None
+
+
+class DumpChunkParams(BaseModel):
+    """Everything a worker needs to process one chunk, stored in the chunk row."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source_uri: str
+    data_uri: str
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    index_uid: str
+    primary_key: str
+    topology: dict[str, Any]
+    on_invalid_document: Literal["fail", "skip"] = "fail"
+
+
+class InvalidDocumentError(ValueError):
+    """A dump line that cannot be imported under the ``fail`` policy."""
+
+
+@dataclass(frozen=True)
+class PlannedImport:
+    parent: Job
+    chunk_ids: list[str]
+    data_uri: str
+    primary_key: str
+    bytes_total: int
+
+
+@dataclass
+class ChunkReport:
+    """What processing one chunk did; becomes the Dagster run's metadata."""
+
+    chunk_id: str
+    attempt: int
+    resumed_from: int
+    documents: int = 0
+    bytes: int = 0
+    invalid_documents: int = 0
+    per_node: dict[str, int] = field(default_factory=dict)
+    duration_s: float = 0.0
+    dead_letter: str | None = None
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.duration_s if self.duration_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"chunk {self.chunk_id}: {self.documents} documents, {self.bytes} bytes, "
+            f"{self.mb_per_s:.1f} MB/s, resumed from byte {self.resumed_from}"
+        )
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "chunk_id": self.chunk_id,
+            "attempt": self.attempt,
+            "resumed_from": self.resumed_from,
+            "documents": self.documents,
+            "bytes": self.bytes,
+            "invalid_documents": self.invalid_documents,
+            "per_node": dict(self.per_node),
+            "duration_s": round(self.duration_s, 3),
+            "mb_per_s": round(self.mb_per_s, 1),
+            "dead_letter": self.dead_letter,
+        }

@@ -1,0 +1,267 @@
+"""Processing one dump chunk: read its byte range from the cursor, parse only each line's
+primary key, route, tag with ``_miroir_shard`` and hand batches to the chunk pipeline."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+from miroir_pipeline import metrics
+from miroir_pipeline.fleet.routing import Router
+from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
+from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetter
+from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
+from miroir_pipeline.jobs.dump_import.params import (
+    DUMP_IMPORT,
+    ChunkReport,
+    DumpChunkParams,
+    InvalidDocumentError,
+)
+from miroir_pipeline.jobs.pipeline import Batch, run_batches
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue.contract import JobStore, Lease
+from miroir_pipeline.queue.lease import LeaseKeeper, run_under_lease
+from miroir_pipeline.queue.shutdown import Shutdown
+from miroir_pipeline.sources import DumpRef, iter_range_blocks, open_range, resolve_dump
+
+__all__ = ["process_dump_chunk"]
+
+log = logging.getLogger(__name__)
+
+
+def process_dump_chunk(
+    store: JobStore,
+    lease: Lease,
+    targets: Mapping[str, NodeTarget],
+    settings: PipelineSettings,
+    *,
+    shutdown: Shutdown | None = None,
+    on_batch: Callable[[ChunkReport], None] | None = None,
+) -> ChunkReport:
+    """Import one chunk under ``lease``: resume at the cursor, commit progress after every batch
+    all targets acknowledged, complete under the fence. Fails the row (retryable, or for good
+    for invalid input) on error; on a lost lease stops at once and leaves the row to its new
+    holder; on ``shutdown`` hands the chunk back at its last committed cursor."""
+    return run_under_lease(
+        store,
+        lease,
+        lambda keeper: _run_chunk(store, keeper, targets, settings, shutdown or Shutdown(), on_batch),
+        ttl=settings.lease_ttl,
+        heartbeat_interval=settings.heartbeat_interval,
+        permanent=(InvalidDocumentError,),
+        plain=(TargetError,),
+    )
+
+
+def _run_chunk(
+    store: JobStore,
+    keeper: LeaseKeeper,
+    targets: Mapping[str, NodeTarget],
+    settings: PipelineSettings,
+    shutdown: Shutdown,
+    on_batch: Callable[[ChunkReport], None] | None,
+) -> ChunkReport:
+    started = time.monotonic()
+    lease = keeper.lease
+    job = lease.job
+    params = DumpChunkParams.model_validate(job.params)
+    router = Router(Topology.parse(params.topology, source=f"chunk {job.id} params"))
+    prog = dict(job.progress)
+    cursor = int(prog.get("last_cursor", params.start))
+    if not params.start <= cursor <= params.end:
+        raise ValueError(f"chunk {job.id}: cursor {cursor} outside [{params.start}, {params.end})")
+    report = ChunkReport(
+        chunk_id=job.id,
+        attempt=lease.attempt,
+        resumed_from=cursor if cursor > params.start else 0,
+        documents=int(prog.get("docs_routed", 0)),
+        bytes=cursor - params.start,
+        invalid_documents=int(prog.get("invalid_documents", 0)),
+        per_node={n: int(prog.get("per_node", {}).get(n, 0)) for n in router.node_ids},
+    )
+    if report.resumed_from:
+        log.info("chunk %s attempt %d resumes at byte %d", job.id, lease.attempt, cursor)
+    node_targets = [targets[n] for n in router.node_ids]
+    for t in node_targets:
+        t.ensure_index(params.index_uid, params.primary_key, None)
+    dead: DeadLetter | None = None
+    if params.on_invalid_document == "skip":
+        dead = DeadLetter(
+            Path(settings.dead_letter_dir) / (job.parent_job_id or "orphans") / f"{job.id}.ndjson",
+            int(prog.get("dead_letter_bytes", 0)),
+        )
+        report.dead_letter = str(dead.path)
+    try:
+        run_batches(
+            store,
+            keeper,
+            node_targets,
+            params.index_uid,
+            params.primary_key,
+            _batches(params, router, settings, cursor, int(prog.get("blank_lines", 0)), report, dead),
+            shutdown,
+            before_commit=dead.sync if dead is not None else None,
+            on_commit=(lambda _batch: on_batch(report)) if on_batch is not None else None,
+        )
+    finally:
+        if dead is not None:
+            dead.close()
+    report.duration_s = time.monotonic() - started
+    return report
+
+
+def _batches(
+    params: DumpChunkParams,
+    router: Router,
+    settings: PipelineSettings,
+    cursor: int,
+    blank_lines: int,
+    report: ChunkReport,
+    dead: DeadLetter | None,
+) -> Iterator[Batch]:
+    """Route the chunk's lines from ``cursor`` and yield a batch whenever the buffers fill (by
+    documents or by bytes, so memory stays bounded whatever the chunk size), then a final one."""
+    doc_router = DocumentRouter(router, params.primary_key, settings.max_document_bytes)
+    doc_router.set_per_node_docs([report.per_node[n] for n in router.node_ids])
+    ref = resolve_dump(params.data_uri, None)
+    line_counter = _LineCounter(ref)
+
+    def batch(pos: int, *, final: bool = False) -> Batch:
+        routed = doc_router.take_buffers()
+        report.per_node = dict(zip(router.node_ids, doc_router.per_node_docs, strict=True))
+        report.bytes = pos - params.start
+        progress = {
+            "last_cursor": pos,
+            "bytes_processed": report.bytes,
+            "docs_routed": report.documents,
+            "invalid_documents": report.invalid_documents,
+            "blank_lines": blank_lines,
+            "per_node": report.per_node,
+            "dead_letter_bytes": dead.size if dead else 0,
+        }
+        return Batch(
+            lines=[b.lines for b in routed],
+            keys=[b.keys for b in routed],
+            shards=[b.shards for b in routed],
+            progress=progress,
+            position=f"byte {pos}",
+            final=final,
+        )
+
+    blocks = iter_range_blocks(ref, cursor, params.end, settings.read_block_bytes)
+    try:
+        pos = cursor  # file offset of the first byte not yet routed
+        leftover = b""
+        skipping_long_line = False
+        while True:
+            data = next(blocks, b"")
+            if not data:
+                if not leftover or skipping_long_line:
+                    break
+                block, leftover = leftover, b""
+            else:
+                buf = leftover + data if leftover else data
+                cut = buf.rfind(b"\n")
+                if skipping_long_line:
+                    if cut < 0:
+                        pos += len(buf)
+                        leftover = b""
+                        continue
+                    first_nl = buf.find(b"\n")
+                    pos += first_nl + 1
+                    buf = buf[first_nl + 1 :]
+                    cut = buf.rfind(b"\n")
+                    skipping_long_line = False
+                if cut < 0:
+                    leftover = buf
+                    if len(leftover) > settings.max_document_bytes:
+                        bad = InvalidLine(
+                            0, 0, f"line is longer than the {settings.max_document_bytes}-byte document limit", leftover[:256]
+                        )
+                        _handle_invalid(params, line_counter, pos, [bad], dead, report)
+                        pos += len(leftover)
+                        leftover = b""
+                        skipping_long_line = True
+                    continue
+                block, leftover = buf[: cut + 1], buf[cut + 1 :]
+            invalid: list[InvalidLine] = []
+            result = doc_router.route_block(block, at_file_start=pos == 0, invalid=invalid)
+            if invalid:
+                _handle_invalid(params, line_counter, pos, invalid, dead, report)
+            line_counter.advance(pos, pos + len(block), result.lines)
+            blank_lines += result.blank_lines
+            report.documents += result.documents
+            metrics.DUMP_IMPORT_BYTES_READ.inc(len(block))
+            metrics.DUMP_IMPORT_DOCUMENTS_ROUTED.inc(result.documents)
+            pos += len(block)
+            if (
+                doc_router.buffered_docs >= settings.batch_size
+                or doc_router.buffered_bytes >= settings.memory_buffer_bytes // 2
+            ):
+                yield batch(pos)
+        yield batch(pos, final=True)
+    finally:
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
+
+
+class _LineCounter:
+    """Global line numbers for error messages, computed lazily (only an invalid line pays)."""
+
+    def __init__(self, ref: DumpRef) -> None:
+        self._ref = ref
+        self._known: tuple[int, int] | None = None  # (offset, newlines before offset)
+
+    def line_at(self, offset: int) -> int:
+        """1-based line number of the line starting at ``offset``."""
+        if self._known is None or self._known[0] > offset:
+            self._known = (0, 0)
+        start, count = self._known
+        if offset > start:
+            reader = open_range(self._ref, start, offset)
+            try:
+                while chunk := reader.read(8 << 20):
+                    count += chunk.count(b"\n")
+            finally:
+                reader.close()
+            self._known = (offset, count)
+        return count + 1
+
+    def advance(self, block_start: int, block_end: int, newlines: int) -> None:
+        """Keep the known position moving with the reader so later lookups stay cheap."""
+        if self._known is not None and self._known[0] == block_start:
+            self._known = (block_end, self._known[1] + newlines)
+
+
+def _handle_invalid(
+    params: DumpChunkParams,
+    counter: _LineCounter,
+    block_pos: int,
+    invalid: list[InvalidLine],
+    dead: DeadLetter | None,
+    report: ChunkReport,
+) -> None:
+    for bad in invalid:
+        offset = block_pos + bad.offset_in_block
+        line_no = counter.line_at(block_pos) + bad.line_in_block
+        where = f"{params.source_uri}: line {line_no}, byte offset {offset}"
+        if dead is None:
+            raise InvalidDocumentError(
+                f"{where}: {bad.reason}. Fix the line, or rerun with on_invalid_document=skip "
+                "to send such lines to a dead-letter file"
+            )
+        dead.write(
+            {
+                "dump": params.source_uri,
+                "line": line_no,
+                "byte_offset": offset,
+                "reason": bad.reason,
+                "raw": bad.raw.decode("utf-8", "backslashreplace"),
+            }
+        )
+        report.invalid_documents += 1
+        metrics.INVALID_DOCUMENTS.labels(job_type=DUMP_IMPORT, policy="skip").inc()

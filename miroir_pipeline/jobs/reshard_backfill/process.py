@@ -1,0 +1,217 @@
+"""Processing one reshard chunk: read every document of a live shard range back page by page
+from a replica holding it, re-hash it under the new shard count, retag it and hand batches to
+the chunk pipeline, which writes them to the shadow index and commits the ``shard:offset``
+cursor."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import msgspec
+import orjson
+
+from miroir_pipeline import metrics
+from miroir_pipeline.fleet.replica_reads import ShardReader
+from miroir_pipeline.fleet.routing import Router, primary_key_text
+from miroir_pipeline.fleet.shard_tag import TAG_START, retag
+from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
+from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.pipeline import Batch, run_batches
+from miroir_pipeline.jobs.reshard_backfill.params import (
+    READ_PAGE_DOCS,
+    InvalidLiveDocument,
+    ReshardChunkParams,
+    ReshardChunkReport,
+    format_cursor,
+    parse_cursor,
+)
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue.contract import JobStore, Lease
+from miroir_pipeline.queue.lease import LeaseKeeper, run_under_lease
+from miroir_pipeline.queue.shutdown import Shutdown
+
+__all__ = ["process_reshard_chunk"]
+
+log = logging.getLogger(__name__)
+
+
+def process_reshard_chunk(
+    store: JobStore,
+    lease: Lease,
+    live_targets: Mapping[str, NodeTarget],
+    shadow_targets: Mapping[str, NodeTarget],
+    settings: PipelineSettings,
+    *,
+    shutdown: Shutdown | None = None,
+    on_batch: Callable[[ReshardChunkReport, str], None] | None = None,
+) -> ReshardChunkReport:
+    """Backfill one shard range under ``lease``: resume at the cursor, commit progress after every
+    batch all shadow targets acknowledged, complete under the fence. Fails the row (retryable or
+    not) on error; on a lost lease stops at once and leaves the row to its new holder; on
+    ``shutdown`` hands it back. ``on_batch(report, cursor)`` runs after every committed batch."""
+    return run_under_lease(
+        store,
+        lease,
+        lambda keeper: _run_chunk(
+            store, keeper, live_targets, shadow_targets, settings, shutdown or Shutdown(), on_batch
+        ),
+        ttl=settings.lease_ttl,
+        heartbeat_interval=settings.heartbeat_interval,
+        permanent=(InvalidLiveDocument,),
+        plain=(TargetError,),
+    )
+
+
+def _run_chunk(
+    store: JobStore,
+    keeper: LeaseKeeper,
+    live_targets: Mapping[str, NodeTarget],
+    shadow_targets: Mapping[str, NodeTarget],
+    settings: PipelineSettings,
+    shutdown: Shutdown,
+    on_batch: Callable[[ReshardChunkReport, str], None] | None,
+) -> ReshardChunkReport:
+    started = time.monotonic()
+    lease = keeper.lease
+    job = lease.job
+    params = ReshardChunkParams.model_validate(job.params)
+    live_router = Router(Topology.parse(params.live_topology, source=f"chunk {job.id} live_topology"))
+    shadow_router = Router(Topology.parse(params.shadow_topology, source=f"chunk {job.id} shadow_topology"))
+    start, end = params.shard_start, params.shard_end
+    prog = dict(job.progress)
+    cursor = str(prog.get("last_cursor") or format_cursor(start, 0))
+    shard, offset = parse_cursor(cursor)
+    if not (start <= shard < end or (shard == end and offset == 0)):
+        raise ValueError(f"chunk {job.id}: cursor {cursor} outside shards [{start}, {end})")
+    report = ReshardChunkReport(
+        chunk_id=job.id,
+        attempt=lease.attempt,
+        shard_start=start,
+        shard_end=end,
+        resumed_from=cursor if (shard, offset) != (start, 0) else None,
+        documents=int(prog.get("documents_backfilled", 0)),
+        per_node={n: int(prog.get("per_node", {}).get(n, 0)) for n in shadow_router.node_ids},
+    )
+    if report.resumed_from:
+        log.info("chunk %s attempt %d resumes at %s", job.id, lease.attempt, cursor)
+    node_targets = [shadow_targets[n] for n in shadow_router.node_ids]
+    for t in node_targets:
+        if not t.index_exists(params.shadow_uid):
+            raise InvalidLiveDocument(
+                f"chunk {job.id}: shadow index {params.shadow_uid} is missing on node {t.node_id}; "
+                "it was deleted after planning. Plan the reshard again"
+            )
+    reader = ShardReader(live_router, live_targets, params.index_uid)
+    read_node: str | None = prog.get("read_node") if offset else None
+    run_batches(
+        store,
+        keeper,
+        node_targets,
+        params.shadow_uid,
+        params.primary_key,
+        _batches(params, reader, shadow_router, settings, shard, offset, read_node, report),
+        shutdown,
+        on_commit=(lambda batch: on_batch(report, batch.position)) if on_batch is not None else None,
+    )
+    report.duration_s = time.monotonic() - started
+    return report
+
+
+def _batches(
+    params: ReshardChunkParams,
+    reader: ShardReader,
+    router: Router,
+    settings: PipelineSettings,
+    shard: int,
+    offset: int,
+    read_node: str | None,
+    report: ReshardChunkReport,
+) -> Iterator[Batch]:
+    """Read and re-hash the range from ``shard:offset``; yield a batch whenever it fills (by
+    documents or bytes), then a final one at ``end:0``."""
+    end = params.shard_end
+    nodes = len(router.node_ids)
+    page_size = max(1, min(READ_PAGE_DOCS, settings.batch_size))
+    lines: list[list[bytes]] = [[] for _ in range(nodes)]
+    keys: list[list[str | int]] = [[] for _ in range(nodes)]
+    shards: list[list[int]] = [[] for _ in range(nodes)]
+    docs = nbytes = 0
+
+    def batch(next_shard: int, next_offset: int, *, final: bool = False) -> Batch:
+        nonlocal lines, keys, shards, docs, nbytes
+        for node_id, node_lines in zip(router.node_ids, lines, strict=True):
+            report.per_node[node_id] += len(node_lines)
+        report.documents += docs
+        metrics.RESHARD_DOCUMENTS_BACKFILLED.inc(docs)
+        at = format_cursor(next_shard, next_offset)
+        done = Batch(
+            lines=lines,
+            keys=keys,
+            shards=shards,
+            progress={
+                "last_cursor": at,
+                "documents_backfilled": report.documents,
+                "shards_done": next_shard - params.shard_start,
+                "per_node": dict(report.per_node),
+                # The node the cursor's offset refers to (offsets are per node); None at a shard start.
+                "read_node": reader.node if next_offset else None,
+            },
+            position=at,
+            final=final,
+        )
+        lines = [[] for _ in range(nodes)]
+        keys = [[] for _ in range(nodes)]
+        shards = [[] for _ in range(nodes)]
+        docs = nbytes = 0
+        return done
+
+    while shard < end:
+        page, offset = reader.read(shard, offset, page_size, read_node)
+        read_node = reader.node
+        for raw in page:
+            data, new_shard, pk = _rehash(raw, params, router, shard)
+            for i in router.targets[new_shard]:
+                lines[i].append(data)
+                keys[i].append(pk)
+                shards[i].append(new_shard)
+            docs += 1
+            nbytes += len(data)
+        offset += len(page)
+        if len(page) < page_size:
+            shard, offset, read_node = shard + 1, 0, None
+        if docs >= settings.batch_size or nbytes >= settings.memory_buffer_bytes // 2:
+            yield batch(shard, offset)
+    yield batch(end, 0, final=True)
+
+
+def _rehash(raw: bytes, params: ReshardChunkParams, router: Router, shard: int) -> tuple[bytes, int, str | int]:
+    """The document retagged with its new shard, that shard, and its primary key value.
+
+    Documents the pipeline wrote start with the shard tag; their primary key is decoded alone
+    and only the tag is rewritten. Anything else is decoded in full once.
+    """
+    pk_field = params.primary_key
+    try:
+        if raw.startswith(TAG_START):
+            pk = _decoder(pk_field).decode(raw).pk
+        else:
+            pk = orjson.loads(raw)[pk_field]
+        new_shard = router.shard(primary_key_text(pk))
+        return retag(raw, new_shard), new_shard, pk
+    except (orjson.JSONDecodeError, msgspec.DecodeError, msgspec.ValidationError, TypeError, KeyError, ValueError) as exc:
+        what = f"no {pk_field!r} field" if isinstance(exc, KeyError | TypeError) else str(exc)
+        raise InvalidLiveDocument(
+            f"index {params.index_uid} shard {shard}: a live document cannot be re-hashed ({what}): "
+            f"{raw[:200].decode('utf-8', 'replace')}"
+        ) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _decoder(pk_field: str) -> msgspec.json.Decoder[Any]:
+    """Decodes only the primary key of a live document (present and valid: it was imported)."""
+    struct: Any = msgspec.defstruct("LivePrimaryKey", [("pk", Any)], rename={"pk": pk_field})
+    return msgspec.json.Decoder(struct)

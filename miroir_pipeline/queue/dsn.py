@@ -1,0 +1,99 @@
+"""Jobs-store DSNs: the embedded default, parsing, schema names, and redaction for messages.
+
+``sqlite:///relative/path`` / ``sqlite:////absolute/path`` name a SQLite file;
+``postgresql://…`` / ``postgres://…`` a Postgres database (``?schema=NAME``, default ``miroir``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+__all__ = [
+    "DEFAULT_SQLITE_PATH",
+    "ENV_DSN",
+    "default_dsn",
+    "redact_dsn",
+    "split_schema",
+    "sqlite_path_from_dsn",
+    "validate_schema",
+]
+
+DEFAULT_SQLITE_PATH = "./.miroir/jobs.sqlite3"
+ENV_DSN = "MIROIR_JOBS_DSN"
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def default_dsn() -> str:
+    """The embedded default: a SQLite file under ``./.miroir/`` (the folder is created)."""
+    os.makedirs(os.path.dirname(DEFAULT_SQLITE_PATH), exist_ok=True)
+    return "sqlite:///" + DEFAULT_SQLITE_PATH
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ``***``, safe to show in errors and logs."""
+    if "://" not in dsn:
+        return _KV_PASSWORD.sub(r"\1***", dsn)
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable DSN>"
+    netloc, query, changed = parts.netloc, parts.query, False
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc, changed = userinfo.split(":", 1)[0] + ":***@" + host, True
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() == "password" for k, _ in pairs):
+        query = urlencode(
+            [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+        )
+        changed = True
+    if not changed:
+        return dsn
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def sqlite_path_from_dsn(dsn: str) -> str:
+    """``sqlite:///rel/path`` → ``rel/path``; ``sqlite:////abs/path`` → ``/abs/path``."""
+    prefix = "sqlite:///"
+    if not dsn.startswith(prefix):
+        raise ValueError(
+            f"bad SQLite DSN {dsn!r}: write sqlite:///relative/path or sqlite:////absolute/path"
+        )
+    path = dsn[len(prefix) :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        raise ValueError(
+            f"bad SQLite DSN {dsn!r}: the job store needs a file path shared by all "
+            "processes (e.g. sqlite:///.miroir/jobs.sqlite3)"
+        )
+    return path
+
+
+def split_schema(dsn: str) -> tuple[str, str | None]:
+    """Remove ``schema=NAME`` from a Postgres URL's query; return (DSN for psycopg, NAME)."""
+    parts = urlsplit(dsn)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    schema = None
+    kept = []
+    for key, value in pairs:
+        if key == "schema":
+            schema = value
+        else:
+            kept.append((key, value))
+    if schema is None:
+        return dsn, None
+    query = urlencode(kept, quote_via=quote)  # %20, not "+": libpq does not decode "+"
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment)), schema
+
+
+def validate_schema(schema: str) -> str:
+    """A plain SQL identifier (letters, digits, underscore; not starting with a digit)."""
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(
+            f"invalid Postgres schema name {schema!r}: use letters, digits and underscores, "
+            "starting with a letter or underscore, at most 63 characters"
+        )
+    return schema

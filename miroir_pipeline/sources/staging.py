@@ -1,0 +1,343 @@
+"""Stage compressed dumps as plain NDJSON so they can be split and read by byte range.
+
+Gzip'd NDJSON is decompressed, and a Meilisearch ``.dump`` has one index's
+``documents.jsonl`` extracted, into a staging dir on any pyarrow filesystem — streaming,
+in bounded memory, written atomically. A full disk is reported with the bytes needed and
+left, and the partial file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from miroir_pipeline.sources.meili_dump import read_meilisearch_dump
+from miroir_pipeline.sources.ranges import BLOCK_SIZE
+from miroir_pipeline.sources.resolve import (
+    DumpRef,
+    DumpSourceError,
+    errno_of,
+    locate,
+    resolve_dump,
+)
+
+__all__ = ["DumpKind", "StagedDump", "stage_dump"]
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_TAR_MAGIC_OFFSET = 257
+
+DumpKind = Literal["ndjson", "gzip", "meilisearch_dump"]
+
+
+@dataclass(frozen=True)
+class StagedDump:
+    """A dump ready to split: ``ref`` is plain NDJSON (the source itself, or a staged copy).
+
+    ``primary_key`` and ``settings`` come from a Meilisearch ``.dump`` (``None`` otherwise);
+    ``reused`` says a complete staged copy from an earlier call was used as is.
+    """
+
+    ref: DumpRef
+    primary_key: str | None
+    settings: dict[str, Any] | None
+    source_uri: str
+    kind: DumpKind = "ndjson"
+    index_uid: str | None = None
+    reused: bool = False
+    #: Non-empty ``tasks/update_files/*`` of a ``.dump``: document batches Meilisearch had
+    #: enqueued but not yet applied when it dumped. They are NOT in ``documents.jsonl``, so a
+    #: caller must report them (or refuse the dump) rather than lose them silently.
+    unapplied_update_files: tuple[str, ...] = ()
+
+
+def _sniff(ref: DumpRef) -> DumpKind:
+    """Tell plain NDJSON, gzip'd NDJSON and a tar.gz Meilisearch dump apart by content."""
+    if ref.size == 0:
+        return "ndjson"
+    with ref.filesystem.open_input_file(ref.path) as f:
+        head = f.read(_TAR_MAGIC_OFFSET + 8)
+    name = ref.path.lower()
+    archive_name = name.endswith((".dump", ".tar.gz", ".tgz"))
+    if head[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + 5] == b"ustar":
+        raise DumpSourceError(
+            f"dump {ref.uri!r} is an uncompressed tar archive; Meilisearch dumps are tar.gz — "
+            "pass the .dump file Meilisearch wrote, or gzip the tar"
+        )
+    if head[:2] != _GZIP_MAGIC:
+        if archive_name or name.endswith(".gz"):
+            raise DumpSourceError(
+                f"dump {ref.uri!r} is named like a gzip file but is not gzip-compressed; "
+                "check that the file is complete and not corrupted"
+            )
+        return "ndjson"
+    try:
+        with ref.filesystem.open_input_stream(ref.path, compression="gzip") as stream:
+            inner = stream.read(_TAR_MAGIC_OFFSET + 8)
+    except (OSError, pa.ArrowException) as exc:
+        raise DumpSourceError(f"dump {ref.uri!r} is not valid gzip: {exc}") from None
+    if inner[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + 5] == b"ustar":
+        return "meilisearch_dump"
+    if archive_name:
+        raise DumpSourceError(
+            f"dump {ref.uri!r} is gzip-compressed but holds no tar archive, so it is not a "
+            "Meilisearch .dump; rename it to .jsonl.gz if it is gzip'd NDJSON"
+        )
+    return "gzip"
+
+
+@dataclass
+class _StagingDir:
+    """Where staged files go: any pyarrow filesystem, with disk-space reporting when local."""
+
+    display: str
+    filesystem: pafs.FileSystem
+    path: str
+    is_local: bool
+
+    @classmethod
+    def open(cls, staging_dir: str) -> _StagingDir:
+        loc = locate(staging_dir, what="staging dir")
+        try:
+            if loc.is_local:
+                fs: pafs.FileSystem = pafs.LocalFileSystem()
+                path = loc.path
+            else:
+                fs, path = pafs.FileSystem.from_uri(staging_dir)
+            fs.create_dir(path, recursive=True)
+        except (OSError, pa.ArrowException) as exc:
+            raise DumpSourceError(
+                f"staging dir {staging_dir!r} cannot be created or used: {exc}; point it at a "
+                "writable directory with room for the uncompressed dump"
+            ) from None
+        return cls(staging_dir, fs, path, loc.is_local)
+
+    def join(self, name: str) -> str:
+        return (
+            posixpath.join(self.path, name) if not self.is_local else os.path.join(self.path, name)
+        )
+
+    def uri_of(self, path: str) -> str:
+        if self.is_local:
+            return path
+        base = self.display.rstrip("/")
+        return base + "/" + posixpath.basename(path)
+
+    def free_bytes(self) -> int | None:
+        if not self.is_local:
+            return None
+        try:
+            return shutil.disk_usage(self.path).free
+        except OSError:
+            return None
+
+    def remove_quietly(self, path: str) -> None:
+        with contextlib.suppress(OSError, pa.ArrowException):
+            self.filesystem.delete_file(path)
+
+    def no_space(self, attempted: int, needed: int | None) -> DumpSourceError:
+        """``attempted``: bytes written plus the block that did not fit (a lower bound)."""
+        free = self.free_bytes()
+        need = (
+            f"needs {needed} bytes" if needed is not None else f"needs at least {attempted} bytes"
+        )
+        left = f" but only {free} bytes are left there" if free is not None else ""
+        return DumpSourceError(
+            f"staging dir {self.display!r} is full: staging the dump {need}{left}; "
+            "the partial file was removed — free space or point the staging dir at a bigger volume"
+        )
+
+    def write(self, final: str, blocks: Iterable[bytes], needed: int | None) -> int:
+        """Write ``blocks`` to ``final`` atomically (temp file + move); return bytes written.
+
+        On any failure the partial file is removed; a full disk becomes a
+        :class:`DumpSourceError` naming this directory and the bytes needed and left.
+        """
+        if needed is not None:
+            free = self.free_bytes()
+            if free is not None and needed > free:
+                raise self.no_space(0, needed)
+        tmp = f"{final}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        written = attempted = 0
+        try:
+            with self.filesystem.open_output_stream(tmp) as out:
+                for block in blocks:
+                    attempted = written + len(block)
+                    out.write(block)
+                    written = attempted
+            self.filesystem.move(tmp, final)
+        except BaseException as exc:
+            self.remove_quietly(tmp)
+            if isinstance(exc, OSError) and errno_of(exc) == errno.ENOSPC:
+                raise self.no_space(attempted, needed) from None
+            if isinstance(exc, (OSError, pa.ArrowException)):
+                raise DumpSourceError(
+                    f"staging into {self.display!r} failed after {written} bytes: {exc}"
+                ) from None
+            raise
+        return written
+
+
+class _CorruptSource(Exception):
+    """Reading (not writing) failed: kept apart so a corrupt input is not blamed on the disk."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _source_blocks(stream: IO[bytes] | pa.NativeFile) -> Iterator[bytes]:
+    """Read ``stream`` to its end in ``BLOCK_SIZE`` blocks; read errors become ``_CorruptSource``."""
+    while True:
+        try:
+            block = stream.read(BLOCK_SIZE)
+        except (OSError, pa.ArrowException, tarfile.TarError, EOFError) as exc:
+            raise _CorruptSource(str(exc)) from None
+        if not block:
+            return
+        yield bytes(block)
+
+
+def _staged_name(source: DumpRef, index_uid: str | None) -> str:
+    digest = hashlib.sha256(f"{source.uri}\0{index_uid or ''}".encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(source.path))[:60] or "dump"
+    return f"{stem}-{digest}.jsonl"
+
+
+def _source_stamp(source: DumpRef) -> dict[str, Any]:
+    info = source.filesystem.get_file_info(source.path)
+    return {"source_uri": source.uri, "source_size": source.size, "source_mtime_ns": info.mtime_ns}
+
+
+def _reuse(
+    staging: _StagingDir, final: str, marker: str, stamp: dict[str, Any], index_uid: str | None
+) -> dict[str, Any] | None:
+    """The marker of a complete staged copy of this very source, or ``None``."""
+    try:
+        with staging.filesystem.open_input_stream(marker) as f:
+            recorded = json.loads(f.read())
+        info = staging.filesystem.get_file_info(final)
+    except (OSError, pa.ArrowException, ValueError):
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    if any(recorded.get(k) != v for k, v in stamp.items()):
+        return None
+    if recorded.get("requested_index_uid") != index_uid:
+        return None
+    if info.type != pafs.FileType.File or info.size != recorded.get("staged_size"):
+        return None
+    return recorded
+
+
+def stage_dump(
+    uri: str,
+    staging_dir: str,
+    allowed_roots: Sequence[str] | None,
+    *,
+    index_uid: str | None = None,
+) -> StagedDump:
+    """Make a dump splittable by byte range; return where its NDJSON is.
+
+    Plain NDJSON/JSONL is used in place. Gzip'd NDJSON is decompressed, and a Meilisearch
+    ``.dump`` (tar.gz, v6 layout) has one index's ``documents.jsonl`` extracted, into
+    ``staging_dir``. ``index_uid`` picks the index of a ``.dump``; it may be omitted when
+    the dump holds exactly one. A complete staged copy of the same source (same size and
+    mtime) is reused rather than rebuilt.
+    """
+    source = resolve_dump(uri, allowed_roots)
+    kind = _sniff(source)
+    if kind == "ndjson":  # plain NDJSON carries no index of its own; the caller's uid applies
+        return StagedDump(source, None, None, uri, kind="ndjson", index_uid=index_uid)
+
+    staging = _StagingDir.open(staging_dir)
+    final = staging.join(_staged_name(source, index_uid))
+    marker = final + ".complete"
+    stamp = _source_stamp(source)
+    recorded = _reuse(staging, final, marker, stamp, index_uid)
+    if recorded is None:
+        staging.remove_quietly(marker)
+        if kind == "gzip":
+            _stage_gzip(source, staging, final)
+            recorded = {"primary_key": None, "settings": None, "index_uid": index_uid}
+        else:
+            recorded = _stage_meilisearch_dump(source, staging, final, index_uid)
+        recorded.update(stamp)
+        recorded["requested_index_uid"] = index_uid
+        recorded["kind"] = kind
+        recorded["staged_size"] = staging.filesystem.get_file_info(final).size
+        payload = json.dumps(recorded, sort_keys=True).encode()
+        try:
+            staging.write(marker, [payload], needed=len(payload))
+        except DumpSourceError:
+            staging.remove_quietly(final)  # without its marker the copy would never be reused
+            raise
+        reused = False
+    else:
+        reused = True
+    ref = DumpRef(
+        uri=staging.uri_of(final),
+        filesystem=staging.filesystem,
+        path=final,
+        size=int(recorded["staged_size"]),
+    )
+    return StagedDump(
+        ref=ref,
+        primary_key=recorded.get("primary_key"),
+        settings=recorded.get("settings"),
+        source_uri=uri,
+        kind=kind,
+        index_uid=recorded.get("index_uid"),
+        reused=reused,
+        unapplied_update_files=tuple(recorded.get("unapplied_update_files") or ()),
+    )
+
+
+def _stage_gzip(source: DumpRef, staging: _StagingDir, final: str) -> None:
+    try:
+        with source.filesystem.open_input_stream(source.path, compression="gzip") as stream:
+            staging.write(final, _source_blocks(stream), needed=None)
+    except _CorruptSource as exc:
+        raise DumpSourceError(
+            f"dump {source.uri!r} is not valid gzip ({exc.detail}); check that the file is complete"
+        ) from None
+
+
+def _stage_meilisearch_dump(
+    source: DumpRef, staging: _StagingDir, final: str, index_uid: str | None
+) -> dict[str, Any]:
+    """Extract one index's ``documents.jsonl`` to ``final``; return what goes in the marker."""
+
+    def write_documents(handle: IO[bytes], size: int) -> None:
+        staging.write(final, _source_blocks(handle), needed=size)
+
+    try:
+        index = read_meilisearch_dump(source, index_uid, write_documents)
+    except _CorruptSource as exc:
+        staging.remove_quietly(final)
+        raise DumpSourceError(
+            f"dump {source.uri!r} is not a readable tar.gz archive ({exc.detail}); "
+            "check that the file is complete"
+        ) from None
+    except DumpSourceError:
+        staging.remove_quietly(final)
+        raise
+    return {
+        "primary_key": index.primary_key,
+        "settings": index.settings,
+        "index_uid": index.index_uid,
+        "unapplied_update_files": list(index.unapplied_update_files),
+    }
