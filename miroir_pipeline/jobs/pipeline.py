@@ -21,12 +21,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from miroir_pipeline.fleet.targets.base import NodeTarget
+from miroir_pipeline.fleet.targets.base import DocumentsRefused, NodeTarget
 from miroir_pipeline.queue.contract import JobStore
 from miroir_pipeline.queue.lease import LeaseKeeper, hand_back
 from miroir_pipeline.queue.shutdown import Shutdown
 
-__all__ = ["Batch", "run_batches"]
+__all__ = ["Batch", "Refusals", "run_batches"]
+
+#: Per target (its index in the pipeline's targets), the documents it refused in a batch.
+Refusals = dict[int, DocumentsRefused]
 
 
 @dataclass
@@ -55,18 +58,22 @@ def run_batches(
     batches: Iterator[Batch],
     shutdown: Shutdown,
     *,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[Batch], None] | None = None,
     on_commit: Callable[[Batch], None] | None = None,
+    on_refused: Callable[[Batch, Refusals], None] | None = None,
 ) -> None:
     """Write every batch to its targets and commit its progress, one batch in flight at a time.
 
     ``before_commit`` runs after all targets acknowledged a batch and before its progress is
     saved (e.g. syncing a dead-letter file the progress points into); ``on_commit`` after.
-    Raises the first target error, :class:`LeaseLost` as soon as the fence refuses a write, and
-    :class:`ChunkHandedBack` after handing the chunk back on a drain request.
+    Documents a target refused for what they are (the rest of the batch was written) go to
+    ``on_refused`` before the commit: it records them (and amends the batch's progress) or
+    raises; without it the first refusal is raised. Otherwise raises the first target error,
+    :class:`LeaseLost` as soon as the fence refuses a write, and :class:`ChunkHandedBack` after
+    handing the chunk back on a drain request.
     """
     pool = ThreadPoolExecutor(max_workers=max(1, len(targets)), thread_name_prefix=f"write-{keeper.lease.job_id}")
-    in_flight: tuple[list[Future[None]], Batch] | None = None
+    in_flight: tuple[list[tuple[int, Future[None]]], Batch] | None = None
 
     def settle() -> None:
         nonlocal in_flight
@@ -74,10 +81,18 @@ def run_batches(
             return
         writes, batch = in_flight
         in_flight = None
-        for write in writes:
-            write.result()  # raises the node's TargetError
+        refusals: Refusals = {}
+        for target_index, write in writes:
+            try:
+                write.result()  # raises the node's TargetError
+            except DocumentsRefused as exc:
+                refusals[target_index] = exc
+        if refusals:
+            if on_refused is None:
+                raise next(iter(refusals.values()))
+            on_refused(batch, refusals)
         if before_commit is not None:
-            before_commit()
+            before_commit(batch)
         keeper.check()
         store.save_progress(keeper.lease, batch.progress)
         if on_commit is not None:
@@ -87,8 +102,10 @@ def run_batches(
         for batch in batches:
             settle()
             writes = [
-                pool.submit(target.write_routed, index_uid, primary_key, lines, keys, shards)
-                for target, lines, keys, shards in zip(targets, batch.lines, batch.keys, batch.shards, strict=True)
+                (i, pool.submit(target.write_routed, index_uid, primary_key, lines, keys, shards))
+                for i, (target, lines, keys, shards) in enumerate(
+                    zip(targets, batch.lines, batch.keys, batch.shards, strict=True)
+                )
                 if lines
             ]
             in_flight = (writes, batch)

@@ -93,6 +93,12 @@ def test_bom_only_accepted_on_the_first_line_of_the_file() -> None:
         (b'{"id":1,', "invalid JSON"),
         (b'{"id":"ok","v":"\xff\xfe"}', "invalid UTF-8"),
         (b"{oops}", "invalid JSON"),
+        # What every target would refuse is caught here, one line at a time:
+        (b'{"id":"d1","id":"d2","t":"dup"}', "appears more than once"),
+        (b'{"\\u0069d":"e1","id":"e2"}', "appears more than once"),
+        (b'{"id":"n","x":' + b"[" * 300 + b"1" + b"]" * 300 + b"}", "deeper than 128"),
+        (b'{"id":"n","x":' + b"[" * 100_000 + b"1" + b"]" * 100_000 + b"}", "deeper than 128"),
+        (b'{"id":"v","_vectors":"x"}', "_vectors must be an object"),
     ],
 )
 def test_invalid_lines_are_reported_with_position_and_reason(line: bytes, reason: str) -> None:
@@ -141,3 +147,9 @@ def test_property_every_valid_document_routed_exactly_per_formula(ids: list[int 
         for node in write_targets(shard_for_key(i, 64), TOPO):
             counts[node] += 1
     assert dict(zip(dr.router.node_ids, dr.per_node_docs, strict=True)) == counts
+
+
+def test_nested_fields_named_like_the_primary_key_are_fine() -> None:
+    block = b'{"id":1,"author":{"id":9},"tags":[{"id":2}]}\n{"id":2,"t":"\\u00e9"}\n'
+    _, invalid, n, _ = route(block)
+    assert (n, invalid) == (2, [])

@@ -1,4 +1,4 @@
-"""The node-target contract: where routed documents are written and read back (DESIGN §5).
+"""The node-target contract: where routed documents are written and read back.
 
 Two implementations: the local node store (``local://PATH``) and a Meilisearch node
 (``http(s)://``). Writes are idempotent by primary key: a re-sent document replaces the old one.
@@ -7,10 +7,18 @@ Two implementations: the local node store (``local://PATH``) and a Meilisearch n
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["IndexNotFound", "NodeTarget", "TargetError"]
+__all__ = [
+    "DocumentsRefused",
+    "IndexNotFound",
+    "NodeTarget",
+    "RefusedDocument",
+    "TargetError",
+    "isolate_refused",
+]
 
 
 class TargetError(RuntimeError):
@@ -24,6 +32,65 @@ class TargetError(RuntimeError):
 
 class IndexNotFound(TargetError):
     pass
+
+
+@dataclass(frozen=True)
+class RefusedDocument:
+    """One document a node refused for what it is: its position in the batch written, and the
+    node's own words."""
+
+    position: int
+    message: str
+    code: str | None = None
+
+
+class DocumentsRefused(TargetError):
+    """A node refused some documents of a batch for what they are (not for its own state); every
+    other document of the batch was written. Retrying cannot help: the documents must change."""
+
+    def __init__(self, node_id: str, index_uid: str, refused: Sequence[RefusedDocument]) -> None:
+        first = refused[0]
+        super().__init__(
+            f"node {node_id}: index {index_uid}: {len(refused)} document(s) refused, first at "
+            f"position {first.position} of the batch: {first.message}",
+            node_id=node_id,
+            retryable=False,
+        )
+        self.index_uid = index_uid
+        self.refused = list(refused)
+
+
+def isolate_refused(
+    lines: Sequence[bytes],
+    write: Callable[[Sequence[bytes]], None],
+    refusal_of: Callable[[TargetError], RefusedDocument | None],
+) -> list[RefusedDocument]:
+    """Write ``lines`` by halves until every refused document is alone, and return those.
+
+    ``write`` sends documents to the node (raising :class:`TargetError`); ``refusal_of`` says
+    whether an error is about the documents sent (a :class:`RefusedDocument` template) or about
+    the node (None: re-raised at once). Halves are written in order, so a later version of a
+    document still lands last. Costs about ``2 * refused * log2(len(lines))`` writes.
+    """
+    refused: list[RefusedDocument] = []
+
+    def attempt(part: Sequence[bytes], base: int) -> None:
+        try:
+            write(part)
+            return
+        except TargetError as exc:
+            template = refusal_of(exc)
+            if template is None:
+                raise
+            if len(part) == 1:
+                refused.append(RefusedDocument(base, template.message, template.code))
+                return
+        mid = len(part) // 2
+        attempt(part[:mid], base)
+        attempt(part[mid:], base + mid)
+
+    attempt(lines, 0)
+    return refused
 
 
 class NodeTarget(abc.ABC):
@@ -55,8 +122,9 @@ class NodeTarget(abc.ABC):
         shards: Sequence[int],
     ) -> None:
         """Write documents the router already parsed: each line with its primary key value and
-        shard. Same guarantee as :meth:`write_documents`; a target that can use the parsed keys
-        (the local store) overrides this to skip decoding them again."""
+        shard. Same guarantee as :meth:`write_documents`; raises :class:`DocumentsRefused` (after
+        writing every other document) when the node refuses some documents for what they are.
+        A target that can use the parsed keys (the local store) skips decoding them again."""
         self.write_documents(index_uid, primary_key, b"\n".join(lines) + b"\n", len(lines))
 
     @abc.abstractmethod

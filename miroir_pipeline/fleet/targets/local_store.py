@@ -21,10 +21,17 @@ from typing import Any
 
 import msgspec
 
+from miroir_pipeline.fleet.document_rules import block_may_break_rules, document_problem
 from miroir_pipeline.fleet.routing import SHARD_FIELD
 from miroir_pipeline.fleet.targets._settings import merge_settings
 from miroir_pipeline.fleet.targets._sql import load_statements
-from miroir_pipeline.fleet.targets.base import IndexNotFound, NodeTarget, TargetError
+from miroir_pipeline.fleet.targets.base import (
+    DocumentsRefused,
+    IndexNotFound,
+    NodeTarget,
+    RefusedDocument,
+    TargetError,
+)
 from miroir_pipeline.util.sqlite_wal import set_wal
 
 __all__ = ["STORE_FILENAME", "LocalNodeStore"]
@@ -258,6 +265,12 @@ class LocalNodeStore(NodeTarget):
                     f"valid {primary_key!r} or {SHARD_FIELD!r}: {exc}",
                     node_id=self.node_id,
                 ) from exc
+            problem = document_problem(line, primary_key)
+            if problem is not None:
+                raise TargetError(
+                    f"node {self.node_id}: index {index_uid}: document {number} of the batch: {problem}",
+                    node_id=self.node_id,
+                )
             pk = key.pk
             rows.append((pk if isinstance(pk, str) else str(pk), key.shard, line))
         self._upsert(index_uid, primary_key, rows)
@@ -278,7 +291,26 @@ class LocalNodeStore(NodeTarget):
                 node_id=self.node_id,
             )
         rows = [(k if type(k) is str else str(k), s, d) for k, s, d in zip(keys, shards, lines, strict=True)]
+        refused = self._refuse_as_meilisearch_would(lines, primary_key)
+        if refused:
+            bad = {r.position for r in refused}
+            rows = [row for i, row in enumerate(rows) if i not in bad]
         self._upsert(index_uid, primary_key, rows)
+        if refused:
+            raise DocumentsRefused(self.node_id, index_uid, refused)
+
+    def _refuse_as_meilisearch_would(self, lines: Sequence[bytes], primary_key: str) -> list[RefusedDocument]:
+        """The documents a Meilisearch node would refuse, so the embedded default never accepts
+        what production would not (cheap pre-filters first: almost no line is decoded)."""
+        quoted = json.dumps(primary_key).encode()
+        if not block_may_break_rules(b"\n".join(lines), len(lines), quoted):
+            return []
+        refused = []
+        for i, line in enumerate(lines):
+            problem = document_problem(line, primary_key, quoted)
+            if problem is not None:
+                refused.append(RefusedDocument(i, problem, "invalid_document"))
+        return refused
 
     def _upsert(self, index_uid: str, primary_key: str, rows: list[tuple[str, int, bytes]]) -> None:
         # Inserting in key order touches b-tree pages in order: noticeably faster than random.

@@ -15,8 +15,9 @@ import gzip
 import logging
 import os
 import random
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -25,7 +26,14 @@ import msgspec
 
 from miroir_pipeline.fleet.routing import SHARD_FIELD
 from miroir_pipeline.fleet.targets._settings import with_shard_filterable
-from miroir_pipeline.fleet.targets.base import IndexNotFound, NodeTarget, TargetError
+from miroir_pipeline.fleet.targets.base import (
+    DocumentsRefused,
+    IndexNotFound,
+    NodeTarget,
+    RefusedDocument,
+    TargetError,
+    isolate_refused,
+)
 from miroir_pipeline.fleet.topology import DEFAULT_PAYLOAD_LIMIT, Node
 
 log = logging.getLogger(__name__)
@@ -41,10 +49,14 @@ _FACET_VALUES_FLOOR = 1000
 class TaskFailed(TargetError):
     """A Meilisearch task ended ``failed`` or ``canceled``; ``code`` is Meilisearch's error code."""
 
-    def __init__(self, message: str, *, node_id: str, task_uid: int, code: str | None) -> None:
+    def __init__(
+        self, message: str, *, node_id: str, task_uid: int, code: str | None, node_message: str = ""
+    ) -> None:
         super().__init__(message, node_id=node_id, retryable=False)
         self.task_uid = task_uid
         self.code = code
+        #: The node's own error message, as it gave it.
+        self.node_message = node_message
 
 
 class _Page(msgspec.Struct):
@@ -52,6 +64,38 @@ class _Page(msgspec.Struct):
 
     results: list[msgspec.Raw]
     total: int
+
+
+#: Error codes by which a failed task blames the documents it was given, not the node.
+DOCUMENT_ERROR_CODES = frozenset(
+    {
+        "missing_document_id",
+        "invalid_document_id",
+        "invalid_document_fields",
+        "invalid_document_geo_field",
+        "invalid_document_geojson_field",
+        "invalid_vector_dimensions",
+        "invalid_vectors_type",
+        "document_fields_limit_reached",
+        "invalid_document_vectors",
+        "missing_document_filter",
+    }
+)
+#: How serde_json words a document it cannot deserialize (reported with code ``internal``).
+_DOCUMENT_PARSE_ERROR = re.compile(r"(invalid type|recursion limit exceeded|invalid value).* at line \d+ column \d+")
+
+
+def document_refusal(exc: TargetError) -> RefusedDocument | None:
+    """The refusal an error makes of the documents sent, or None when it is about the node."""
+    if not isinstance(exc, TaskFailed):
+        return None
+    code = exc.code or ""
+    message = exc.node_message or str(exc)
+    if code in DOCUMENT_ERROR_CODES or code.startswith("invalid_document_") or (
+        code == "internal" and _DOCUMENT_PARSE_ERROR.search(message)
+    ):
+        return RefusedDocument(-1, message, code)
+    return None
 
 
 def split_ndjson(ndjson: bytes, limit: int) -> list[bytes]:
@@ -279,6 +323,7 @@ class MeilisearchNode(NodeTarget):
                     node_id=self.node_id,
                     task_uid=task_uid,
                     code=code,
+                    node_message=str(error.get("message", "")),
                 )
             if time.monotonic() >= deadline:
                 raise TargetError(
@@ -417,6 +462,35 @@ class MeilisearchNode(NodeTarget):
         # Tasks run in order on the node: awaiting them in order polls the least.
         for task in tasks:
             self.await_task(task, what="adding documents", index_uid=index_uid)
+
+    def write_routed(
+        self,
+        index_uid: str,
+        primary_key: str,
+        lines: Sequence[bytes],
+        keys: Sequence[str | int],
+        shards: Sequence[int],
+    ) -> None:
+        """Write the batch; when the node refuses documents for what they are, write it again by
+        halves until each refused document is alone, so the good ones of the batch still land
+        (:class:`DocumentsRefused` then names the refused ones with the node's own message)."""
+
+        def write(part: Sequence[bytes]) -> None:
+            self.write_documents(index_uid, primary_key, b"\n".join(part) + b"\n", len(part))
+
+        try:
+            write(lines)
+            return
+        except TaskFailed as exc:
+            if document_refusal(exc) is None or len(lines) == 0:
+                raise
+            whole = exc
+        refused = isolate_refused(lines, write, document_refusal)
+        if not refused:
+            return  # the refusal did not repeat (the documents were fine): all written now
+        if len(refused) == len(lines) > 1:
+            raise whole  # every document refused alone: a problem of the node, not the documents
+        raise DocumentsRefused(self.node_id, index_uid, refused)
 
     def index_exists(self, index_uid: str) -> bool:
         return self._index_info(index_uid) is not None

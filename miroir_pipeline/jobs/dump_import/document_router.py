@@ -1,11 +1,13 @@
 """The import hot path: NDJSON lines → primary key → shard → ``_miroir_shard`` injected →
-per-node buffers (DESIGN §6 step 3).
+per-node buffers.
 
 Only the primary key (and a stray ``_miroir_shard``) is decoded; every other field is checked
 by msgspec's JSON scanner but never becomes a Python object, and the document bytes are
 forwarded as they are, with the shard spliced in after the opening brace. Block-level checks
 (UTF-8 via Arrow's SIMD validator, CR, leading bytes) let ordinary blocks take a loop with no
-per-line special cases; anything unusual takes the careful per-line path.
+per-line special cases; anything unusual takes the careful per-line path. What every target
+would refuse (nesting too deep, a duplicated primary-key field) is caught here with C-speed
+pre-filters, so such a line fails alone and names its line instead of failing a node's batch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import msgspec
 import orjson
 import pyarrow as pa
 
+from miroir_pipeline.fleet.document_rules import (
+    block_may_break_rules,
+    depth_exceeds,
+    document_problem,
+)
 from miroir_pipeline.fleet.routing import SHARD_FIELD, InvalidPrimaryKey, Router, primary_key_text
+from miroir_pipeline.fleet.shard_tag import shard_prefixes, tag
 
 __all__ = ["BlockResult", "DocumentRouter", "InvalidLine", "RoutedBatch"]
 
@@ -66,7 +74,9 @@ class DocumentRouter:
             rename={"pk": primary_key, "shard": SHARD_FIELD},
         )
         self._decode = msgspec.json.Decoder(strict).decode
-        self._prefixes = [b'{"%s":%d,' % (SHARD_FIELD.encode(), s) for s in range(router.shards)]
+        self._prefixes = shard_prefixes(router.shards)
+        self._quoted_pk = orjson.dumps(primary_key)
+        self._check_rules = True
         self._targets = router.targets
         self._replicas = len(router.targets[0]) if router.targets else 1
         self.buffers: list[list[bytes]] = [[] for _ in router.node_ids]
@@ -116,6 +126,7 @@ class DocumentRouter:
             lines.pop()
         result = BlockResult(lines=len(lines))
         self._at_file_start = at_file_start
+        self._check_rules = block_may_break_rules(block, len(lines), self._quoted_pk)
         self._blank = 0
         if self._plain(block, lines, at_file_start):
             docs = self._route_fast(lines, invalid)
@@ -146,22 +157,29 @@ class DocumentRouter:
         shard_of = self.shards
         shard_of_key = self.router.shard  # the one place the routing formula lives
         unset = msgspec.UNSET
+        quoted_pk = self._quoted_pk
+        primary_key = self.primary_key
+        check_rules = base >= 0 or self._check_rules
         docs = 0
         for i, line in enumerate(lines):
             try:
                 if line[0] != 123:  # not "{": blank, BOM, whitespace, or not an object
                     raise ValueError
                 doc = decode(line)
-            except (IndexError, ValueError):  # msgspec's errors are ValueErrors too
+            except (IndexError, ValueError, RecursionError):  # msgspec's errors are ValueErrors too
                 if base < 0:
                     docs += self._route_careful(lines, i, invalid)
                 else:
                     invalid.append(self._explain(self._lines_ctx, base, line))
                 continue
+            if check_rules and document_problem(line, primary_key, quoted_pk) is not None:
+                ctx, at = (lines, i) if base < 0 else (self._lines_ctx, base)
+                invalid.append(self._explain(ctx, at, line))
+                continue
             pk = doc.pk
             key = pk.encode() if type(pk) is str else b"%d" % pk
             shard = shard_of_key(key)
-            out = prefixes[shard] + line[1:] if doc.shard is unset else _replace_shard(line, shard)
+            out = tag(line, shard, prefixes[shard], carries_tag=doc.shard is not unset)
             for node in targets[shard]:
                 buffers[node].append(out)
                 keys[node].append(pk)
@@ -191,7 +209,9 @@ class DocumentRouter:
         return self._route_fast([line], invalid, base=i)
 
     def _explain(self, lines: list[bytes], i: int, line: bytes) -> InvalidLine:
-        """Why msgspec refused a line (already stripped of BOM/whitespace), in an operator's words."""
+        """Why a line is refused (already stripped of BOM/whitespace), in an operator's words."""
+        if depth_exceeds(line):
+            return self._invalid(lines, i, str(document_problem(line, self.primary_key)))
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
@@ -204,6 +224,9 @@ class DocumentRouter:
             primary_key_text(doc[self.primary_key])
         except InvalidPrimaryKey as exc:
             return self._invalid(lines, i, str(exc))
+        problem = document_problem(line, self.primary_key, self._quoted_pk)
+        if problem is not None:
+            return self._invalid(lines, i, problem)
         return self._invalid(lines, i, "document rejected by the JSON decoder")
 
     @staticmethod
@@ -223,10 +246,3 @@ def _utf8_valid(block: bytes) -> bool:
     except pa.ArrowInvalid:
         return False
     return True
-
-
-def _replace_shard(line: bytes, shard: int) -> bytes:
-    """Rare path: the dump carries its own ``_miroir_shard``; replace it (DESIGN §2)."""
-    doc = orjson.loads(line)
-    doc[SHARD_FIELD] = shard
-    return bytes(orjson.dumps(doc))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from miroir_pipeline import metrics
 from miroir_pipeline.fleet.routing import Router
-from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
+from miroir_pipeline.fleet.shard_tag import TAG_START
+from miroir_pipeline.fleet.targets.base import NodeTarget, RefusedDocument, TargetError
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetter
 from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
@@ -20,7 +21,7 @@ from miroir_pipeline.jobs.dump_import.params import (
     DumpChunkParams,
     InvalidDocumentError,
 )
-from miroir_pipeline.jobs.pipeline import Batch, run_batches
+from miroir_pipeline.jobs.pipeline import Batch, Refusals, run_batches
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue.contract import JobStore, Lease
 from miroir_pipeline.queue.lease import LeaseKeeper, run_under_lease
@@ -88,12 +89,16 @@ def _run_chunk(
     for t in node_targets:
         t.ensure_index(params.index_uid, params.primary_key, None)
     dead: DeadLetter | None = None
+    refused_dead: DeadLetter | None = None
     if params.on_invalid_document == "skip":
-        dead = DeadLetter(
-            Path(settings.dead_letter_dir) / (job.parent_job_id or "orphans") / f"{job.id}.ndjson",
-            int(prog.get("dead_letter_bytes", 0)),
-        )
+        folder = Path(settings.dead_letter_dir) / (job.parent_job_id or "orphans")
+        dead = DeadLetter(folder / f"{job.id}.ndjson", int(prog.get("dead_letter_bytes", 0)))
+        # Documents a node refused are only known once their batch is acknowledged, after the
+        # router has moved on: they get their own file, so each file's committed size holds.
+        refused_dead = DeadLetter(folder / f"{job.id}.refused.ndjson", int(prog.get("refused_dead_letter_bytes", 0)))
         report.dead_letter = str(dead.path)
+    line_counter = _LineCounter(resolve_dump(params.data_uri, None))
+    refusals = _RefusedByNodes(params, router, line_counter, refused_dead, report)
     try:
         run_batches(
             store,
@@ -101,16 +106,129 @@ def _run_chunk(
             node_targets,
             params.index_uid,
             params.primary_key,
-            _batches(params, router, settings, cursor, int(prog.get("blank_lines", 0)), report, dead),
+            _batches(params, router, settings, cursor, int(prog.get("blank_lines", 0)), report, dead, line_counter),
             shutdown,
-            before_commit=dead.sync if dead is not None else None,
+            before_commit=lambda batch: refusals.amend(batch, dead),
             on_commit=(lambda _batch: on_batch(report)) if on_batch is not None else None,
+            on_refused=refusals.record,
         )
     finally:
-        if dead is not None:
-            dead.close()
+        for file in (dead, refused_dead):
+            if file is not None:
+                file.close()
+    refusals.settle_report()
     report.duration_s = time.monotonic() - started
     return report
+
+
+class _RefusedByNodes:
+    """Documents the nodes refused for what they are (found after their batch was written).
+
+    Under ``fail`` the first one stops the chunk naming its line; under ``skip`` each goes to the
+    dead letter with the node's own message. The router counted them as routed when it took
+    them, so the progress of every later commit is amended by what was refused so far.
+    """
+
+    def __init__(
+        self,
+        params: DumpChunkParams,
+        router: Router,
+        line_counter: _LineCounter,
+        dead: DeadLetter | None,
+        report: ChunkReport,
+    ) -> None:
+        self.params = params
+        self.node_ids = router.node_ids
+        self.line_counter = line_counter
+        self.dead = dead
+        self.report = report
+        self.documents = 0
+        self.per_node: dict[str, int] = {}
+
+    def record(self, batch: Batch, refusals: Refusals) -> None:
+        found: dict[bytes, list[tuple[str, RefusedDocument]]] = {}
+        for target_index, exc in sorted(refusals.items()):
+            node = self.node_ids[target_index]
+            for refused in exc.refused:
+                found.setdefault(bytes(batch.lines[target_index][refused.position]), []).append((node, refused))
+        start, end = int(batch.extra["start"]), int(batch.extra["end"])
+        data = _read(self.params, start, end)
+        for doc, by_nodes in found.items():
+            node, refused = by_nodes[0]
+            line_no, offset = self._locate(doc, data, start)
+            where = (
+                f"{self.params.source_uri}: line {line_no}, byte offset {offset}"
+                if line_no
+                else f"{self.params.source_uri}: a line between byte offsets {start} and {end}"
+            )
+            if self.dead is None:
+                raise InvalidDocumentError(
+                    f"{where}: node {node} refused the document: {refused.message}. Fix the line, or "
+                    "rerun with --on-invalid skip (on_invalid_document: skip in Dagster run config) to "
+                    "send such documents to a dead-letter file"
+                )
+            self.dead.write(
+                {
+                    "dump": self.params.source_uri,
+                    "line": line_no,
+                    "byte_offset": offset,
+                    "reason": f"node {node} refused the document: {refused.message}",
+                    "node": node,
+                    "code": refused.code,
+                    "raw": _untagged(doc).decode("utf-8", "backslashreplace"),
+                }
+            )
+            self.documents += 1
+            for n, _ in by_nodes:
+                self.per_node[n] = self.per_node.get(n, 0) + 1
+            metrics.INVALID_DOCUMENTS.labels(job_type=DUMP_IMPORT, policy="skip").inc()
+
+    def amend(self, batch: Batch, dead: DeadLetter | None) -> None:
+        """Before a commit: make the dead letters durable and take the refusals out of the
+        batch's counts (its progress was taken when the router handed the batch over)."""
+        if dead is not None:
+            dead.sync()
+        if self.dead is not None:
+            self.dead.sync()
+            batch.progress["refused_dead_letter_bytes"] = self.dead.size
+        if not self.documents:
+            return
+        progress = batch.progress
+        progress["docs_routed"] = int(progress["docs_routed"]) - self.documents
+        progress["invalid_documents"] = int(progress["invalid_documents"]) + self.documents
+        progress["per_node"] = {n: c - self.per_node.get(n, 0) for n, c in progress["per_node"].items()}
+
+    def settle_report(self) -> None:
+        """The final report counts refused documents as invalid, not as routed."""
+        self.report.documents -= self.documents
+        self.report.invalid_documents += self.documents
+        self.report.per_node = {n: c - self.per_node.get(n, 0) for n, c in self.report.per_node.items()}
+
+    def _locate(self, doc: bytes, data: bytes, start: int) -> tuple[int, int]:
+        """(line number, byte offset) of the dump line a refused document came from; (0, 0) when
+        it cannot be found (a document whose ``_miroir_shard`` the router replaced)."""
+        at = data.find(_untagged(doc)[1:])
+        if at < 0:
+            return 0, 0
+        line_start = data.rfind(b"\n", 0, at) + 1
+        return self.line_counter.line_at(start) + data.count(b"\n", 0, line_start), start + line_start
+
+
+def _untagged(doc: bytes) -> bytes:
+    """The document as the dump held it: the router's ``_miroir_shard`` prefix taken out."""
+    if doc.startswith(TAG_START):
+        comma = doc.find(b",", len(TAG_START))
+        if comma > 0:
+            return b"{" + doc[comma + 1 :]
+    return doc
+
+
+def _read(params: DumpChunkParams, start: int, end: int) -> bytes:
+    reader = open_range(resolve_dump(params.data_uri, None), start, end)
+    try:
+        return bytes(reader.read(end - start))
+    finally:
+        reader.close()
 
 
 def _batches(
@@ -121,15 +239,17 @@ def _batches(
     blank_lines: int,
     report: ChunkReport,
     dead: DeadLetter | None,
+    line_counter: _LineCounter,
 ) -> Iterator[Batch]:
     """Route the chunk's lines from ``cursor`` and yield a batch whenever the buffers fill (by
     documents or by bytes, so memory stays bounded whatever the chunk size), then a final one."""
     doc_router = DocumentRouter(router, params.primary_key, settings.max_document_bytes)
     doc_router.set_per_node_docs([report.per_node[n] for n in router.node_ids])
     ref = resolve_dump(params.data_uri, None)
-    line_counter = _LineCounter(ref)
+    batch_start = cursor
 
     def batch(pos: int, *, final: bool = False) -> Batch:
+        nonlocal batch_start
         routed = doc_router.take_buffers()
         report.per_node = dict(zip(router.node_ids, doc_router.per_node_docs, strict=True))
         report.bytes = pos - params.start
@@ -142,14 +262,17 @@ def _batches(
             "per_node": report.per_node,
             "dead_letter_bytes": dead.size if dead else 0,
         }
-        return Batch(
+        done = Batch(
             lines=[b.lines for b in routed],
             keys=[b.keys for b in routed],
             shards=[b.shards for b in routed],
             progress=progress,
             position=f"byte {pos}",
             final=final,
+            extra={"start": batch_start, "end": pos},
         )
+        batch_start = pos
+        return done
 
     blocks = iter_range_blocks(ref, cursor, params.end, settings.read_block_bytes)
     try:
@@ -251,8 +374,8 @@ def _handle_invalid(
         where = f"{params.source_uri}: line {line_no}, byte offset {offset}"
         if dead is None:
             raise InvalidDocumentError(
-                f"{where}: {bad.reason}. Fix the line, or rerun with on_invalid_document=skip "
-                "to send such lines to a dead-letter file"
+                f"{where}: {bad.reason}. Fix the line, or rerun with --on-invalid skip "
+                "(on_invalid_document: skip in Dagster run config) to send such lines to a dead-letter file"
             )
         dead.write(
             {

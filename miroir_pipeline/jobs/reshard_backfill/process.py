@@ -20,7 +20,7 @@ from miroir_pipeline.fleet.routing import Router, primary_key_text
 from miroir_pipeline.fleet.shard_tag import TAG_START, retag
 from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
 from miroir_pipeline.fleet.topology import Topology
-from miroir_pipeline.jobs.pipeline import Batch, run_batches
+from miroir_pipeline.jobs.pipeline import Batch, Refusals, run_batches
 from miroir_pipeline.jobs.reshard_backfill.params import (
     READ_PAGE_DOCS,
     InvalidLiveDocument,
@@ -116,9 +116,23 @@ def _run_chunk(
         _batches(params, reader, shadow_router, settings, shard, offset, read_node, report),
         shutdown,
         on_commit=(lambda batch: on_batch(report, batch.position)) if on_batch is not None else None,
+        on_refused=lambda batch, refusals: _refused(params, shadow_router, batch, refusals),
     )
     report.duration_s = time.monotonic() - started
     return report
+
+
+def _refused(params: ReshardChunkParams, router: Router, batch: Batch, refusals: Refusals) -> None:
+    """A live document the shadow's nodes refuse cannot be backfilled: the chunk stops for good,
+    naming the document and the node's own words (the live index holds it, so it is for an
+    operator to look at, not for a retry)."""
+    target_index, exc = min(refusals.items())
+    first = exc.refused[0]
+    pk = batch.keys[target_index][first.position]
+    raise InvalidLiveDocument(
+        f"index {params.index_uid}: shadow node {router.node_ids[target_index]} refused live document "
+        f"{pk!r} ({len(exc.refused)} refused in the batch ending at {batch.position}): {first.message}"
+    )
 
 
 def _batches(

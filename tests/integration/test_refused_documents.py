@@ -1,0 +1,208 @@
+"""Documents a target refuses never take the good documents of their batch down with them.
+
+Two layers are exercised, on local nodes and on a real Meilisearch 1.21 fleet, under both
+policies: what every target refuses (a duplicated primary-key field, nesting deeper than 128,
+a non-object ``_vectors``) is caught by the router and fails or dead-letters that one line;
+what only the node knows to refuse (an invalid ``_geo`` once ``_geo`` is filterable) is
+isolated by writing the batch by halves, so every other document of the batch still lands.
+Every case checks exact placement of the good documents and the dead letter's contents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from miroir_pipeline.fleet.targets.base import DocumentsRefused, NodeTarget
+from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.dump_import import (
+    DumpImportRequest,
+    InvalidDocumentError,
+    plan_dump_import,
+    process_dump_chunk,
+)
+from miroir_pipeline.jobs.settings import PipelineSettings
+from miroir_pipeline.queue import JobStore, open_store
+from miroir_pipeline.queue.contract import JobState
+from tests.import_helpers import (
+    actual_placement,
+    assert_exact_placement,
+    expected_placement,
+    local_topology,
+    make_docs,
+)
+
+#: What every target refuses, and the words the pipeline uses for it.
+ROUTER_CATCHES = [
+    (b'{"id":"d1","id":"d2","t":"dup"}', "appears more than once"),
+    (b'{"\\u0069d":"e1","id":"e2"}', "appears more than once"),
+    (b'{"id":"n300","x":' + b"[" * 300 + b"1" + b"]" * 300 + b"}", "deeper than 128"),
+    (b'{"id":"n100k","x":' + b"[" * 100_000 + b"1" + b"]" * 100_000 + b"}", "deeper than 128"),
+    (b'{"id":"v1","_vectors":"x"}', "_vectors must be an object"),
+]
+#: Refused by a Meilisearch node only once ``_geo`` is filterable (the pipeline cannot know).
+GEO_BAD = b'{"id":"geo_bad","_geo":{"lat":"north","lng":2}}'
+
+
+def settings_for(root: Path, **kw: Any) -> PipelineSettings:
+    return PipelineSettings(
+        allowed_roots=[str(root)], staging_dir=str(root / "staging"), dead_letter_dir=str(root / "dlq"), **kw
+    )
+
+
+def write_mixed(path: Path, good: list[dict[str, Any]], bad: list[bytes], every: int = 7) -> tuple[Path, list[int]]:
+    """Good documents with the bad lines spread among them; the bad lines' 1-based numbers."""
+    lines = [orjson.dumps(d) for d in good]
+    numbers = []
+    for i, line in enumerate(bad):
+        at = min(3 + i * every, len(lines))
+        lines.insert(at, line)
+        numbers.append(at + 1)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, numbers
+
+
+def run_all(store: JobStore, targets: dict[str, NodeTarget], settings: PipelineSettings) -> list[Exception]:
+    errors: list[Exception] = []
+    while (lease := store.claim(["dump_import"], "w", settings.lease_ttl)) is not None:
+        try:
+            process_dump_chunk(store, lease, targets, settings)
+        except InvalidDocumentError as exc:
+            errors.append(exc)
+    return errors
+
+
+def dead_letters(root: Path, parent_id: str) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(x)
+        for f in sorted((root / "dlq" / parent_id).glob("*.ndjson"))
+        for x in f.read_bytes().splitlines()
+    ]
+
+
+def check_skip(
+    root: Path, store: JobStore, targets: dict[str, NodeTarget], topo: Topology, uid: str,
+    good: list[dict[str, Any]], bad: list[bytes], reasons: list[str], settings: PipelineSettings,
+) -> list[dict[str, Any]]:
+    dump, numbers = write_mixed(root / f"{uid}.ndjson", good, bad)
+    request = DumpImportRequest(uri=str(dump), index_uid=uid, primary_key="id", on_invalid_document="skip")
+    plan = plan_dump_import(store, request, topo, targets, settings)
+    assert run_all(store, targets, settings) == []
+    summary = store.parent_summary(plan.parent.id)
+    assert summary.parent.state == JobState.COMPLETED
+    assert summary.progress["invalid_documents"] == len(bad)
+    assert summary.progress["docs_routed"] == len(good)
+    expected = expected_placement(good, topo)
+    assert summary.progress["per_node"] == {n: len(d) for n, d in expected.items()}
+    assert_exact_placement(expected, actual_placement(targets, uid))
+    dead = dead_letters(root, plan.parent.id)
+    data = dump.read_bytes()
+    assert sorted(r["line"] for r in dead) == sorted(numbers)
+    for rec in dead:
+        assert rec["dump"] == str(dump)
+        # The offset points at the start of the recorded line, and the raw text is that line.
+        assert data.count(b"\n", 0, rec["byte_offset"]) + 1 == rec["line"]
+        line = data[rec["byte_offset"] :].split(b"\n", 1)[0]
+        assert line == bad[numbers.index(rec["line"])]
+        assert any(r in rec["reason"] for r in reasons), rec["reason"]
+    return dead
+
+
+def check_fail(
+    root: Path, store: JobStore, targets: dict[str, NodeTarget], topo: Topology, uid: str,
+    good: list[dict[str, Any]], bad: bytes, reason: str, settings: PipelineSettings,
+) -> None:
+    dump, (number,) = write_mixed(root / f"{uid}.ndjson", good, [bad])
+    plan = plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid=uid, primary_key="id"), topo, targets, settings)
+    errors = run_all(store, targets, settings)
+    assert len(errors) == 1, "a document's error is permanent: one attempt, no retry"
+    message = str(errors[0])
+    offset = len(b"".join(line + b"\n" for line in dump.read_bytes().split(b"\n")[: number - 1]))
+    assert f"line {number}, byte offset {offset}" in message
+    assert reason in message and "--on-invalid skip" in message
+    (chunk,) = store.children(plan.parent.id)
+    assert chunk.state == JobState.FAILED and chunk.attempts == 1
+    assert store.get(plan.parent.id).state == JobState.FAILED
+
+
+# -- local nodes ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Any:
+    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    topo = local_topology(tmp_path / "nodes", shards=16, groups=2, nodes_per_group=2)
+    yield tmp_path, store, topo, open_targets(topo)
+    store.close()
+
+
+def test_local_skip_dead_letters_what_every_target_refuses_and_keeps_the_rest(local: Any) -> None:
+    root, store, topo, targets = local
+    good = make_docs(60, seed=3)
+    check_skip(
+        root, store, targets, topo, "mixed", good, [b for b, _ in ROUTER_CATCHES], [r for _, r in ROUTER_CATCHES],
+        settings_for(root, batch_size=16),
+    )
+
+
+@pytest.mark.parametrize(("bad", "reason"), ROUTER_CATCHES, ids=["dup", "escaped-dup", "deep300", "deep100k", "vectors"])
+def test_local_fail_names_the_line_and_never_retries(local: Any, bad: bytes, reason: str) -> None:
+    root, store, topo, targets = local
+    check_fail(root, store, targets, topo, "failing", make_docs(20, seed=4), bad, reason, settings_for(root))
+
+
+def test_local_store_refuses_what_meilisearch_refuses_and_writes_the_rest(local: Any) -> None:
+    """The store's own check (documents that did not come through the router: a reshard, a
+    direct write) refuses exactly the bad documents and writes every other one."""
+    _, _, _, targets = local
+    target = next(iter(targets.values()))
+    target.ensure_index("direct", "id", None)
+    lines = [b'{"_miroir_shard":0,"id":"ok1"}', b'{"_miroir_shard":0,"id":"x","id":"y"}', b'{"_miroir_shard":0,"id":"ok2"}']
+    with pytest.raises(DocumentsRefused) as caught:
+        target.write_routed("direct", "id", lines, ["ok1", "y", "ok2"], [0, 0, 0])
+    assert [r.position for r in caught.value.refused] == [1]
+    assert "appears more than once" in caught.value.refused[0].message
+    held = sorted(orjson.loads(d)["id"] for d in target.iter_documents("direct"))
+    assert held == ["ok1", "ok2"]
+
+
+# -- a real Meilisearch fleet ---------------------------------------------------------------
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, meili_fleet: Any, meili_topology: Any, meili_index_uid: str) -> Any:
+    procs = meili_fleet(3)
+    topo = meili_topology(procs, shards=8, replication_factor=1, groups=[[0], [1, 2]])
+    targets = open_targets(topo)
+    for target in targets.values():  # the node validates _geo only once it is filterable
+        target.ensure_index(meili_index_uid, "id", {"filterableAttributes": ["_geo"]})
+    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    yield tmp_path, store, topo, targets, meili_index_uid
+    store.close()
+
+
+@pytest.mark.meilisearch
+def test_fleet_skip_isolates_refused_documents_and_lands_every_good_one(fleet: Any) -> None:
+    root, store, topo, targets, uid = fleet
+    good = make_docs(40, seed=5)
+    bad = [GEO_BAD, *(b for b, _ in ROUTER_CATCHES[:3])]
+    dead = check_skip(
+        root, store, targets, topo, uid, good, bad,
+        ["invalid_document_geo_field", "Could not parse latitude", *(r for _, r in ROUTER_CATCHES)],
+        settings_for(root, batch_size=20),
+    )
+    geo = next(r for r in dead if r["raw"] == GEO_BAD.decode())
+    # The node's own words, the node that refused it, and its error code.
+    assert geo["code"] == "invalid_document_geo_field"
+    assert geo["node"] in {n.id for n in topo.all_nodes()}
+    assert "latitude" in geo["reason"].lower()
+
+
+@pytest.mark.meilisearch
+def test_fleet_fail_names_the_line_and_the_nodes_message(fleet: Any) -> None:
+    root, store, topo, targets, uid = fleet
+    check_fail(root, store, targets, topo, uid, make_docs(20, seed=6), GEO_BAD, "latitude", settings_for(root))
