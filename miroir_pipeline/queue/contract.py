@@ -236,6 +236,12 @@ class JobStore(abc.ABC):
         ``reset_progress`` (a re-import from the start). :class:`JobNotClaimable` otherwise."""
 
     @abc.abstractmethod
+    def complete_finished_parents(self, parent_id: str | None = None) -> int:
+        """Complete split parents (or just ``parent_id``) whose every chunk is completed but that
+        are still in progress (a worker died between completing the last chunk and its parent);
+        returns how many. Run by :meth:`reclaim_expired` and by idle workers."""
+
+    @abc.abstractmethod
     def reclaim_expired(self) -> int:
         """Re-queue chunks whose lease expired (fail those out of attempts); return how many."""
 

@@ -649,3 +649,37 @@ def test_claimable_peeks_in_claim_order_without_leasing(store: JobStore) -> None
     assert [j.id for j in store.claimable([DUMP])] == [j.id for j in peek[2:]]
     assert {j.type for j in store.claimable([DUMP, RESHARD])} == {DUMP, RESHARD}
     assert store.claimable([]) == []
+
+
+def test_parent_left_in_progress_by_a_crash_after_its_last_chunk_is_repaired(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Completing a chunk does not hold its parent row; the parent check runs after the chunk's
+    commit on Postgres. A worker that dies between the two leaves a finished parent in
+    progress, which the repair sweep (run by reclaim_expired) completes."""
+    parent, _ = make_parent(store, 2)
+    first, last = claim_one(store), claim_one(store)
+    other, _ = make_parent(store, 2)
+    store.complete(first)
+    real_rows = store._rows  # type: ignore[attr-defined]
+
+    # The crash cannot be timed from outside between two statements: failing the parent check
+    # once stands in for the worker dying right there.
+    def die_at_parent_check(conn: Any, name: str, *args: Any, **kw: Any) -> Any:
+        if name == "complete_parent_if_done":
+            raise RuntimeError("worker killed")
+        return real_rows(conn, name, *args, **kw)
+
+    monkeypatch.setattr(store, "_rows", die_at_parent_check)
+    with pytest.raises(RuntimeError):
+        store.complete(last)
+    monkeypatch.undo()
+    if store.get(last.job_id).state == JobState.COMPLETED:  # committed before the check
+        assert store.get(parent.id).state == JobState.IN_PROGRESS
+        store.reclaim_expired()
+    else:  # checked inside the chunk's own transaction: both rolled back together
+        store.complete(last)
+    assert store.get(parent.id).state == JobState.COMPLETED
+    assert store.get(other.id).state == JobState.IN_PROGRESS  # untouched: none of its chunks finished
+    assert store.complete_finished_parents() == 0
+    assert store.complete_finished_parents(other.id) == 0

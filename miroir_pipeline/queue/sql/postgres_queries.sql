@@ -121,12 +121,26 @@ WHERE id = %(id)s AND state = 'in_progress' AND claim_token = %(token)s
 RETURNING *;
 
 -- complete_parent_if_done --
--- Why: run with the parent row locked, so exactly one of several children completing at
--- once sees no unfinished sibling and completes the parent.
+-- Why: run right after a chunk's completion commits, in its own statement, so the parent row
+-- is never held across a chunk's transaction. Of two last chunks completing at once, the one
+-- that commits second sees no unfinished sibling (READ COMMITTED: a fresh snapshot per
+-- statement); the other blocks on the parent's row lock, then re-checks p.state and skips.
 UPDATE jobs AS p
 SET state = 'completed', finished_at = now(), updated_at = now()
 WHERE p.id = %(id)s
   AND p.state = 'in_progress'
+  AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_job_id = p.id AND c.state <> 'completed')
+RETURNING *;
+
+-- complete_finished_parents --
+-- Why: the repair sweep for a worker that died between committing its parent's last chunk and
+-- running complete_parent_if_done. Only split parents (total_chunks set) qualify, and only
+-- through the partial index of unfinished children, so the sweep stays cheap.
+UPDATE jobs AS p
+SET state = 'completed', finished_at = now(), updated_at = now()
+WHERE p.kind = 'parent'
+  AND p.state = 'in_progress'
+  AND p.total_chunks IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_job_id = p.id AND c.state <> 'completed')
 RETURNING *;
 

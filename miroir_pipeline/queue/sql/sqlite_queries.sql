@@ -122,6 +122,19 @@ WHERE id = :id
   AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_job_id = :id AND c.state <> 'completed')
 RETURNING *;
 
+-- complete_finished_parents --
+-- Why: the repair sweep (kept for parity with Postgres, where a worker can die between a
+-- chunk's commit and its parent check; here the check runs in the chunk's own transaction).
+UPDATE jobs
+SET state = 'completed',
+    finished_at = (julianday('now') - 2440587.5) * 86400.0,
+    updated_at = (julianday('now') - 2440587.5) * 86400.0
+WHERE kind = 'parent'
+  AND state = 'in_progress'
+  AND total_chunks IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_job_id = jobs.id AND c.state <> 'completed')
+RETURNING *;
+
 -- fail_chunk --
 -- Why: fenced; one statement decides retry (queued, lease cleared, not claimable before the
 -- backoff) or failure for good. Progress is never touched: the next attempt resumes from it.
