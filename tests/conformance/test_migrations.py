@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from miroir_pipeline.queue import JobStore, JobStoreError, default_dsn, open_store
-from miroir_pipeline.queue.sql import migration_files, migrations_dir
 from miroir_pipeline.queue.dsn import redact_dsn
+from miroir_pipeline.queue.sql import migration_files, migrations_dir
 
 JOBS_COLUMNS = {
     "id", "type", "kind", "params", "state", "claimed_by", "claim_token", "claim_expires_at",
