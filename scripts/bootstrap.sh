@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything miroir-pipeline and its test suite need on a fresh Debian machine:
-# the Python environment (.venv), PostgreSQL 15 server binaries, the Prometheus Pushgateway
-# and the Meilisearch 1.21.0 binary (sha256-verified, cached outside the repo).
-# Idempotent: a second run only checks.
+# the Python environment (.venv, the package installed editable with its `test` and `ui`
+# extras), PostgreSQL 15 server binaries, the Prometheus Pushgateway and the Meilisearch 1.21.0
+# binary (sha256-verified, cached outside the repo).
+# Idempotent: a second run only checks (the .venv is reinstalled when pyproject.toml changes).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
@@ -16,6 +17,11 @@ mkdir -p "$CACHE"
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 need_apt=()
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# Debian's python3 has no venv/ensurepip until python3-venv is installed.
+if [ ! -x .venv/bin/python ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  need_apt+=(python3-venv)
+fi
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v prometheus-pushgateway >/dev/null 2>&1 || need_apt+=(prometheus-pushgateway)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
@@ -53,9 +59,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  log "installing miroir-pipeline with test extras into .venv"
+  log "installing miroir-pipeline (editable) with the test and ui extras into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e '.[test,ui]'
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 

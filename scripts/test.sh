@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what it needs (scripts/bootstrap.sh), then
 # runs lint, type checks and pytest. The tests start and stop their own throwaway PostgreSQL
-# cluster, Meilisearch fleet and Pushgateway on loopback ports.
+# cluster, Meilisearch fleet and Pushgateway on loopback ports; tests/packaging (marker
+# `packaging`) builds the sdist and wheel and runs the installed CLI in a fresh virtualenv
+# (its dependencies come from the package index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
