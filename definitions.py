@@ -1,5 +1,8 @@
-"""Dagster entry point (``dagster dev`` loads this through ``[tool.dagster]`` in pyproject.toml)."""
+"""The default code location (``dagster dev`` loads it through ``[tool.dagster]`` in
+pyproject.toml): Miroir's definitions, configured by the environment when they run."""
 
-from miroir_pipeline.dagster.definitions import defs
+from miroir_pipeline.dagster import miroir_definitions
+
+defs = miroir_definitions()
 
 __all__ = ["defs"]

@@ -57,14 +57,14 @@ def _setup(root: Path) -> dict[str, str]:
     (root / "topology.yaml").write_text(yaml.safe_dump(topo))
     home = root / "dagster"
     home.mkdir()
-    config = yaml.safe_load((c.REPO_ROOT / "dagster.yaml").read_text())
+    config = yaml.safe_load((c.REPO_ROOT / "miroir_pipeline" / "dagster" / "dagster.yaml").read_text())
     config["run_coordinator"]["config"]["dequeue_interval_seconds"] = 1
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     workspace = {
         "load_from": [
             {
                 "python_file": {
-                    "relative_path": str(c.REPO_ROOT / "miroir_pipeline" / "orchestration" / "definitions.py"),
+                    "relative_path": str(c.REPO_ROOT / "definitions.py"),
                     "working_directory": str(c.REPO_ROOT),
                     "location_name": LOCATION,
                 }
@@ -131,7 +131,7 @@ def measure_bare(root: Path, n: int) -> list[float]:
 def measure_worker_pool(root: Path, n: int) -> list[float]:
     import dagster as dg
 
-    from miroir_pipeline.dagster.definitions import defs
+    from miroir_pipeline.dagster import miroir_definitions
     from miroir_pipeline.dagster.worker_pool import Worker
     from miroir_pipeline.jobs.settings import PipelineSettings
     from miroir_pipeline.queue import open_store
@@ -141,6 +141,7 @@ def measure_worker_pool(root: Path, n: int) -> list[float]:
     chunk_ids = _plan(root, "pool", n)
     parent = store.get(chunk_ids[0]).parent_job_id
     times = []
+    defs = miroir_definitions()
     with dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"]) as instance:
         for _ in chunk_ids:
             worker = Worker(store, instance, defs, settings, parent_id=parent, max_chunks=1, worker_id="bench-pool")
@@ -197,7 +198,7 @@ def measure_daemon(root: Path, n: int, env: dict[str, str]) -> tuple[list[float]
     import dagster as dg
     from dagster_graphql import DagsterGraphQLClient
 
-    from miroir_pipeline.dagster.partitions import DUMP_CHUNKS
+    from miroir_pipeline.dagster import MiroirNames
 
     chunk_ids = _plan(root, "launched", n)
     port = _free_port()
@@ -205,7 +206,7 @@ def measure_daemon(root: Path, n: int, env: dict[str, str]) -> tuple[list[float]
     latency: list[float] = []
     in_run: list[float] = []
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
-        instance.add_dynamic_partitions(DUMP_CHUNKS, chunk_ids)
+        instance.add_dynamic_partitions(MiroirNames().partitions("dump_import"), chunk_ids)
         with (
             _service("daemon", [str(VENV_BIN / "dagster-daemon"), "run", "-w", workspace], env, root / "daemon.log") as daemon,
             _service(
@@ -220,7 +221,7 @@ def measure_daemon(root: Path, n: int, env: dict[str, str]) -> tuple[list[float]
             client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=30)
             for chunk_id in chunk_ids:
                 t0 = time.perf_counter()
-                run_id = client.submit_job_execution("dump_chunk_job", tags={"dagster/partition": chunk_id})
+                run_id = client.submit_job_execution(MiroirNames().chunk_job("dump_import"), tags={"dagster/partition": chunk_id})
 
                 def finished(run_id: str = run_id) -> bool:
                     run = instance.get_run_by_id(run_id)

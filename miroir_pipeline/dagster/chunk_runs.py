@@ -7,10 +7,10 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from miroir_pipeline.dagster.partitions import TAG_CLAIM_TOKEN, TAG_REIMPORT, TAG_WORKER_ID
+from miroir_pipeline.dagster.names import TAG_CLAIM_TOKEN, TAG_REIMPORT, TAG_WORKER_ID
 from miroir_pipeline.jobs.settings import PipelineSettings
-from miroir_pipeline.queue.claims import acquire_chunk, default_worker_id
 from miroir_pipeline.queue.contract import JobNotClaimable, JobStore, Lease, LeaseLost
+from miroir_pipeline.queue.lease import acquire_chunk, default_worker_id
 from miroir_pipeline.queue.shutdown import ChunkHandedBack
 
 NOOP_METADATA: dict[str, bool | str] = {"noop": True, "reason": "chunk already completed"}

@@ -1,28 +1,18 @@
-"""Reshard in Dagster: an op job that plans a reshard (prepare the shadow, split the shard-id
-space, register one partition per range), the partitioned asset that backfills one range, the
-``reshard_shadow`` asset with a blocking check that the shadow equals the live index, and the
-``cutover`` asset that only runs on a verified shadow.
+"""Reshard in Dagster, beyond its generic chunk asset: an op job that plans a reshard (prepare the
+shadow, split the shard-id space, register one partition per range), the ``reshard_shadow`` asset
+with a blocking check that the shadow equals the live index, and the ``reshard_cutover`` asset
+that only runs on a verified shadow.
 
-The alias flip itself stays with Miroir: ``cutover`` records that the shadow is verified and
-ready (metadata and a log line) for Miroir to act on.
+The alias flip itself stays with Miroir: the cutover asset records that the shadow is verified
+and ready (metadata and a log line) for Miroir to act on.
 """
-
 
 import json
 from typing import Any
 
 import dagster as dg
 
-from miroir_pipeline.dagster.chunk_runs import (
-    NOOP_METADATA,
-    lease_for_run,
-    stopped_chunks_fail_clearly,
-)
-from miroir_pipeline.dagster.partitions import (
-    RESHARD_CHUNKS,
-    TAG_CHUNK_RUN,
-    reshard_chunks,
-)
+from miroir_pipeline.dagster.names import DEFAULT_KEY_PREFIX, MiroirNames
 from miroir_pipeline.dagster.resources import (
     JobStoreResource,
     SettingsResource,
@@ -30,18 +20,20 @@ from miroir_pipeline.dagster.resources import (
     targets_for,
 )
 from miroir_pipeline.fleet.topology import Topology, load_topology
-from miroir_pipeline.jobs.reshard_backfill import (
-    ReshardChunkParams,
-    ReshardRequest,
-    plan_reshard,
-    process_reshard_chunk,
-)
+from miroir_pipeline.jobs.registry import JobKind
+from miroir_pipeline.jobs.reshard_backfill import ReshardChunkParams, ReshardRequest, plan_reshard
 from miroir_pipeline.jobs.reshard_backfill.verification import VerificationResult, verify_shadow
 from miroir_pipeline.queue.contract import JobState, JobStore
 
-SHADOW_KEY = dg.AssetKey(["miroir", "reshard_shadow"])
-CHECK_NAME = "shadow_matches_live"
-SHADOW_CHECK_KEY = dg.AssetCheckKey(SHADOW_KEY, CHECK_NAME)
+__all__ = [
+    "MAX_EXAMPLES",
+    "ReshardConfig",
+    "ReshardShadowConfig",
+    "latest_verification",
+    "reshard_definitions",
+    "result_metadata",
+]
+
 #: Divergent primary keys shown per kind in the check's metadata.
 MAX_EXAMPLES = 20
 
@@ -54,95 +46,6 @@ class ReshardConfig(dg.Config):
     shards_per_chunk: int = 8
     new_topology_path: str | None = None
     replace_shadow: bool = False
-
-
-@dg.op(description="Check the live index, prepare the shadow index, enqueue the reshard parent, split it into shard ranges, and register one partition per range.")
-def plan_reshard_op(
-    context: dg.OpExecutionContext,
-    config: ReshardConfig,
-    jobs: JobStoreResource,
-    topology: TopologyResource,
-    settings: SettingsResource,
-) -> str:
-    live = topology.get_topology()
-    new = load_topology(config.new_topology_path) if config.new_topology_path else None
-    request = ReshardRequest(
-        index_uid=config.index_uid,
-        new_shards=config.new_shards,
-        shards_per_chunk=config.shards_per_chunk,
-        replace_shadow=config.replace_shadow,
-    )
-    live_targets = targets_for(live)
-    shadow_targets = targets_for(new) if new is not None else live_targets
-    planned = plan_reshard(
-        jobs.get_store(),
-        request,
-        live,
-        live_targets,
-        settings.get_settings(),
-        new_topology=new,
-        shadow_targets=shadow_targets,
-    )
-    context.instance.add_dynamic_partitions(RESHARD_CHUNKS, planned.chunk_ids)
-    context.add_output_metadata(
-        {
-            "parent_job_id": planned.parent.id,
-            "chunks": len(planned.chunk_ids),
-            "shadow_index": planned.shadow_uid,
-            "old_shards": planned.old_shards,
-            "new_shards": planned.new_shards,
-            "primary_key": planned.primary_key,
-        }
-    )
-    context.log.info(
-        f"reshard {planned.parent.id}: {config.index_uid} {planned.old_shards} -> "
-        f"{planned.new_shards} shards into {planned.shadow_uid}, {len(planned.chunk_ids)} chunk(s) registered"
-    )
-    return planned.parent.id
-
-
-@dg.job(description="Plan a reshard: one dynamic partition of reshard_chunk per shard range.")
-def plan_reshard_job() -> None:
-    plan_reshard_op()
-
-
-@dg.asset(
-    key=["miroir", "reshard_chunk"],
-    partitions_def=reshard_chunks,
-    description="One shard range of a live index re-hashed into the shadow index (resumable, fenced).",
-    group_name="miroir",
-)
-def reshard_chunk(
-    context: dg.AssetExecutionContext,
-    jobs: JobStoreResource,
-    settings: SettingsResource,
-) -> dg.MaterializeResult:  # type: ignore[type-arg]
-    store = jobs.get_store()
-    cfg = settings.get_settings()
-    chunk_id = context.partition_key
-    lease = lease_for_run(context, store, cfg)
-    if lease is None:
-        return dg.MaterializeResult(metadata=NOOP_METADATA)
-    params = ReshardChunkParams.model_validate(lease.job.params)
-    live_targets = targets_for(Topology.parse(params.live_topology))
-    shadow_targets = targets_for(Topology.parse(params.shadow_topology))
-    with stopped_chunks_fail_clearly():
-        report = process_reshard_chunk(store, lease, live_targets, shadow_targets, cfg)
-    context.log.info(
-        f"chunk {chunk_id}: shards [{params.shard_start}, {params.shard_end}), "
-        f"{report.documents} documents, {report.docs_per_s:,.0f} docs/s, "
-        f"resumed from {report.resumed_from or 'the start'}"
-    )
-    return dg.MaterializeResult(metadata=report.as_metadata())
-
-
-reshard_chunk_job = dg.define_asset_job(
-    "reshard_chunk_job",
-    selection=[reshard_chunk],
-    executor_def=dg.in_process_executor,
-    tags={TAG_CHUNK_RUN: "reshard"},
-    description="Backfill one shard range of a reshard (one run per partition).",
-)
 
 
 class ReshardShadowConfig(dg.Config):
@@ -159,46 +62,13 @@ def _reshard_params(store: JobStore, parent_id: str) -> ReshardChunkParams:
     return ReshardChunkParams.model_validate(children[0].params)
 
 
-@dg.asset(
-    key=SHADOW_KEY,
-    description="The shadow index of a completed reshard backfill, recorded for verification and cutover.",
-    group_name="miroir",
-)
-def reshard_shadow(
-    context: dg.AssetExecutionContext, config: ReshardShadowConfig, jobs: JobStoreResource
-) -> dg.MaterializeResult:  # type: ignore[type-arg]
-    store = jobs.get_store()
-    summary = store.parent_summary(config.parent_job_id)
-    if summary.parent.state != JobState.COMPLETED:
-        raise dg.Failure(
-            description=(
-                f"reshard {config.parent_job_id} is {summary.parent.state} "
-                f"({summary.chunks_done}/{summary.chunks_total} chunks completed); run workers "
-                "until every chunk completes before recording the shadow"
-            ),
-            allow_retries=False,
-        )
-    params = _reshard_params(store, config.parent_job_id)
-    prog = summary.progress
-    context.log.info(f"reshard {config.parent_job_id}: shadow {params.shadow_uid} backfilled")
-    return dg.MaterializeResult(
-        metadata={
-            "parent_job_id": config.parent_job_id,
-            "index_uid": params.index_uid,
-            "shadow_index": params.shadow_uid,
-            "old_shards": params.old_shards,
-            "new_shards": params.new_shards,
-            "documents_backfilled": int(prog.get("documents_backfilled", 0)),
-            "per_node": dg.MetadataValue.json(dict(prog.get("per_node", {}))),
-        }
-    )
-
-
-def _latest_shadow(instance: dg.DagsterInstance) -> tuple[int, dict[str, Any]]:
+def _latest_shadow(instance: dg.DagsterInstance, names: MiroirNames) -> tuple[int, dict[str, Any]]:
     """Storage id and metadata (plain values) of the latest ``reshard_shadow`` materialization."""
-    records = instance.fetch_materializations(SHADOW_KEY, limit=1).records
+    records = instance.fetch_materializations(names.reshard_shadow_key, limit=1).records
     if not records:
-        raise dg.Failure(description="reshard_shadow was never materialized; run the reshard first")
+        raise dg.Failure(
+            description=f"{names.reshard_shadow_key.to_user_string()} was never materialized; run the reshard first"
+        )
     record = records[0]
     mat = record.asset_materialization
     assert mat is not None
@@ -229,92 +99,197 @@ def result_metadata(result: VerificationResult) -> dict[str, Any]:
     }
 
 
-@dg.asset_check(
-    asset=reshard_shadow,
-    name=CHECK_NAME,
-    blocking=True,
-    description="The shadow holds exactly the live index's primary keys and content, each document on exactly its new nodes.",
-)
-def shadow_matches_live(
-    context: dg.AssetCheckExecutionContext, jobs: JobStoreResource
-) -> dg.AssetCheckResult:
-    _, meta = _latest_shadow(context.instance)
-    params = _reshard_params(jobs.get_store(), str(meta["parent_job_id"]))
-    live = Topology.parse(params.live_topology)
-    shadow = Topology.parse(params.shadow_topology)
-    result = verify_shadow(
-        live,
-        targets_for(live),
-        shadow,
-        targets_for(shadow),
-        params.index_uid,
-        params.shadow_uid,
-        params.primary_key,
-        max_examples=MAX_EXAMPLES,
-    )
-    (context.log.info if result.passed else context.log.error)(result.summary())
-    return dg.AssetCheckResult(
-        passed=result.passed,
-        severity=dg.AssetCheckSeverity.ERROR,
-        metadata=result_metadata(result),
-    )
-
-
-def latest_verification(instance: dg.DagsterInstance) -> tuple[bool, str, dict[str, Any]]:
+def latest_verification(
+    instance: dg.DagsterInstance, key_prefix: str = DEFAULT_KEY_PREFIX
+) -> tuple[bool, str, dict[str, Any]]:
     """Whether the latest check evaluation passed *for the latest shadow materialization*, why
-    not if it did not, and the evaluation's metadata (plain values)."""
-    storage_id, _ = _latest_shadow(instance)
-    record = instance.get_latest_asset_check_evaluation_record(SHADOW_CHECK_KEY)
+    not if it did not, and the evaluation's metadata (plain values); for the definitions built
+    with ``key_prefix``."""
+    names = MiroirNames(key_prefix)
+    check = names.shadow_check_name
+    storage_id, _ = _latest_shadow(instance, names)
+    record = instance.get_latest_asset_check_evaluation_record(names.shadow_check_key)
     if record is None or record.event is None or record.event.dagster_event is None:
-        return False, "the shadow_matches_live check has not run yet", {}
+        return False, f"the {check} check has not run yet", {}
     evaluation = record.event.dagster_event.event_specific_data
     if not isinstance(evaluation, dg.AssetCheckEvaluation):
-        return False, f"the latest shadow_matches_live check is {record.status.value}, not finished", {}
+        return False, f"the latest {check} check is {record.status.value}, not finished", {}
     meta = {k: v.value for k, v in evaluation.metadata.items()}
     target = evaluation.target_materialization_data
     if target is None or target.storage_id != storage_id:
-        return False, "the latest shadow_matches_live check ran against an older reshard_shadow", meta
+        return False, f"the latest {check} check ran against an older reshard_shadow", meta
     if not evaluation.passed:
-        return False, f"the latest shadow_matches_live check failed: {meta.get('summary', '')}", meta
+        return False, f"the latest {check} check failed: {meta.get('summary', '')}", meta
     return True, "verified", meta
 
 
-@dg.asset(
-    key=["miroir", "reshard_cutover"],
-    deps=[reshard_shadow],
-    description="Records that the verified shadow is ready for Miroir to flip the alias; refuses an unverified shadow.",
-    group_name="miroir",
-)
-def cutover(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
-    ok, why, check_meta = latest_verification(context.instance)
-    if not ok:
-        raise dg.Failure(description=f"cutover refused: {why}", allow_retries=False)
-    _, shadow = _latest_shadow(context.instance)
-    context.log.info(
-        f"shadow {shadow['shadow_index']} verified ({check_meta.get('shadow_documents')} documents): "
-        f"ready for Miroir to point {shadow['index_uid']} at it"
+def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
+    """The plan job, shadow asset, its blocking check, the cutover asset and the verify job of
+    reshards, for the definitions named by ``names``."""
+    jobs_key, topology_key, settings_key = (
+        names.jobs_resource,
+        names.topology_resource,
+        names.settings_resource,
     )
-    return dg.MaterializeResult(
-        metadata={
-            "ready_for_cutover": True,
-            "parent_job_id": shadow["parent_job_id"],
-            "index_uid": shadow["index_uid"],
-            "shadow_index": shadow["shadow_index"],
-            "new_shards": shadow["new_shards"],
-            "documents": check_meta.get("shadow_documents", 0),
-            "action": json.dumps({"alias": shadow["index_uid"], "target": shadow["shadow_index"]}),
-        }
+    partitions_name = names.partitions(kind)
+    chunk_asset = names.chunk_asset_key(kind).to_user_string()
+
+    @dg.op(
+        name=names.plan_reshard_op,
+        description=(
+            "Check the live index, prepare the shadow index, enqueue the reshard parent, split it "
+            f"into shard ranges, and register one partition of {chunk_asset} per range."
+        ),
+        required_resource_keys={jobs_key, topology_key, settings_key},
     )
+    def _plan(context: dg.OpExecutionContext, config: ReshardConfig) -> str:
+        jobs: JobStoreResource = getattr(context.resources, jobs_key)
+        topology: TopologyResource = getattr(context.resources, topology_key)
+        settings: SettingsResource = getattr(context.resources, settings_key)
+        live = topology.get_topology()
+        new = load_topology(config.new_topology_path) if config.new_topology_path else None
+        request = ReshardRequest(
+            index_uid=config.index_uid,
+            new_shards=config.new_shards,
+            shards_per_chunk=config.shards_per_chunk,
+            replace_shadow=config.replace_shadow,
+        )
+        live_targets = targets_for(live)
+        planned = plan_reshard(
+            jobs.get_store(),
+            request,
+            live,
+            live_targets,
+            settings.get_settings(),
+            new_topology=new,
+            shadow_targets=targets_for(new) if new is not None else live_targets,
+        )
+        context.instance.add_dynamic_partitions(partitions_name, planned.chunk_ids)
+        context.add_output_metadata(
+            {
+                "parent_job_id": planned.parent.id,
+                "chunks": len(planned.chunk_ids),
+                "shadow_index": planned.shadow_uid,
+                "old_shards": planned.old_shards,
+                "new_shards": planned.new_shards,
+                "primary_key": planned.primary_key,
+            }
+        )
+        context.log.info(
+            f"reshard {planned.parent.id}: {config.index_uid} {planned.old_shards} -> "
+            f"{planned.new_shards} shards into {planned.shadow_uid}, {len(planned.chunk_ids)} chunk(s) registered"
+        )
+        return planned.parent.id
 
+    @dg.job(
+        name=names.plan_reshard_job,
+        description=f"Plan a reshard: one dynamic partition of {chunk_asset} per shard range.",
+    )
+    def _plan_job() -> None:
+        _plan()
 
-reshard_verify_job = dg.define_asset_job(
-    "reshard_verify_job",
-    selection=dg.AssetSelection.assets(reshard_shadow, cutover),
-    executor_def=dg.in_process_executor,
-    description="Record a backfilled shadow, verify it (blocking check), then mark it ready for cutover.",
-)
+    @dg.asset(
+        key=names.reshard_shadow_key,
+        description="The shadow index of a completed reshard backfill, recorded for verification and cutover.",
+        group_name=names.group_name,
+        required_resource_keys={jobs_key},
+    )
+    def _shadow(context: dg.AssetExecutionContext, config: ReshardShadowConfig) -> dg.MaterializeResult:  # type: ignore[type-arg]
+        jobs: JobStoreResource = getattr(context.resources, jobs_key)
+        store = jobs.get_store()
+        summary = store.parent_summary(config.parent_job_id)
+        if summary.parent.state != JobState.COMPLETED:
+            raise dg.Failure(
+                description=(
+                    f"reshard {config.parent_job_id} is {summary.parent.state} "
+                    f"({summary.chunks_done}/{summary.chunks_total} chunks completed); run workers "
+                    "until every chunk completes before recording the shadow"
+                ),
+                allow_retries=False,
+            )
+        params = _reshard_params(store, config.parent_job_id)
+        prog = summary.progress
+        context.log.info(f"reshard {config.parent_job_id}: shadow {params.shadow_uid} backfilled")
+        return dg.MaterializeResult(
+            metadata={
+                "parent_job_id": config.parent_job_id,
+                "index_uid": params.index_uid,
+                "shadow_index": params.shadow_uid,
+                "old_shards": params.old_shards,
+                "new_shards": params.new_shards,
+                "documents_backfilled": int(prog.get(kind.documents_key, 0)),
+                "per_node": dg.MetadataValue.json(dict(prog.get("per_node", {}))),
+            }
+        )
 
-#: What ``definitions.py`` adds for reshards.
-RESHARD_ASSETS = [reshard_chunk, reshard_shadow, cutover]
-RESHARD_ASSET_CHECKS = [shadow_matches_live]
-RESHARD_JOBS: list[Any] = [plan_reshard_job, reshard_chunk_job, reshard_verify_job]
+    @dg.asset_check(
+        asset=_shadow,
+        name=names.shadow_check_name,
+        blocking=True,
+        description=(
+            "The shadow holds exactly the live index's primary keys and content, each document on "
+            "exactly its new nodes."
+        ),
+        required_resource_keys={jobs_key},
+    )
+    def _shadow_matches_live(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        jobs: JobStoreResource = getattr(context.resources, jobs_key)
+        _, meta = _latest_shadow(context.instance, names)
+        params = _reshard_params(jobs.get_store(), str(meta["parent_job_id"]))
+        live = Topology.parse(params.live_topology)
+        shadow = Topology.parse(params.shadow_topology)
+        result = verify_shadow(
+            live,
+            targets_for(live),
+            shadow,
+            targets_for(shadow),
+            params.index_uid,
+            params.shadow_uid,
+            params.primary_key,
+            max_examples=MAX_EXAMPLES,
+        )
+        (context.log.info if result.passed else context.log.error)(result.summary())
+        return dg.AssetCheckResult(
+            passed=result.passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata=result_metadata(result),
+        )
+
+    @dg.asset(
+        key=names.reshard_cutover_key,
+        deps=[_shadow],
+        description="Records that the verified shadow is ready for Miroir to flip the alias; refuses an unverified shadow.",
+        group_name=names.group_name,
+    )
+    def _cutover(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
+        ok, why, check_meta = latest_verification(context.instance, names.key_prefix)
+        if not ok:
+            raise dg.Failure(description=f"cutover refused: {why}", allow_retries=False)
+        _, shadow = _latest_shadow(context.instance, names)
+        context.log.info(
+            f"shadow {shadow['shadow_index']} verified ({check_meta.get('shadow_documents')} documents): "
+            f"ready for Miroir to point {shadow['index_uid']} at it"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "ready_for_cutover": True,
+                "parent_job_id": shadow["parent_job_id"],
+                "index_uid": shadow["index_uid"],
+                "shadow_index": shadow["shadow_index"],
+                "new_shards": shadow["new_shards"],
+                "documents": check_meta.get("shadow_documents", 0),
+                "action": json.dumps({"alias": shadow["index_uid"], "target": shadow["shadow_index"]}),
+            }
+        )
+
+    verify_job = dg.define_asset_job(
+        names.reshard_verify_job,
+        selection=dg.AssetSelection.assets(_shadow, _cutover),
+        executor_def=dg.in_process_executor,
+        description="Record a backfilled shadow, verify it (blocking check), then mark it ready for cutover.",
+    )
+    return dg.Definitions(
+        assets=[_shadow, _cutover],
+        asset_checks=[_shadow_matches_live],
+        jobs=[_plan_job, verify_job],
+    )

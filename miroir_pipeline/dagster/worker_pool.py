@@ -1,5 +1,10 @@
 """The worker pool member: claim a chunk, execute it as a Dagster run in-process against the
-shared instance (so it shows in the UI without a process start per chunk), repeat (DESIGN §7)."""
+shared instance (so it shows in the UI without a process start per chunk), repeat.
+
+A worker owns a :class:`Shutdown`: SIGTERM/SIGINT (or anyone holding it) requests a drain, the
+worker stops claiming, and the running chunk, which watches the same object through the runtime
+resource of its run, hands itself back at its next batch boundary.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -14,24 +20,20 @@ from typing import Any
 import dagster as dg
 
 from miroir_pipeline import metrics
-from miroir_pipeline.dagster.partitions import (
-    DUMP_CHUNKS,
-    RESHARD_CHUNKS,
+from miroir_pipeline.dagster.names import (
+    DEFAULT_KEY_PREFIX,
+    POOL_CHUNK_RUN,
     TAG_CHUNK_RUN,
     TAG_CLAIM_TOKEN,
     TAG_WORKER_ID,
+    MiroirNames,
 )
+from miroir_pipeline.dagster.resources import runtime_resource
+from miroir_pipeline.jobs.registry import JobKind, job_types, kind_for, kinds
 from miroir_pipeline.jobs.settings import PipelineSettings
-from miroir_pipeline.queue.claims import default_worker_id
-from miroir_pipeline.queue.contract import (
-    JobNotClaimable,
-    JobState,
-    JobStore,
-    JobType,
-    Lease,
-    LeaseLost,
-)
-from miroir_pipeline.queue.shutdown import DRAIN
+from miroir_pipeline.queue.contract import JobNotClaimable, JobState, JobStore, Lease
+from miroir_pipeline.queue.lease import default_worker_id, lease_outcome, settle_abandoned
+from miroir_pipeline.queue.shutdown import Shutdown
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -39,11 +41,6 @@ __all__ = ["Worker", "WorkerStats"]
 QUEUE_DEPTH_EVERY_S = 5.0
 
 log = logging.getLogger(__name__)
-
-_JOB_FOR_TYPE = {
-    JobType.DUMP_IMPORT: ("dump_chunk_job", DUMP_CHUNKS),
-    JobType.RESHARD_BACKFILL: ("reshard_chunk_job", RESHARD_CHUNKS),
-}
 
 
 @dataclass
@@ -55,7 +52,12 @@ class WorkerStats:
 
 
 class Worker:
-    """Claims chunks of the given types (optionally of one parent only) and runs each one."""
+    """Claims chunks of the registered kinds (or of ``job_types``; optionally of one parent only)
+    and runs each one as a run of its chunk job in ``defs``.
+
+    ``defs`` is what :func:`~miroir_pipeline.dagster.miroir_definitions` returned (alone or
+    merged into a code location), built with ``key_prefix``.
+    """
 
     def __init__(
         self,
@@ -64,7 +66,9 @@ class Worker:
         defs: dg.Definitions,
         settings: PipelineSettings,
         *,
-        job_types: tuple[str, ...] = (JobType.DUMP_IMPORT, JobType.RESHARD_BACKFILL),
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        job_types: Sequence[str] | None = None,
+        shutdown: Shutdown | None = None,
         worker_id: str | None = None,
         parent_id: str | None = None,
         exit_when_empty: bool = False,
@@ -76,7 +80,13 @@ class Worker:
         self.instance = instance
         self.defs = defs
         self.settings = settings
-        self.job_types = job_types
+        self.names = MiroirNames(key_prefix)
+        self.kinds: tuple[JobKind, ...] = (
+            kinds() if job_types is None else tuple(kind_for(t) for t in job_types)
+        )
+        self.job_types = tuple(k.job_type for k in self.kinds)
+        self._jobs = {k.job_type: self._chunk_job(k) for k in self.kinds}
+        self.shutdown = shutdown if shutdown is not None else Shutdown()
         self.worker_id = worker_id or default_worker_id()
         self.parent_id = parent_id
         self.exit_when_empty = exit_when_empty
@@ -85,12 +95,23 @@ class Worker:
         self.run_log_level = run_log_level
         self.stats = WorkerStats()
 
+    def _chunk_job(self, kind: JobKind) -> dg.JobDefinition:
+        name = self.names.chunk_job(kind)
+        try:
+            return self.defs.resolve_job_def(name)
+        except Exception as exc:
+            raise ValueError(
+                f"the definitions given to the worker have no job {name!r} for {kind.job_type} "
+                f"chunks; build them with miroir_definitions(key_prefix={self.names.key_prefix!r}) "
+                "and give the worker the same key_prefix"
+            ) from exc
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop claiming; the running chunk hands itself back at its next batch."""
 
         def _drain(signum: int, _frame: FrameType | None) -> None:
             log.warning("worker %s: signal %d, draining", self.worker_id, signum)
-            DRAIN.set()
+            self.shutdown.request(f"worker {self.worker_id} received signal {signum}")
 
         signal.signal(signal.SIGTERM, _drain)
         signal.signal(signal.SIGINT, _drain)
@@ -98,7 +119,7 @@ class Worker:
     def run(self) -> WorkerStats:
         idle = 0.05
         published = float("-inf")
-        while not DRAIN.is_set():
+        while not self.shutdown.requested:
             if self.max_chunks is not None and self.stats.chunks_run >= self.max_chunks:
                 break
             try:
@@ -115,7 +136,7 @@ class Worker:
             if done:
                 break
             if lease is None:
-                DRAIN.wait(idle)
+                self.shutdown.wait(idle)
                 idle = min(idle * 2, self.idle_max_sleep)
                 continue
             idle = 0.05
@@ -123,10 +144,10 @@ class Worker:
         return self.stats
 
     def _publish_queue_depth(self) -> None:
-        """Refresh this worker's ``miroir_background_queue_depth`` on its /metrics."""
-        depth = self.store.queue_depth()
-        for job_type in JobType:
-            metrics.WORKER_QUEUE_DEPTH.labels(job_type=job_type.value).set(depth.get(job_type, 0))
+        """Refresh this worker's ``miroir_background_queue_depth`` on its /metrics (every
+        registered kind, at zero when it has nothing claimable)."""
+        for job_type, count in self.store.queue_depth(job_types()).items():
+            metrics.WORKER_QUEUE_DEPTH.labels(job_type=job_type).set(count)
 
     # -- claiming -----------------------------------------------------------------------------
     def _claim(self) -> Lease | None:
@@ -142,7 +163,7 @@ class Worker:
 
     def _claim_in_parent(self, parent_id: str) -> Lease | None:
         for job in self.store.children(parent_id):
-            if job.state not in (JobState.QUEUED, JobState.IN_PROGRESS):
+            if job.state not in (JobState.QUEUED, JobState.IN_PROGRESS) or job.type not in self._jobs:
                 continue
             try:
                 return self.store.claim_by_id(job.id, self.worker_id, self.settings.lease_ttl)
@@ -159,18 +180,19 @@ class Worker:
 
     # -- running ------------------------------------------------------------------------------
     def _run_chunk(self, lease: Lease) -> None:
-        job_name, partitions_name = _JOB_FOR_TYPE[JobType(lease.job.type)]
+        kind = kind_for(lease.job.type)
+        job_def = self._jobs[kind.job_type]
+        partitions_name = self.names.partitions(kind)
         chunk_id = lease.job_id
         if not self.instance.has_dynamic_partition(partitions_name, chunk_id):
             self.instance.add_dynamic_partitions(partitions_name, [chunk_id])
-        job_def = self.defs.resolve_job_def(job_name)
         started = time.monotonic()
         # Pool runs are tagged apart from daemon-launched ones: the run queue's cap on chunk runs
         # (dagster.yaml) must not count them, and a killed worker's run never finishes.
         tags: dict[str, Any] = {
             TAG_CLAIM_TOKEN: lease.token,
             TAG_WORKER_ID: self.worker_id,
-            TAG_CHUNK_RUN: "pool",
+            TAG_CHUNK_RUN: POOL_CHUNK_RUN,
         }
         log.info("worker %s: running chunk %s (attempt %d)", self.worker_id, chunk_id, lease.attempt)
         result = self._execute_off_main_thread(job_def, chunk_id, tags)
@@ -183,22 +205,28 @@ class Worker:
             self.stats.chunks_failed += 1
         try:
             if not result.success:
-                self._settle_abandoned(lease, result.run_id)
-            outcome = self._outcome(lease)
+                settle_abandoned(
+                    self.store,
+                    lease,
+                    f"Dagster run {result.run_id} failed before processing the chunk",
+                    hand_back=self.shutdown.requested,
+                )
+            outcome = lease_outcome(self.store, lease)
         except Exception:  # store unreachable: the lease expires and the chunk is re-claimed
             log.exception("worker %s: could not record how chunk %s ended", self.worker_id, chunk_id)
             outcome = "failed"
         metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=outcome).observe(elapsed)
 
     def _execute_off_main_thread(
-        self, job_def: Any, chunk_id: str, tags: dict[str, Any]
+        self, job_def: dg.JobDefinition, chunk_id: str, tags: dict[str, Any]
     ) -> dg.ExecuteInProcessResult:
         """Execute the run in a helper thread while the main thread waits.
 
         On the main thread Dagster swaps SIGTERM/SIGINT for its own handler, which raises an
-        interrupt inside the chunk (mid-write) and never sets DRAIN, so the attempt is failed
-        and the worker goes on claiming. Off the main thread Dagster leaves the handlers alone:
-        SIGTERM sets DRAIN and the chunk hands itself back at its next batch boundary.
+        interrupt inside the chunk (mid-write) and never requests the worker's shutdown, so the
+        attempt is failed and the worker goes on claiming. Off the main thread Dagster leaves the
+        handlers alone: SIGTERM requests the shutdown the run's chunk watches (its runtime
+        resource), and the chunk hands itself back at its next batch boundary.
         """
         box: dict[str, Any] = {}
 
@@ -209,6 +237,7 @@ class Worker:
                     instance=self.instance,
                     partition_key=chunk_id,
                     tags=tags,
+                    resources={self.names.runtime_resource: runtime_resource(self.shutdown)},
                     raise_on_error=False,
                 )
             except BaseException as exc:  # re-raised on the main thread below
@@ -222,27 +251,3 @@ class Worker:
             raise box["error"]
         result: dg.ExecuteInProcessResult = box["result"]
         return result
-
-    def _outcome(self, lease: Lease) -> str:
-        """How the attempt ended, read from the row (one of ``metrics.CHUNK_OUTCOMES``)."""
-        job = self.store.get(lease.job_id)
-        if job.state == JobState.COMPLETED:
-            return "completed"
-        if job.state == JobState.IN_PROGRESS and job.claim_token != lease.token:
-            return "lease_lost"
-        if job.state == JobState.QUEUED and job.attempts < lease.attempt:
-            return "released"
-        return "failed"
-
-    def _settle_abandoned(self, lease: Lease, run_id: str) -> None:
-        """A run that failed before the chunk took over its lease must not leave it dangling."""
-        job = self.store.get(lease.job_id)
-        if job.state != JobState.IN_PROGRESS or job.claim_token != lease.token:
-            return
-        try:
-            if DRAIN.is_set():
-                self.store.release(lease)
-            else:
-                self.store.fail(lease, f"Dagster run {run_id} failed before processing the chunk")
-        except LeaseLost:
-            pass

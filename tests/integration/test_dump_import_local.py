@@ -10,8 +10,7 @@ import dagster as dg
 import orjson
 import pytest
 
-from miroir_pipeline.dagster.definitions import defs
-from miroir_pipeline.dagster.partitions import DUMP_CHUNKS
+from miroir_pipeline.dagster import MiroirNames, miroir_definitions
 from miroir_pipeline.dagster.worker_pool import Worker
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.fleet.topology import Topology
@@ -72,8 +71,8 @@ def test_import_through_dagster_runs_places_every_document_exactly(env: dict[str
     assert len(plan.chunk_ids) > 3
 
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(DUMP_CHUNKS, plan.chunk_ids)
-        worker = Worker(env["store"], instance, defs, settings, parent_id=plan.parent.id, exit_when_empty=True)
+        instance.add_dynamic_partitions(MiroirNames().partitions("dump_import"), plan.chunk_ids)
+        worker = Worker(env["store"], instance, miroir_definitions(), settings, parent_id=plan.parent.id, exit_when_empty=True)
         stats = worker.run()
         assert stats.chunks_failed == 0 and stats.chunks_succeeded == len(plan.chunk_ids)
         # Every chunk is a successful run of its partition, with the processing metadata.
@@ -221,9 +220,9 @@ def test_completed_chunk_run_is_a_noop_and_held_chunk_run_ends_with_clear_messag
     dump = write_dump(root / "d.ndjson", docs)
     plan = plan_dump_import(env["store"], DumpImportRequest(uri=str(dump), index_uid="p", primary_key="id"), topo, targets, settings)
     first, second = plan.chunk_ids[0], plan.chunk_ids[1]
-    job = defs.resolve_job_def("dump_chunk_job")
+    job = miroir_definitions().resolve_job_def(MiroirNames().chunk_job("dump_import"))
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(DUMP_CHUNKS, plan.chunk_ids)
+        instance.add_dynamic_partitions(MiroirNames().partitions("dump_import"), plan.chunk_ids)
         assert job.execute_in_process(instance=instance, partition_key=first).success
         again = job.execute_in_process(instance=instance, partition_key=first)
         assert again.success
@@ -250,9 +249,9 @@ def test_ui_retry_of_a_failed_chunk_and_reimport_of_a_completed_one(env: dict[st
     dump.write_bytes(good[:-2] + b',\n')  # last line broken (same length): the chunk fails for good
     plan = plan_dump_import(env["store"], DumpImportRequest(uri=str(dump), index_uid="fix", primary_key="id"), topo, targets, settings)
     [chunk] = plan.chunk_ids
-    job = defs.resolve_job_def("dump_chunk_job")
+    job = miroir_definitions().resolve_job_def(MiroirNames().chunk_job("dump_import"))
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(DUMP_CHUNKS, plan.chunk_ids)
+        instance.add_dynamic_partitions(MiroirNames().partitions("dump_import"), plan.chunk_ids)
         assert not job.execute_in_process(instance=instance, partition_key=chunk, raise_on_error=False).success
         assert env["store"].get(chunk).state == JobState.FAILED
         dump.write_bytes(good)  # the operator fixes the dump and retries the partition
@@ -265,3 +264,33 @@ def test_ui_retry_of_a_failed_chunk_and_reimport_of_a_completed_one(env: dict[st
         meta = next(e for e in res.all_events if e.event_type_value == "ASSET_MATERIALIZATION").event_specific_data.materialization.metadata
         assert "noop" not in meta and int(meta["documents"].value) == len(docs)
         assert_exact_placement(expected_placement(docs, topo), actual_placement(targets, "fix"))
+
+
+def test_drain_hands_a_dump_chunk_back_at_its_cursor_and_it_resumes(env: dict[str, Any]) -> None:
+    """Shutdown travels as an explicit context: requesting it mid-chunk hands the chunk back at
+    the last committed byte cursor; the next attempt resumes there and places every document."""
+    from miroir_pipeline.queue.shutdown import ChunkHandedBack, Shutdown
+
+    root: Path = env["root"]
+    store: JobStore = env["store"]
+    topo = local_topology(root / "nodes")
+    targets = open_targets(topo)
+    settings = settings_for(root, batch_size=300, read_block_bytes=4096)  # many batches in one chunk
+    docs = make_docs(3000, seed=11)
+    dump = write_dump(root / "drain.ndjson", docs)
+    plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid="drain", primary_key="id"), topo, targets, settings)
+    lease = store.claim(["dump_import"], "w1", settings.lease_ttl)
+    assert lease is not None
+    shutdown = Shutdown()
+    with pytest.raises(ChunkHandedBack, match="handed back at byte"):
+        process_dump_chunk(store, lease, targets, settings, shutdown=shutdown, on_batch=lambda _r: shutdown.request())
+    row = store.get(lease.job_id)
+    assert row.state == JobState.QUEUED and row.claimed_by is None
+    cursor = int(row.progress["last_cursor"])
+    assert 0 < cursor < int(row.params["end"])
+    again = store.claim(["dump_import"], "w2", settings.lease_ttl)
+    assert again is not None and again.job_id == lease.job_id
+    report = process_dump_chunk(store, again, targets, settings)
+    assert report.resumed_from == cursor
+    assert store.get(lease.job_id).state == JobState.COMPLETED
+    assert_exact_placement(expected_placement(docs, topo), actual_placement(targets, "drain"))

@@ -11,8 +11,7 @@ import dagster as dg
 import httpx
 import pytest
 
-from miroir_pipeline.dagster.definitions import defs
-from miroir_pipeline.dagster.partitions import DUMP_CHUNKS
+from miroir_pipeline.dagster import MiroirNames, miroir_definitions
 from miroir_pipeline.dagster.worker_pool import Worker
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
@@ -61,8 +60,8 @@ def test_fleet_import_places_every_document_on_exactly_its_write_targets(
     plan = plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid=meili_index_uid, primary_key="id"), topo, targets, settings)
     assert len(plan.chunk_ids) >= 3
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(DUMP_CHUNKS, plan.chunk_ids)
-        stats = Worker(store, instance, defs, settings, parent_id=plan.parent.id, exit_when_empty=True).run()
+        instance.add_dynamic_partitions(MiroirNames().partitions("dump_import"), plan.chunk_ids)
+        stats = Worker(store, instance, miroir_definitions(), settings, parent_id=plan.parent.id, exit_when_empty=True).run()
     assert stats.chunks_failed == 0
     summary = store.parent_summary(plan.parent.id)
     assert summary.parent.state == JobState.COMPLETED

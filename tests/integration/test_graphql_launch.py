@@ -1,4 +1,4 @@
-"""API-triggered chunk runs (DESIGN §7): a real ``dagster-webserver`` and ``dagster-daemon`` on
+"""API-triggered chunk runs: a real ``dagster-webserver`` and ``dagster-daemon`` on
 loopback; runs submitted over GraphQL (Python client with the ``dagster/partition`` tag, and a
 ``launchPartitionBackfill`` mutation) import their chunks; a run for a chunk a worker holds
 fails fast with a clear message and leaves the lease alone.
@@ -20,12 +20,12 @@ import httpx
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
-from miroir_pipeline.dagster.partitions import DUMP_CHUNKS
 from miroir_pipeline.dagster.sensors import DISPATCH_ENABLED_ENV
 from miroir_pipeline.queue import JobStore, open_store
 from miroir_pipeline.queue.contract import JobState
 from tests.integration.test_sensors import (
     LOCATION_NAME,
+    NAMES,
     VENV_BIN,
     ServiceProcess,
     free_port,
@@ -38,6 +38,8 @@ from tests.integration.test_sensors import (
     write_workspace,
 )
 
+#: The chunk job of dump imports in the default code location.
+DUMP_CHUNK_JOB = NAMES.chunk_job("dump_import")
 READY_TIMEOUT_S = 90.0
 RUN_TIMEOUT_S = 90.0
 
@@ -81,7 +83,7 @@ class Services:
     def plan(self, size: int, chunk_size: int, index: str) -> list[str]:
         """Plan an import with the core planner and register its chunks as partitions."""
         planned = plan_import(self.store, self.root, self.topology, size=size, chunk_size=chunk_size, index=index)
-        self.instance.add_dynamic_partitions(DUMP_CHUNKS, planned.chunk_ids)
+        self.instance.add_dynamic_partitions(NAMES.partitions("dump_import"), planned.chunk_ids)
         return planned.chunk_ids
 
     def wait_runs(self, run_ids: list[str], what: str) -> list[dg.DagsterRun]:
@@ -150,7 +152,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 def test_python_client_launches_one_chunk(services: Services) -> None:
     chunk, *_rest = services.plan(size=48 * 1024, chunk_size=16 * 1024, index="client")
-    run_id = services.client.submit_job_execution("dump_chunk_job", tags={"dagster/partition": chunk})
+    run_id = services.client.submit_job_execution(DUMP_CHUNK_JOB, tags={"dagster/partition": chunk})
 
     (run,) = services.wait_runs([run_id], f"the GraphQL-submitted run of {chunk}")
 
@@ -169,7 +171,7 @@ def test_partition_backfill_mutation_imports_several_chunks(services: Services) 
         {
             "params": {
                 "selector": {
-                    "partitionSetName": "dump_chunk_job_partition_set",
+                    "partitionSetName": f"{DUMP_CHUNK_JOB}_partition_set",
                     "repositorySelector": {"repositoryLocationName": LOCATION_NAME, "repositoryName": "__repository__"},
                 },
                 "partitionNames": chunks,
@@ -194,7 +196,7 @@ def test_run_for_a_chunk_a_worker_holds_fails_fast_and_leaves_the_lease(services
     (chunk,) = services.plan(size=16 * 1024, chunk_size=16 * 1024, index="held")
     lease = services.store.claim_by_id(chunk, "pool-worker-7", 600)
     submitted = time.monotonic()
-    run_id = services.client.submit_job_execution("dump_chunk_job", tags={"dagster/partition": chunk})
+    run_id = services.client.submit_job_execution(DUMP_CHUNK_JOB, tags={"dagster/partition": chunk})
 
     (run,) = services.wait_runs([run_id], f"the run of held chunk {chunk} to end")
 

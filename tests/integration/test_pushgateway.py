@@ -7,6 +7,7 @@ import uuid
 import pytest
 from prometheus_client import CollectorRegistry, Summary, push_to_gateway
 
+from miroir_pipeline.jobs.registry import job_types
 from miroir_pipeline.metrics import (
     DEPLOYMENT_ENV,
     JOB_TYPE_LABEL,
@@ -17,7 +18,6 @@ from miroir_pipeline.metrics import (
     push_queue_depth,
     push_queue_depth_from_env,
 )
-from miroir_pipeline.queue.contract import JobType
 from tests.fixtures.pushgateway import Pushgateway, samples_of
 
 
@@ -36,7 +36,7 @@ def _depths(gateway: Pushgateway, deployment: str) -> dict[str, float]:
 def test_push_shows_each_job_type_with_grouping_labels(gateway: Pushgateway) -> None:
     push_queue_depth(
         gateway.url,
-        {JobType.DUMP_IMPORT: 40, JobType.RESHARD_BACKFILL: 3},
+        {"dump_import": 40, "reshard_backfill": 3},
         grouping_key={"deployment": "prod"},
     )
 
@@ -50,13 +50,16 @@ def test_push_shows_each_job_type_with_grouping_labels(gateway: Pushgateway) -> 
     assert _depths(gateway, "prod") == {"dump_import": 40.0, "reshard_backfill": 3.0}
 
 
-def test_empty_push_replaces_old_values_with_zeros(gateway: Pushgateway) -> None:
-    push_queue_depth(gateway.url, {"dump_import": 40}, grouping_key={"deployment": "prod"})
+def test_a_drained_type_is_pushed_as_zero(gateway: Pushgateway) -> None:
+    # Callers pass every registered type (``store.queue_depth(job_types())`` does), so a type
+    # that drained replaces its old value with 0 instead of keeping the autoscaler up.
+    idle = dict.fromkeys(job_types(), 0)
+    push_queue_depth(gateway.url, {**idle, "dump_import": 40}, grouping_key={"deployment": "prod"})
     assert _depths(gateway, "prod") == {"dump_import": 40.0, "reshard_backfill": 0.0}
 
-    push_queue_depth(gateway.url, {}, grouping_key={"deployment": "prod"})
+    push_queue_depth(gateway.url, idle, grouping_key={"deployment": "prod"})
 
-    assert _depths(gateway, "prod") == {t.value: 0.0 for t in JobType}
+    assert _depths(gateway, "prod") == {t: 0.0 for t in job_types()}
 
 
 def test_push_drops_series_of_a_type_no_longer_reported(gateway: Pushgateway) -> None:
@@ -65,7 +68,7 @@ def test_push_drops_series_of_a_type_no_longer_reported(gateway: Pushgateway) ->
 
     push_queue_depth(gateway.url, {"dump_import": 1}, grouping_key={"deployment": "prod"})
 
-    assert _depths(gateway, "prod") == {"dump_import": 1.0, "reshard_backfill": 0.0}
+    assert _depths(gateway, "prod") == {"dump_import": 1.0}
 
 
 def test_deployments_are_separate_groups(gateway: Pushgateway) -> None:
@@ -82,7 +85,7 @@ def test_push_from_env_uses_url_and_deployment(gateway: Pushgateway) -> None:
 
     assert push_queue_depth_from_env({"reshard_backfill": 12}, env) is True
 
-    assert _depths(gateway, deployment) == {"dump_import": 0.0, "reshard_backfill": 12.0}
+    assert _depths(gateway, deployment) == {"reshard_backfill": 12.0}
     assert push_queue_depth_from_env({"reshard_backfill": 12}, {}) is False
 
 

@@ -440,23 +440,9 @@ def test_empty_live_index_backfills_nothing_and_verifies(
 
 
 def _defs() -> dg.Definitions:
-    from miroir_pipeline.dagster.reshard_assets import (
-        RESHARD_ASSET_CHECKS,
-        RESHARD_ASSETS,
-        RESHARD_JOBS,
-    )
-    from miroir_pipeline.dagster.resources import (
-        JobStoreResource,
-        SettingsResource,
-        TopologyResource,
-    )
+    from miroir_pipeline.dagster import miroir_definitions
 
-    return dg.Definitions(
-        assets=RESHARD_ASSETS,
-        asset_checks=RESHARD_ASSET_CHECKS,
-        jobs=RESHARD_JOBS,
-        resources={"jobs": JobStoreResource(), "topology": TopologyResource(), "settings": SettingsResource()},
-    )
+    return miroir_definitions()
 
 
 def test_dagster_plan_backfill_blocking_check_and_cutover(
@@ -465,7 +451,7 @@ def test_dagster_plan_backfill_blocking_check_and_cutover(
     opened: Callable[[Topology], dict[str, NodeTarget]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from miroir_pipeline.dagster.partitions import RESHARD_CHUNKS
+    from miroir_pipeline.dagster import MiroirNames
     from miroir_pipeline.dagster.reshard_assets import latest_verification
 
     topo = local_topology(tmp_path / "nodes", 16, [["n0", "n1", "n2"]])
@@ -476,32 +462,33 @@ def test_dagster_plan_backfill_blocking_check_and_cutover(
     docs = make_docs(2000, int_ids=True)
     load_live(topo, live, "books", docs)
     defs = _defs()
+    names = MiroirNames()
     quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
     with dg.instance_for_test() as instance:
-        plan = defs.resolve_job_def("plan_reshard_job").execute_in_process(
-            run_config={"ops": {"plan_reshard_op": {"config": {"index_uid": "books", "new_shards": 8}}}, **quiet},
+        plan = defs.resolve_job_def(names.plan_reshard_job).execute_in_process(
+            run_config={"ops": {names.plan_reshard_op: {"config": {"index_uid": "books", "new_shards": 8}}}, **quiet},
             instance=instance,
         )
-        parent_id = plan.output_for_node("plan_reshard_op")
-        partitions = instance.get_dynamic_partitions(RESHARD_CHUNKS)
+        parent_id = plan.output_for_node(names.plan_reshard_op)
+        partitions = instance.get_dynamic_partitions(names.partitions("reshard_backfill"))
         assert sorted(partitions) == [c.id for c in store.children(parent_id)] and len(partitions) == 2
 
-        shadow_cfg = {"ops": {"miroir__reshard_shadow": {"config": {"parent_job_id": parent_id}}}, **quiet}
-        early = defs.resolve_job_def("reshard_verify_job").execute_in_process(
+        shadow_cfg = {"ops": {names.reshard_shadow_op: {"config": {"parent_job_id": parent_id}}}, **quiet}
+        early = defs.resolve_job_def(names.reshard_verify_job).execute_in_process(
             run_config=shadow_cfg, instance=instance, raise_on_error=False
         )
         assert not early.success, "the shadow must not be recorded before the backfill completed"
 
-        chunk_job = defs.resolve_job_def("reshard_chunk_job")
+        chunk_job = defs.resolve_job_def(names.chunk_job("reshard_backfill"))
         for key in partitions:
             run = chunk_job.execute_in_process(instance=instance, partition_key=key, run_config=quiet)
             assert run.success
-            meta = run.asset_materializations_for_node("miroir__reshard_chunk")[0].metadata
+            meta = run.asset_materializations_for_node(names.chunk_op("reshard_backfill"))[0].metadata
             assert meta["documents"].value > 0
         again = chunk_job.execute_in_process(instance=instance, partition_key=partitions[0], run_config=quiet)
-        assert again.asset_materializations_for_node("miroir__reshard_chunk")[0].metadata["noop"].value is True
+        assert again.asset_materializations_for_node(names.chunk_op("reshard_backfill"))[0].metadata["noop"].value is True
 
-        ok = defs.resolve_job_def("reshard_verify_job").execute_in_process(run_config=shadow_cfg, instance=instance)
+        ok = defs.resolve_job_def(names.reshard_verify_job).execute_in_process(run_config=shadow_cfg, instance=instance)
         assert ok.success
         materialized = {e.asset_key.path[-1] for e in ok.get_asset_materialization_events() if e.asset_key}
         assert materialized == {"reshard_shadow", "reshard_cutover"}
@@ -512,7 +499,7 @@ def test_dagster_plan_backfill_blocking_check_and_cutover(
         pk = docs[11]["id"]
         home = write_targets(shard_for_key(pk, 8), topo)[0]
         live[home].delete_documents("books__reshard_8", [str(pk)])
-        bad = defs.resolve_job_def("reshard_verify_job").execute_in_process(
+        bad = defs.resolve_job_def(names.reshard_verify_job).execute_in_process(
             run_config=shadow_cfg, instance=instance, raise_on_error=False
         )
         assert not bad.success
@@ -526,7 +513,6 @@ def test_dagster_plan_backfill_blocking_check_and_cutover(
         assert check_meta["divergences"]["missing"] == [str(pk)] and str(pk) in why
 
         # Cutover on its own also refuses while the latest evaluation failed.
-        from miroir_pipeline.dagster.reshard_assets import cutover
-
+        cutover = defs.get_assets_def(names.reshard_cutover_key)
         alone = dg.materialize([cutover], instance=instance, raise_on_error=False)
         assert not alone.success

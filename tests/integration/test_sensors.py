@@ -1,5 +1,5 @@
-"""The dispatch and queue-depth sensors (DESIGN §7-8) against real Dagster instances, a real
-Pushgateway and, at the end, a real ``dagster-daemon`` that dispatches and completes chunks.
+"""The dispatch and queue-depth sensors against real Dagster instances, a real Pushgateway and,
+at the end, a real ``dagster-daemon`` that dispatches and completes chunks.
 
 The service helpers at the top (free port, topology, Dagster home, workspace, process group
 control) are shared with ``test_graphql_launch.py`` and ``test_worker_pool.py``.
@@ -25,31 +25,23 @@ import yaml
 from dagster._core.test_utils import create_run_for_test
 
 from miroir_pipeline import metrics
-from miroir_pipeline.dagster.definitions import defs
-from miroir_pipeline.dagster.partitions import (
-    DUMP_CHUNKS,
-    RESHARD_CHUNKS,
-    TAG_CHUNK_RUN,
-    TAG_WORKER_ID,
-)
-from miroir_pipeline.dagster.resources import JobStoreResource, targets_for
-from miroir_pipeline.dagster.sensors import (
-    DISPATCH_ENABLED_ENV,
-    MAX_CHUNK_RUNS_ENV,
-    chunk_dispatch_sensor,
-    queue_depth_sensor,
-)
+from miroir_pipeline.dagster import MiroirNames, miroir_definitions
+from miroir_pipeline.dagster.names import TAG_CHUNK_RUN, TAG_WORKER_ID
+from miroir_pipeline.dagster.resources import JobStoreResource, PushgatewayResource, targets_for
+from miroir_pipeline.dagster.sensors import DISPATCH_ENABLED_ENV, MAX_CHUNK_RUNS_ENV
 from miroir_pipeline.fleet.topology import Topology, load_topology
 from miroir_pipeline.jobs.dump_import import DumpImportRequest, PlannedImport, plan_dump_import
 from miroir_pipeline.jobs.dump_import.sample_dump import write_sample_dump
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import JobStore, open_store
-from miroir_pipeline.queue.contract import JobState, JobType, NewChunk
+from miroir_pipeline.queue.contract import JobState, NewChunk
 from tests.fixtures.pushgateway import Pushgateway, samples_of
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 LOCATION_NAME = "miroir_pipeline"
+#: The names of the default code location (``definitions.py`` at the repo root).
+NAMES = MiroirNames()
 STOP_TIMEOUT_S = 15.0
 
 
@@ -80,7 +72,7 @@ def write_topology(root: Path, nodes: int = 3, shards: int = 16, replication_fac
     return path
 
 
-def write_dagster_home(home: Path, *, source: Path = REPO_ROOT / "dagster.yaml", dequeue_interval_seconds: int = 1) -> Path:
+def write_dagster_home(home: Path, *, source: Path = REPO_ROOT / "miroir_pipeline" / "dagster" / "dagster.yaml", dequeue_interval_seconds: int = 1) -> Path:
     """``home/dagster.yaml`` from a shipped instance config (``source``), dequeuing every second
     for tests, with its storage created here before any service starts: processes creating
     the same fresh SQLite storages at once race on their schema."""
@@ -94,14 +86,14 @@ def write_dagster_home(home: Path, *, source: Path = REPO_ROOT / "dagster.yaml",
 
 
 def write_workspace(path: Path) -> Path:
-    """A workspace that loads the package's Definitions from the repo checkout."""
+    """A workspace that loads the default code location (``definitions.py``) from the checkout."""
     path.write_text(
         yaml.safe_dump(
             {
                 "load_from": [
                     {
                         "python_file": {
-                            "relative_path": str(REPO_ROOT / "miroir_pipeline" / "orchestration" / "definitions.py"),
+                            "relative_path": str(REPO_ROOT / "definitions.py"),
                             "working_directory": str(REPO_ROOT),
                             "location_name": LOCATION_NAME,
                         }
@@ -246,9 +238,14 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     store.close()
 
 
-def _tick(sensor: dg.SensorDefinition, instance: dg.DagsterInstance, dsn: str) -> Any:
-    context = dg.build_sensor_context(instance=instance, resources={"jobs": JobStoreResource(dsn=dsn)})
-    return sensor(context)
+def _sensor(name: str) -> dg.SensorDefinition:
+    """A sensor of freshly built default definitions (they read the environment when built)."""
+    return miroir_definitions().resolve_sensor_def(name)
+
+
+def _tick(name: str, instance: dg.DagsterInstance, dsn: str) -> Any:
+    resources = {NAMES.jobs_resource: JobStoreResource(dsn=dsn), NAMES.pushgateway_resource: PushgatewayResource()}
+    return _sensor(name)(dg.build_sensor_context(instance=instance, resources=resources))
 
 
 def _requests(result: object) -> list[dg.RunRequest]:
@@ -283,12 +280,12 @@ def test_dispatch_requests_one_run_per_chunk_attempt(env: Env) -> None:
     planned = plan_import(env.store, env.root, env.topology, size=64 * 1024, chunk_size=16 * 1024)
     assert len(planned.chunk_ids) >= 3
     with dg.instance_for_test() as instance:
-        first = _tick(chunk_dispatch_sensor, instance, env.dsn)
+        first = _tick(NAMES.dispatch_sensor, instance, env.dsn)
         first_requests = _requests(first)
         # every chunk gets its partition, and (cap 4) the first four chunks a run
         (partitions,) = first.dynamic_partitions_requests
         assert isinstance(partitions, dg.AddDynamicPartitionsRequest)
-        assert partitions.partitions_def_name == DUMP_CHUNKS
+        assert partitions.partitions_def_name == NAMES.partitions("dump_import")
         assert sorted(partitions.partition_keys) == sorted(planned.chunk_ids)
         requested = [rr.partition_key for rr in first_requests]
         assert requested == planned.chunk_ids[:4]
@@ -296,10 +293,10 @@ def test_dispatch_requests_one_run_per_chunk_attempt(env: Env) -> None:
         assert all(_key(rr).startswith(f"{rr.partition_key}:1:") for rr in first_requests)
         assert all(rr.tags[TAG_CHUNK_RUN] == "dump" for rr in first_requests)
         runs = _record_requests(instance, first)
-        assert set(instance.get_dynamic_partitions(DUMP_CHUNKS)) == set(planned.chunk_ids)
+        assert set(instance.get_dynamic_partitions(NAMES.partitions("dump_import"))) == set(planned.chunk_ids)
 
         # the same attempts again: nothing new (runs queued; their keys are taken)
-        second = _tick(chunk_dispatch_sensor, instance, env.dsn)
+        second = _tick(NAMES.dispatch_sensor, instance, env.dsn)
         assert isinstance(second, dg.SkipReason)
 
         # the run of chunk 0 claims it and its attempt fails: re-queued (short backoff)
@@ -309,7 +306,7 @@ def test_dispatch_requests_one_run_per_chunk_attempt(env: Env) -> None:
         env.store.fail(lease, "node-1 refused the batch")
         assert env.store.get(victim).state == JobState.QUEUED
         time.sleep(0.2)  # backoff 0.05 s
-        third = _requests(_tick(chunk_dispatch_sensor, instance, env.dsn))
+        third = _requests(_tick(NAMES.dispatch_sensor, instance, env.dsn))
         assert [rr.partition_key for rr in third] == [victim]
         (retry,) = third
         assert _key(retry).startswith(f"{victim}:2:")
@@ -321,21 +318,21 @@ def test_dispatch_respects_the_cap_of_chunk_runs_in_flight(env: Env, monkeypatch
     assert len(planned.chunk_ids) >= 5
     monkeypatch.setenv(MAX_CHUNK_RUNS_ENV, "3")
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(DUMP_CHUNKS, planned.chunk_ids)
+        instance.add_dynamic_partitions(NAMES.partitions("dump_import"), planned.chunk_ids)
         # one daemon-launched chunk run holds a slot; a worker-pool run does not count
-        create_run_for_test(instance, job_name="dump_chunk_job", tags={TAG_CHUNK_RUN: "dump"}, status=dg.DagsterRunStatus.STARTED)
+        create_run_for_test(instance, job_name=NAMES.chunk_job("dump_import"), tags={TAG_CHUNK_RUN: "dump"}, status=dg.DagsterRunStatus.STARTED)
         create_run_for_test(
             instance,
-            job_name="dump_chunk_job",
+            job_name=NAMES.chunk_job("dump_import"),
             tags={TAG_CHUNK_RUN: "dump", TAG_WORKER_ID: "worker-a"},
             status=dg.DagsterRunStatus.STARTED,
         )
-        result = _tick(chunk_dispatch_sensor, instance, env.dsn)
+        result = _tick(NAMES.dispatch_sensor, instance, env.dsn)
         assert [rr.partition_key for rr in _requests(result)] == planned.chunk_ids[:2]
         _record_requests(instance, result)
 
         # cap reached (3 in flight): nothing, even though chunks are still claimable
-        full = _tick(chunk_dispatch_sensor, instance, env.dsn)
+        full = _tick(NAMES.dispatch_sensor, instance, env.dsn)
         assert isinstance(full, dg.SkipReason)
         assert "3/3" in (full.skip_message or "")
 
@@ -347,7 +344,7 @@ def test_dispatch_requeues_expired_leases(env: Env) -> None:
     time.sleep(0.4)
     assert env.store.get(chunk).state == JobState.IN_PROGRESS
     with dg.instance_for_test() as instance:
-        result = _tick(chunk_dispatch_sensor, instance, env.dsn)
+        result = _tick(NAMES.dispatch_sensor, instance, env.dsn)
     row = env.store.get(chunk)
     assert row.state == JobState.QUEUED and row.claimed_by is None
     (rr,) = _requests(result)
@@ -355,16 +352,16 @@ def test_dispatch_requeues_expired_leases(env: Env) -> None:
 
 
 def test_dispatch_launches_reshard_chunks_with_their_job(env: Env) -> None:
-    parent = env.store.enqueue(JobType.RESHARD_BACKFILL, {"index_uid": "movies"})
+    parent = env.store.enqueue("reshard_backfill", {"index_uid": "movies"})
     chunks = env.store.split(parent.id, [NewChunk(chunk_index=i, params={"shard_start": i, "shard_end": i + 1}) for i in range(2)])
     with dg.instance_for_test() as instance:
-        result = _tick(chunk_dispatch_sensor, instance, env.dsn)
+        result = _tick(NAMES.dispatch_sensor, instance, env.dsn)
         requests = _requests(result)
     assert [(rr.job_name, rr.partition_key, rr.tags[TAG_CHUNK_RUN]) for rr in requests] == [
-        ("reshard_chunk_job", c.id, "reshard") for c in chunks
+        (NAMES.chunk_job("reshard_backfill"), c.id, "reshard") for c in chunks
     ]
     (partitions,) = result.dynamic_partitions_requests
-    assert partitions.partitions_def_name == RESHARD_CHUNKS
+    assert partitions.partitions_def_name == NAMES.partitions("reshard_backfill")
     assert sorted(partitions.partition_keys) == sorted(c.id for c in chunks)
 
 
@@ -372,9 +369,42 @@ def test_dispatch_can_be_turned_off(env: Env, monkeypatch: pytest.MonkeyPatch) -
     plan_import(env.store, env.root, env.topology, size=16 * 1024, chunk_size=16 * 1024)
     monkeypatch.setenv(DISPATCH_ENABLED_ENV, "0")
     with dg.instance_for_test() as instance:
-        result = _tick(chunk_dispatch_sensor, instance, env.dsn)
+        result = _tick(NAMES.dispatch_sensor, instance, env.dsn)
     assert isinstance(result, dg.SkipReason)
     assert DISPATCH_ENABLED_ENV in (result.skip_message or "")
+
+
+def test_factory_arguments_drive_the_dispatch_sensor_on_every_tick(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    planned = plan_import(env.store, env.root, env.topology, size=64 * 1024, chunk_size=16 * 1024)
+    assert len(planned.chunk_ids) >= 3
+    fleet = MiroirNames("fleet")
+    defs = miroir_definitions(
+        key_prefix="fleet",
+        jobs_dsn=dg.EnvVar("FLEET_JOBS_DSN"),
+        max_chunk_runs=dg.EnvVar.int("FLEET_CAP"),
+        dispatch_enabled=dg.EnvVar("FLEET_DISPATCH"),
+        dispatch_interval_s=7,
+    )
+    sensor = defs.resolve_sensor_def(fleet.dispatch_sensor)
+    assert sensor.minimum_interval_seconds == 7
+    monkeypatch.setenv("FLEET_JOBS_DSN", env.dsn)
+
+    bound = defs.get_repository_def().get_top_level_resources()  # the factory's own resources
+
+    def tick(instance: dg.DagsterInstance) -> Any:
+        resources = {fleet.jobs_resource: bound[fleet.jobs_resource]}
+        return sensor(dg.build_sensor_context(instance=instance, resources=resources))
+
+    with dg.instance_for_test() as instance:
+        monkeypatch.setenv("FLEET_CAP", "1")  # read when the tick runs, not when built
+        (only,) = _requests(tick(instance))
+        assert (only.job_name, only.partition_key) == (fleet.chunk_job("dump_import"), planned.chunk_ids[0])
+        (partitions,) = tick(instance).dynamic_partitions_requests
+        assert partitions.partitions_def_name == "fleet_dump_chunks"
+
+        monkeypatch.setenv("FLEET_DISPATCH", "off")
+        off = tick(instance)
+        assert isinstance(off, dg.SkipReason) and "FLEET_DISPATCH=off" in (off.skip_message or "")
 
 
 def test_run_for_a_chunk_someone_holds_fails_fast_and_leaves_the_lease(env: Env) -> None:
@@ -382,9 +412,9 @@ def test_run_for_a_chunk_someone_holds_fails_fast_and_leaves_the_lease(env: Env)
     (chunk,) = planned.chunk_ids
     lease = env.store.claim_by_id(chunk, "worker-holding-it", 300)
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(DUMP_CHUNKS, [chunk])
+        instance.add_dynamic_partitions(NAMES.partitions("dump_import"), [chunk])
         started = time.monotonic()
-        result = defs.resolve_job_def("dump_chunk_job").execute_in_process(
+        result = miroir_definitions().resolve_job_def(NAMES.chunk_job("dump_import")).execute_in_process(
             instance=instance, partition_key=chunk, raise_on_error=False
         )
         elapsed = time.monotonic() - started
@@ -419,17 +449,31 @@ def test_queue_depth_sensor_pushes_depth_then_zeros(
     planned = plan_import(env.store, env.root, env.topology, size=48 * 1024, chunk_size=16 * 1024)
     n = len(planned.chunk_ids)
     with dg.instance_for_test() as instance:
-        result = _tick(queue_depth_sensor, instance, env.dsn)
+        result = _tick(NAMES.queue_depth_sensor, instance, env.dsn)
         assert isinstance(result, dg.SkipReason)
         assert (result.skip_message or "").startswith("pushed queue depth"), result.skip_message
         assert _pushed_depths(pushgateway, deployment) == {"dump_import": float(n), "reshard_backfill": 0.0}
-        assert _local_depth(JobType.DUMP_IMPORT) == n
+        assert _local_depth("dump_import") == n
 
-        while (lease := env.store.claim([JobType.DUMP_IMPORT], "drainer", 30)) is not None:
+        while (lease := env.store.claim(["dump_import"], "drainer", 30)) is not None:
             env.store.complete(lease)
-        _tick(queue_depth_sensor, instance, env.dsn)
+        _tick(NAMES.queue_depth_sensor, instance, env.dsn)
         assert _pushed_depths(pushgateway, deployment) == {"dump_import": 0.0, "reshard_backfill": 0.0}
-        assert _local_depth(JobType.DUMP_IMPORT) == 0
+        assert _local_depth("dump_import") == 0
+
+
+def test_queue_depth_sensor_pushes_to_the_gateway_its_resource_names(env: Env, pushgateway: Pushgateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    pushgateway.wipe()
+    monkeypatch.setenv("FLEET_GATEWAY", pushgateway.url)  # $MIROIR_PUSHGATEWAY_URL stays unset
+    planned = plan_import(env.store, env.root, env.topology, size=32 * 1024, chunk_size=16 * 1024)
+    defs = miroir_definitions(pushgateway_url=dg.EnvVar("FLEET_GATEWAY"), deployment="fleet-a")
+    sensor = defs.resolve_sensor_def(NAMES.queue_depth_sensor)
+    bound = defs.get_repository_def().get_top_level_resources()  # the factory's own resources
+    resources = {NAMES.jobs_resource: JobStoreResource(dsn=env.dsn), NAMES.pushgateway_resource: bound[NAMES.pushgateway_resource]}
+    with dg.instance_for_test() as instance:
+        result = sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert (result.skip_message or "").startswith("pushed queue depth"), result.skip_message
+    assert _pushed_depths(pushgateway, "fleet-a") == {"dump_import": float(len(planned.chunk_ids)), "reshard_backfill": 0.0}
 
 
 def test_queue_depth_sensor_reports_a_failed_push_without_raising(
@@ -439,10 +483,10 @@ def test_queue_depth_sensor_reports_a_failed_push_without_raising(
     monkeypatch.setenv(metrics.PUSHGATEWAY_URL_ENV, dead)
     plan_import(env.store, env.root, env.topology, size=16 * 1024, chunk_size=16 * 1024)
     with dg.instance_for_test() as instance:
-        result = _tick(queue_depth_sensor, instance, env.dsn)
+        result = _tick(NAMES.queue_depth_sensor, instance, env.dsn)
     assert isinstance(result, dg.SkipReason)
     assert dead in (result.skip_message or "")
-    assert _local_depth(JobType.DUMP_IMPORT) == 1  # the local gauge is set all the same
+    assert _local_depth("dump_import") == 1  # the local gauge is set all the same
 
 
 # -- a real daemon -------------------------------------------------------------------------------
@@ -460,12 +504,12 @@ def test_dispatch_sensor_in_a_real_daemon_completes_chunks(env: Env) -> None:
                 rows = env.store.children(planned.parent.id)
                 if not all(c.state == JobState.COMPLETED for c in rows):
                     return False
-                runs = instance.get_runs(dg.RunsFilter(job_name="dump_chunk_job"))
+                runs = instance.get_runs(dg.RunsFilter(job_name=NAMES.chunk_job("dump_import")))
                 return len(runs) >= len(rows) and all(r.is_finished for r in runs)
 
             wait_for("the dispatch sensor's runs to complete every chunk", chunks_and_runs_done, 120, daemon)
-            runs = instance.get_runs(dg.RunsFilter(job_name="dump_chunk_job"))
-            assert set(instance.get_dynamic_partitions(DUMP_CHUNKS)) == set(planned.chunk_ids)
+            runs = instance.get_runs(dg.RunsFilter(job_name=NAMES.chunk_job("dump_import")))
+            assert set(instance.get_dynamic_partitions(NAMES.partitions("dump_import"))) == set(planned.chunk_ids)
     finally:
         daemon.stop()
     assert env.store.get(planned.parent.id).state == JobState.COMPLETED

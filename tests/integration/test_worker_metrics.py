@@ -8,12 +8,12 @@ import dagster as dg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from miroir_pipeline.dagster.definitions import defs
+from miroir_pipeline.dagster import miroir_definitions
 from miroir_pipeline.dagster.worker_pool import Worker
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.metrics import start_metrics_server
 from miroir_pipeline.queue import open_store
-from miroir_pipeline.queue.contract import JobType, NewChunk
+from miroir_pipeline.queue.contract import NewChunk
 
 
 def _samples(url: str, name: str) -> dict[str, float]:
@@ -28,14 +28,22 @@ def _samples(url: str, name: str) -> dict[str, float]:
 
 def test_worker_serves_queue_depth_and_claims(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
-    parent = store.enqueue(JobType.DUMP_IMPORT, {})
+    parent = store.enqueue("dump_import", {})
     store.split(parent.id, [NewChunk(i, {}) for i in range(3)])
     server = start_metrics_server(0)
     try:
         url = f"http://127.0.0.1:{server.server_port}/metrics"
         with dg.instance_for_test() as instance:
             # A reshard-only worker finds nothing to do and exits, having published the depth.
-            Worker(store, instance, defs, PipelineSettings(), job_types=(JobType.RESHARD_BACKFILL,), exit_when_empty=True).run()
+            worker = Worker(
+                store,
+                instance,
+                miroir_definitions(),
+                PipelineSettings(),
+                job_types=("reshard_backfill",),
+                exit_when_empty=True,
+            )
+            worker.run()
         depth = _samples(url, "miroir_background_queue_depth")
         assert depth == {"dump_import": 3.0, "reshard_backfill": 0.0}
         assert "miroir_chunk_claims_total" in httpx.get(url, timeout=10).text

@@ -1,4 +1,4 @@
-"""The worker pool (DESIGN §7): ``miroir-pipeline worker`` processes claim chunks from a
+"""The worker pool: ``miroir-pipeline worker`` processes claim chunks from a
 Postgres jobs table and run each as a Dagster run in-process against a shared instance.
 
 One scenario, end to end: a worker is stopped with SIGTERM in the middle of a chunk and hands
@@ -25,7 +25,7 @@ import orjson
 import psycopg
 import pytest
 
-from miroir_pipeline.dagster.partitions import TAG_WORKER_ID
+from miroir_pipeline.dagster.names import TAG_WORKER_ID
 from miroir_pipeline.dagster.resources import targets_for
 from miroir_pipeline.fleet.routing import shard_for_key, write_targets
 from miroir_pipeline.fleet.topology import Topology, load_topology
@@ -33,6 +33,7 @@ from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import Job, JobState
 from tests.fixtures.postgres import PostgresServer
 from tests.integration.test_sensors import (
+    NAMES,
     REPO_ROOT,
     ServiceProcess,
     pipeline_env,
@@ -52,7 +53,7 @@ DRAIN_TIMEOUT_S = 120.0
 def _start_worker(name: str, root: Path, env: Mapping[str, str]) -> ServiceProcess:
     return ServiceProcess.start(
         name,
-        [sys.executable, "-m", "miroir_pipeline.cli.main", "--log-level", "INFO", "worker", "--exit-when-empty"],
+        [sys.executable, "-m", "miroir_pipeline.cli", "--log-level", "INFO", "worker", "--exit-when-empty"],
         {**env, "POD_NAME": name},
         root / f"{name}.log",
         REPO_ROOT,
@@ -178,7 +179,7 @@ def test_worker_pool_drains_an_import_and_a_sigterm_hands_the_chunk_back(
 
     # -- Dagster shows each chunk as one successful run of its partition --------------------
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        runs = instance.get_runs(dg.RunsFilter(job_name="dump_chunk_job"))
+        runs = instance.get_runs(dg.RunsFilter(job_name=NAMES.chunk_job("dump_import")))
         by_partition: dict[str, list[dg.DagsterRun]] = {}
         for run in runs:
             by_partition.setdefault(run.tags["dagster/partition"], []).append(run)
