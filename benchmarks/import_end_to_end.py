@@ -30,7 +30,7 @@ from typing import Any
 import _common as c
 import _services as svc
 
-CLI = [sys.executable, "-m", "miroir_pipeline.cli.main"]
+CLI = [sys.executable, "-m", "miroir_pipeline.cli"]
 
 
 def run_import(

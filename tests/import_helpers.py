@@ -34,7 +34,7 @@ def write_dump(path: Path, docs: list[dict[str, Any]], *, crlf: bool = False) ->
 
 
 def expected_placement(docs: list[dict[str, Any]], topology: Topology, pk: str = "id") -> dict[str, dict[str, dict[str, Any]]]:
-    """node id → {primary key text → document with its _miroir_shard}, per DESIGN §2."""
+    """node id → {primary key text → document with its _miroir_shard}, by Miroir's routing formula."""
     out: dict[str, dict[str, dict[str, Any]]] = {n.id: {} for n in topology.all_nodes()}
     for doc in docs:
         shard = shard_for_key(doc[pk], topology.shards)

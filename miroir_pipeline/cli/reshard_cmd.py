@@ -1,6 +1,9 @@
-"""``miroir-pipeline reshard`` (DESIGN §12): plan as a Dagster run, backfill through worker
-subprocesses scoped to the reshard, then record and verify the shadow (blocking asset check)
-and mark it ready for cutover. Exits 0 only when every chunk completed and the check passed."""
+"""``miroir-pipeline reshard``: plan a reshard as a Dagster run, backfill the shadow index
+``{uid}__reshard_{N}`` through worker processes scoped to it, then record and verify the shadow
+(a blocking asset check) and mark it ready for cutover.
+
+Exits 0 only when every chunk completed and the shadow holds exactly the live documents.
+"""
 
 from __future__ import annotations
 
@@ -10,47 +13,80 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["add_reshard_parser", "cmd_reshard"]
+from miroir_pipeline.cli import runtime
+from miroir_pipeline.cli.options import Subparsers, add_store_options
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+    from miroir_pipeline.queue.contract import JobStore, ParentSummary
+
+__all__ = ["add_parser", "run"]
 
 
-def add_reshard_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``reshard`` subcommand to ``subparsers`` (``build_parser``'s ``add_subparsers``)."""
-    rs = subparsers.add_parser(
+DESCRIPTION = (
+    "Re-hash every document of a live index under a new shard count into the shadow index "
+    "{uid}__reshard_{N}, through worker processes started for it; then verify that the shadow "
+    "holds exactly the live documents and mark it ready for cutover. Exits 0 only when every "
+    "chunk completed and the verification passed."
+)
+
+
+def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add ``reshard`` to the top-level subparsers."""
+    p = subparsers.add_parser(
         "reshard",
         help="re-hash a live index into a shadow index {uid}__reshard_{N} and verify it",
+        description=DESCRIPTION,
     )
-    rs.add_argument("--index", required=True, help="uid of the live index")
-    rs.add_argument("--new-shards", type=int, required=True, help="shard count of the shadow index")
-    rs.add_argument("--new-topology", help="topology YAML of the shadow (default: the live nodes with the new shard count)")
-    rs.add_argument("--shards-per-chunk", type=int, default=8, help="live shards per chunk (default 8)")
-    rs.add_argument("--workers", type=int, default=2)
-    rs.add_argument("--replace-shadow", action="store_true", help="delete a shadow index left by an earlier reshard first")
-    rs.add_argument("--json", action="store_true")
-    rs.add_argument("--no-progress", action="store_true")
-    rs.add_argument("--jobs-dsn", help="jobs store DSN (default $MIROIR_JOBS_DSN or a SQLite file under ./.miroir)")
-    rs.add_argument("--topology", help="live topology YAML (default $MIROIR_TOPOLOGY or 3 local nodes under ./.miroir/nodes)")
-    rs.set_defaults(func=cmd_reshard)
-    return rs  # type: ignore[no-any-return]
+    p.add_argument("--index", required=True, metavar="UID", help="uid of the live index")
+    p.add_argument(
+        "--new-shards", type=int, required=True, metavar="N", help="shard count of the shadow index"
+    )
+    p.add_argument(
+        "--new-topology",
+        metavar="FILE",
+        help="topology YAML of the shadow (default: the live nodes with the new shard count)",
+    )
+    p.add_argument(
+        "--shards-per-chunk",
+        type=int,
+        default=8,
+        metavar="N",
+        help="live shards per chunk (default 8)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, metavar="N", help="worker processes to start (default 2)"
+    )
+    p.add_argument(
+        "--replace-shadow",
+        action="store_true",
+        help="delete a shadow index left by an earlier reshard first",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (no progress bar)"
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar; print only the summary"
+    )
+    add_store_options(
+        p,
+        topology_help="live topology YAML (default $MIROIR_TOPOLOGY, else 3 local nodes under ./.miroir/nodes)",
+    )
+    p.set_defaults(func=run)
+    return p
 
 
-def cmd_reshard(args: argparse.Namespace) -> int:
-    from miroir_pipeline.cli.main import (
-        QUIET_RUN_LOGS,
-        _instance,
-        _run_failure,
-        run_plan,
-        run_workers_for,
-    )
-    from miroir_pipeline.dagster.definitions import defs
-    from miroir_pipeline.dagster.reshard_assets import latest_verification
+def run(args: argparse.Namespace) -> int:
+    """Plan, backfill, verify and summarize one reshard."""
     from miroir_pipeline.queue import open_store
     from miroir_pipeline.queue.contract import JobState
 
     quiet = args.json or args.no_progress
     store = open_store()
-    instance = _instance()
+    instance = runtime.instance()
     config = {
         "index_uid": args.index,
         "new_shards": args.new_shards,
@@ -58,15 +94,18 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         "new_topology_path": os.path.abspath(args.new_topology) if args.new_topology else None,
         "replace_shadow": bool(args.replace_shadow),
     }
-    parent_id = run_plan("plan_reshard_job", "plan_reshard_op", config, instance)
+    names = runtime.names()
+    parent_id = runtime.run_plan(names.plan_reshard_job, names.plan_reshard_op, config, instance)
     parent = store.get(parent_id)
+    old_shards = int(parent.params["old_shards"])
     started = time.monotonic()
-    summary = run_workers_for(
-        parent_id, args.workers, lambda procs: _watch(store, parent_id, int(parent.params["old_shards"]), procs, quiet=quiet)
+    summary = runtime.run_workers_for(
+        parent_id,
+        args.workers,
+        lambda procs: _watch(store, parent_id, old_shards, procs, quiet=quiet),
     )
     backfill_s = time.monotonic() - started
     prog = summary.progress
-    failed = [c for c in store.children(parent_id) if c.state == JobState.FAILED]
     result: dict[str, Any] = {
         "job_id": parent_id,
         "state": summary.parent.state,
@@ -79,41 +118,18 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         "chunks_completed": summary.chunks_done,
         "per_node": dict(prog.get("per_node", {})),
         "backfill_s": round(backfill_s, 2),
-        "docs_per_s": round(prog.get("documents_backfilled", 0) / backfill_s, 1) if backfill_s > 0 else 0.0,
-        "failed_chunks": [{"id": c.id, "error": c.error} for c in failed],
+        "docs_per_s": round(prog.get("documents_backfilled", 0) / backfill_s, 1)
+        if backfill_s > 0
+        else 0.0,
+        "failed_chunks": runtime.failed_chunks(store, parent_id),
         "verification": "not run",
     }
     ok = summary.parent.state == JobState.COMPLETED
     if not ok:
-        if not failed:
-            result["error"] = "workers exited before every chunk completed; run `miroir-pipeline worker` to finish"
+        if not result["failed_chunks"]:
+            result["error"] = runtime.INCOMPLETE
     else:
-        verify = defs.resolve_job_def("reshard_verify_job").execute_in_process(
-            run_config={"ops": {"miroir__reshard_shadow": {"config": {"parent_job_id": parent_id}}}, **QUIET_RUN_LOGS},
-            instance=instance,
-            raise_on_error=False,
-        )
-        passed, why, meta = latest_verification(instance)
-        if meta:
-            result["per_node"] = meta.get("shadow_per_node", result["per_node"])
-        if passed:
-            result["verification"] = "passed"
-            result["ready_for_cutover"] = verify.success
-        elif meta:
-            result["verification"] = {
-                "status": "failed",
-                "summary": meta.get("summary", why),
-                "live_documents": meta.get("live_documents"),
-                "shadow_documents": meta.get("shadow_documents"),
-                "missing_count": meta.get("missing_count"),
-                "extra_count": meta.get("extra_count"),
-                "altered_count": meta.get("altered_count"),
-                "misplaced_count": meta.get("misplaced_count"),
-                **(meta.get("divergences") or {}),
-            }
-        else:
-            result["verification"] = {"status": "failed", "summary": f"{why}; {_run_failure(verify)}"}
-        ok = passed
+        ok = _verify(parent_id, instance, result)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -121,7 +137,47 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _watch(store: Any, parent_id: str, old_shards: int, procs: Sequence[subprocess.Popen[bytes]], *, quiet: bool) -> Any:
+def _verify(parent_id: str, instance: dg.DagsterInstance, result: dict[str, Any]) -> bool:
+    """Materialize the shadow and run its check; record the outcome in ``result``."""
+    from miroir_pipeline.dagster.reshard_assets import latest_verification
+
+    names = runtime.names()
+    ops = {names.reshard_shadow_op: {"config": {"parent_job_id": parent_id}}}
+    verify = runtime.run_job(names.reshard_verify_job, ops, instance)
+    passed, why, meta = latest_verification(instance, names.key_prefix)
+    if meta:
+        result["per_node"] = meta.get("shadow_per_node", result["per_node"])
+    if passed:
+        result["verification"] = "passed"
+        result["ready_for_cutover"] = verify.success
+    elif meta:
+        result["verification"] = {
+            "status": "failed",
+            "summary": meta.get("summary", why),
+            "live_documents": meta.get("live_documents"),
+            "shadow_documents": meta.get("shadow_documents"),
+            "missing_count": meta.get("missing_count"),
+            "extra_count": meta.get("extra_count"),
+            "altered_count": meta.get("altered_count"),
+            "misplaced_count": meta.get("misplaced_count"),
+            **(meta.get("divergences") or {}),
+        }
+    else:
+        result["verification"] = {
+            "status": "failed",
+            "summary": f"{why}; {runtime.run_failure(verify)}",
+        }
+    return passed
+
+
+def _watch(
+    store: JobStore,
+    parent_id: str,
+    old_shards: int,
+    procs: Sequence[subprocess.Popen[bytes]],
+    *,
+    quiet: bool,
+) -> ParentSummary:
     """Progress bar over the live shards until the reshard finishes or every worker exited."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

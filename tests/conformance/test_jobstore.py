@@ -1,4 +1,4 @@
-"""The job-store contract (DESIGN §3), run unchanged against SQLite and Postgres.
+"""The job-store contract, run unchanged against SQLite and Postgres.
 
 Expiry is exercised with short real leases (0.3 s) and sleeps, retries with a 0.05 s
 backoff base (the ``retry_backoff_base`` store option), races with real threads and real

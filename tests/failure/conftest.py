@@ -1,4 +1,4 @@
-"""Shared machinery of the failure suite (DESIGN §11): worker subprocesses started in their own
+"""Shared machinery of the failure suite: worker subprocesses started in their own
 process group and always stopped by pgid, a worker environment with short leases, a
 topology file, and a PostgreSQL cluster owned by one test (for the restart scenario, so the
 session's shared server is never disturbed)."""
@@ -24,7 +24,7 @@ from tests.fixtures.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: Short leases so takeovers happen within a second or two (DESIGN §3 uses 30 s / 10 s).
+#: Short leases so takeovers happen within a second or two (the defaults are 30 s / 10 s).
 LEASE_TTL = 2.0
 HEARTBEAT = 0.4
 
@@ -123,7 +123,7 @@ class Workers:
         env = {**env, "POD_NAME": name}  # the worker id recorded in claimed_by
         with log.open("wb") as fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "miroir_pipeline.cli.main", "--log-level", "WARNING", "worker", *args],
+                [sys.executable, "-m", "miroir_pipeline.cli", "--log-level", "WARNING", "worker", *args],
                 env=env,
                 cwd=REPO,
                 start_new_session=True,

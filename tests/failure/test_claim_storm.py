@@ -1,4 +1,4 @@
-"""Claim storm (DESIGN §3 claim, fencing, retries): 8 concurrent claimers race over 500 chunk rows
+"""Claim storm (claim, fencing, retries): 8 concurrent claimers race over 500 chunk rows
 on each backend, each following a seeded random schedule of claim / renew / progress / sleep
 (sometimes past the lease) / complete / fail / release / abandon. Every lease interval is
 recorded in database time; no two leases of one row overlap, every row completes exactly once,

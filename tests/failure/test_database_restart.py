@@ -1,4 +1,4 @@
-"""Database restart (DESIGN §3: psycopg pool, §11): the jobs database is stopped and started in
+"""Database restart (the Postgres store's psycopg pool): the jobs database is stopped and started in
 the middle of an import. The workers ride it out — nobody restarts them — reconnect through
 their pools, and finish; every node holds exactly the documents the routing formula predicts.
 

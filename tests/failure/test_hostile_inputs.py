@@ -1,4 +1,4 @@
-"""Hostile inputs (DESIGN §9): malformed dumps and configurations, all made in code.
+"""Hostile inputs: malformed dumps and configurations, all made in code.
 
 Every one gives a clear error — naming the dump and the line/byte offset, or the bad file or
 field, and what to do — and loses nothing silently:
@@ -126,7 +126,7 @@ def test_bad_line_under_fail_fails_chunk_and_parent_naming_line_and_offset(env: 
     where = f"{dump}: line 21, byte offset {offset}: "
     assert where in message, message
     assert reason in message.split(where, 1)[1], message
-    assert "on_invalid_document=skip" in message  # what to do
+    assert "--on-invalid skip" in message  # what to do
     for chunk in store.children(plan.parent.id):
         assert chunk.state == JobState.FAILED and chunk.error is not None and "line 21" in chunk.error
         assert int(chunk.progress.get("last_cursor", 0)) <= offset, "the cursor moved past the bad line"
@@ -528,7 +528,7 @@ def test_cli_import_with_a_bad_topology_is_refused_before_any_job_is_queued(tmp_
     init_dagster_home(tmp_path / "dagster")
     dsn = f"sqlite:///{tmp_path}/jobs.sqlite3"
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster"), "MIROIR_ALLOWED_ROOTS": str(tmp_path), "MIROIR_JOBS_DSN": dsn}
-    cmd = [sys.executable, "-m", "miroir_pipeline.cli.main", "import", str(dump), "--index", "x", "--topology", str(topo_file), "--json"]
+    cmd = [sys.executable, "-m", "miroir_pipeline.cli", "import", str(dump), "--index", "x", "--topology", str(topo_file), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
     assert str(topo_file) in proc.stderr and "shards" in proc.stderr, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Lease loss (DESIGN §3 fencing, §6): a worker frozen with SIGSTOP past its lease TTL loses the
+"""Lease loss (fencing, resume): a worker frozen with SIGSTOP past its lease TTL loses the
 chunk to another worker; when it is thawed (SIGCONT) every write it tries is refused by the
 fence, it stops by itself without completing the chunk, and the rescuer's import is exact.
 

@@ -1,4 +1,4 @@
-"""A Meilisearch node that goes down mid-import (DESIGN §5 retries, §6, §11).
+"""A Meilisearch node that goes down mid-import (target retries, the resume protocol).
 
 1. The node is SIGKILLed for ~20 s while chunks are being written: batches wait inside the
    node target's retry budget, no chunk attempt fails, and once the node is back the import

@@ -1,10 +1,13 @@
 """The command line as an operator uses it: sample-dump + import on the embedded defaults,
-status, migrate (twice, and on Postgres), and a failing import's exit code and reason."""
+status, migrate (twice, and on Postgres), a failing import's exit code and reason, reshard,
+cancel and prune; and the parser itself: every subcommand and option explains itself."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +17,9 @@ import dagster as dg
 import orjson
 import pytest
 
-from miroir_pipeline.dagster.definitions import defs
+from miroir_pipeline.cli.app import build_parser
+from miroir_pipeline.dagster import miroir_definitions
+from miroir_pipeline.dagster.names import MiroirNames
 from miroir_pipeline.fleet.targets.local_store import LocalNodeStore
 from miroir_pipeline.fleet.topology import default_topology
 from tests.import_helpers import actual_placement, assert_exact_placement, expected_placement
@@ -24,12 +29,90 @@ def cli(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float
     full = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
     full.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "miroir_pipeline.cli.main", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "miroir_pipeline.cli", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
     )
 
 
 def test_definitions_load_with_no_configuration() -> None:
-    dg.Definitions.validate_loadable(defs)
+    dg.Definitions.validate_loadable(miroir_definitions())
+
+
+COMMANDS = ("import", "reshard", "worker", "status", "migrate", "cancel", "prune", "sample-dump")
+
+
+def _help_texts(parser: argparse.ArgumentParser, path: str = "miroir-pipeline") -> list[tuple[str, str | None]]:
+    """(where, help) for every argument and subcommand of ``parser``, recursively."""
+    found: list[tuple[str, str | None]] = [(f"{path} (description)", parser.description)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                found.append((f"{path} {name}", helps.get(name)))
+                found += _help_texts(sub, f"{path} {name}")
+        else:
+            found.append((f"{path} {'/'.join(action.option_strings) or action.dest}", action.help))
+    return found
+
+
+def test_every_subcommand_and_option_has_help() -> None:
+    texts = _help_texts(build_parser())
+    missing = [where for where, text in texts if not (text and text.strip())]
+    assert missing == [], f"no help text: {missing}"
+    leaked = [where for where, text in texts if text and re.search(r"(?i)\bdesign\b|§", text)]
+    assert leaked == [], f"help refers to a design document: {leaked}"
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    summaries = {choice.dest: str(choice.help) for choice in commands._choices_actions}
+    assert list(summaries) == list(COMMANDS)
+    assert all("\n" not in summary for summary in summaries.values())
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _readme_synopsis() -> dict[str, str]:
+    """The README's command-line block, one entry per subcommand (continuation lines joined)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    entries: dict[str, str] = {}
+    current = ""
+    for line in block.splitlines():
+        if line.startswith("miroir-pipeline "):
+            word = line.split()[1]
+            current = "" if word.startswith("[") else word  # "" is the top-level usage line
+            entries[current] = line
+        elif line.strip() and current:
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def test_readme_synopsis_matches_the_parser() -> None:
+    """Every option and argument of every subcommand is in the README, and nothing else is."""
+    synopsis = _readme_synopsis()
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(synopsis) == {"", *COMMANDS}
+    for name, sub in commands.choices.items():
+        entry = synopsis[name]
+        documented = set(re.findall(r"--[a-z][a-z-]*", entry))
+        options = {o for a in sub._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+        assert documented == options, (name, documented ^ options)
+        for action in sub._actions:
+            if not action.option_strings:
+                assert re.search(rf"\b{action.metavar}\b", entry), (name, action.metavar)
+    assert "--log-level LEVEL" in synopsis[""]
+
+
+def test_top_level_help_lists_every_subcommand(tmp_path: Path) -> None:
+    out = cli(tmp_path, "--help", timeout=60)
+    assert out.returncode == 0, out.stderr
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{re.escape(command)}\s+\w", out.stdout, re.MULTILINE), (command, out.stdout)
+    assert not re.search(r"(?i)\bdesign\b|§", out.stdout)
+
+
+def test_the_command_line_starts_without_dagster() -> None:
+    """``--help``, ``status`` and ``sample-dump`` stay fast: Dagster loads when a command needs it."""
+    code = "import sys, miroir_pipeline.cli; sys.exit(any(m.split('.')[0] == 'dagster' for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 @pytest.mark.timeout(300)
@@ -55,7 +138,7 @@ def test_sample_dump_then_import_on_embedded_defaults(tmp_path: Path) -> None:
 
     # The runs are in the Dagster home, so `dagster dev` shows them afterwards.
     with dg.DagsterInstance.from_config(str(tmp_path / ".miroir" / "dagster")) as instance:
-        runs = instance.get_run_records(dg.RunsFilter(job_name="dump_chunk_job"))
+        runs = instance.get_run_records(dg.RunsFilter(job_name=MiroirNames().chunk_job("dump_import")))
         assert len(runs) == summary["chunks"]
         assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in runs)
 
@@ -139,7 +222,7 @@ def test_workers_started_together_on_a_fresh_dagster_home_all_start(tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "miroir_pipeline.cli.main", "worker", "--exit-when-empty"],
+            [sys.executable, "-m", "miroir_pipeline.cli", "worker", "--exit-when-empty"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for _ in range(4)

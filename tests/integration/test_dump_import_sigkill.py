@@ -49,7 +49,7 @@ def worker_env(root: Path, dsn: str, topo_file: Path) -> dict[str, str]:
 
 def start_worker(env: dict[str, str], parent: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "miroir_pipeline.cli.main", "worker", "--parent", parent, "--exit-when-empty"],
+        [sys.executable, "-m", "miroir_pipeline.cli", "worker", "--parent", parent, "--exit-when-empty"],
         env=env,
         cwd=REPO,
         start_new_session=True,

@@ -1,4 +1,4 @@
-"""The real claim statement walks the partial index on claimable chunks (DESIGN §3).
+"""The real claim statement walks the partial index on claimable chunks.
 
 The plan is read with EXPLAIN (not executed) for the statement the store runs, loaded from
 the same ``.sql`` file, against a migrated Postgres schema.

@@ -1,4 +1,4 @@
-"""Dump and shard splitting (DESIGN §4): ranges tile the dump on line boundaries, cheaply."""
+"""Dump and shard splitting: ranges tile the dump on line boundaries, cheaply."""
 
 from __future__ import annotations
 

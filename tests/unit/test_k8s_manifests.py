@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.jobs.registry import job_types
 from miroir_pipeline.metrics import (
     DEPLOYMENT_ENV,
     DEPLOYMENT_LABEL,
@@ -23,7 +24,6 @@ from miroir_pipeline.metrics import (
     QUEUE_DEPTH_METRIC,
 )
 from miroir_pipeline.queue.contract import DEFAULT_LEASE_TTL
-from miroir_pipeline.jobs.registry import job_types
 from tests.support.hpa import desired_replicas, simulate
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"

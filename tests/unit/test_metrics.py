@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from miroir_pipeline import metrics
+from miroir_pipeline.jobs.registry import job_types
 from miroir_pipeline.metrics import (
     METRICS_ADDR_ENV,
     METRICS_PORT_ENV,
@@ -25,7 +26,6 @@ from miroir_pipeline.metrics import (
     start_metrics_server,
     start_metrics_server_from_env,
 )
-from miroir_pipeline.jobs.registry import job_types
 
 JOB_TYPES = set(job_types())
 PUSHES = 60

@@ -1,7 +1,7 @@
-"""Routing must place documents exactly where Miroir's Rust router would (DESIGN §2).
+"""Routing must place documents exactly where Miroir's Rust router would.
 
 The golden numbers below were computed once with an independent re-implementation of the
-DESIGN §2 formula (``xxhash.xxh64(utf8(key) + b"\\xff", seed=0).intdigest()``) and are
+routing formula (``xxhash.xxh64(utf8(key) + b"\\xff", seed=0).intdigest()``) and are
 hard-coded so that any change to the hashing, terminator, byte order or modulo fails here.
 The ``MIROIR_FIXTURES`` shard numbers are Miroir's own Rust acceptance fixtures
 (``shard_for_key_fixture`` in miroir-core), which the formula reproduces.

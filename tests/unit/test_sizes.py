@@ -1,4 +1,4 @@
-"""Sizes accept plain bytes and IEC/SI units, case-insensitively (DESIGN §12 ``--chunk-size``)."""
+"""Sizes accept plain bytes and IEC/SI units, case-insensitively (``import --chunk-size``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dump sources (DESIGN §5, §9, §10): bad URIs are refused up front, ranges read exactly,
+"""Dump sources: bad URIs are refused up front, ranges read exactly,
 compressed dumps are staged in bounded memory, and a full disk is reported clearly."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Topology loading refuses bad fleets before any job is queued, naming the field (DESIGN §2, §9)."""
+"""Topology loading refuses bad fleets before any job is queued, naming the field."""
 
 from __future__ import annotations
 

@@ -1,0 +1,99 @@
+"""``miroir-pipeline worker``: one member of the worker pool (the Deployment the HPA scales).
+
+It claims chunks from the jobs table and runs each as a Dagster run in-process against the
+shared instance, so every chunk shows in the Dagster UI without a process start per chunk.
+SIGTERM or SIGINT drains it: it stops claiming and hands the running chunk back at its next
+batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from miroir_pipeline.cli import runtime
+from miroir_pipeline.cli.options import Subparsers, add_store_options
+
+__all__ = ["add_parser", "run"]
+
+log = logging.getLogger(__name__)
+
+#: Dagster console log level of the chunk runs: normal, and under ``--quiet``.
+RUN_LOG_LEVEL = "WARNING"
+QUIET_RUN_LOG_LEVEL = "ERROR"
+
+
+DESCRIPTION = (
+    "One member of the worker pool: claim chunks from the jobs table and run each as a Dagster "
+    "run in-process against the shared instance, so every chunk shows in the Dagster UI. "
+    "SIGTERM or SIGINT drains it: it stops claiming and hands the running chunk back at its "
+    "next batch."
+)
+
+
+def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add ``worker`` to the top-level subparsers (defaults read the environment now, not at import)."""
+    p = subparsers.add_parser(
+        "worker",
+        help="claim chunks and run each as a Dagster run in-process",
+        description=DESCRIPTION,
+    )
+    p.add_argument("--parent", metavar="JOB_ID", help="only run chunks of this parent job")
+    p.add_argument(
+        "--exit-when-empty",
+        action="store_true",
+        help="exit once no chunk is left to claim (default: wait for more)",
+    )
+    p.add_argument("--max-chunks", type=int, metavar="N", help="exit after running N chunks")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=os.environ.get("MIROIR_METRICS_PORT", "0"),
+        metavar="PORT",
+        help="serve Prometheus /metrics on PORT; 0 disables it (default $MIROIR_METRICS_PORT, else 0)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default=os.environ.get("MIROIR_METRICS_ADDR", "127.0.0.1"),
+        metavar="ADDR",
+        help="address /metrics binds to; a pod uses 0.0.0.0 (default $MIROIR_METRICS_ADDR, else 127.0.0.1)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="chunk runs log only errors to the console (import and reshard start their workers with it)",
+    )
+    add_store_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the worker until it drains, runs out of chunks (``--exit-when-empty``) or ``--max-chunks``."""
+    from miroir_pipeline.dagster.worker_pool import Worker
+    from miroir_pipeline.jobs.settings import PipelineSettings
+    from miroir_pipeline.metrics import start_metrics_server
+    from miroir_pipeline.queue import open_store
+
+    if args.metrics_port:
+        start_metrics_server(args.metrics_port, addr=args.metrics_addr)
+    worker = Worker(
+        open_store(),
+        runtime.instance(),
+        runtime.definitions(),
+        PipelineSettings.from_env(),
+        parent_id=args.parent,
+        exit_when_empty=args.exit_when_empty,
+        max_chunks=args.max_chunks,
+        run_log_level=QUIET_RUN_LOG_LEVEL if args.quiet else RUN_LOG_LEVEL,
+    )
+    worker.install_signal_handlers()
+    stats = worker.run()
+    log.info(
+        "worker %s: %d chunk run(s), %d failed",
+        worker.worker_id,
+        stats.chunks_run,
+        stats.chunks_failed,
+    )
+    return 0
