@@ -50,7 +50,7 @@ def block_may_break_rules(block: bytes, lines: int, quoted_pk: bytes) -> bool:
     """False when no line of ``block`` (holding ``lines`` non-empty lines) can break a rule:
     every line holds the primary key's name exactly once, nothing is escaped, no ``_vectors``,
     and no line has enough brackets to nest too deep."""
-    if b"\\u" in block or _VECTORS in block or block.count(quoted_pk) != lines:
+    if (b"\\" in block and b"\\u" in block) or _VECTORS in block or block.count(quoted_pk) != lines:
         return True
     return _TOO_MANY_BRACKETS.search(block.translate(_IDENTITY, _NOT_BRACKETS_OR_NEWLINE)) is not None
 

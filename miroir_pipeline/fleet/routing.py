@@ -2,7 +2,7 @@
 
 Byte-compatible with Miroir's Rust router (twox-hash ``XxHash64::with_seed(0)`` fed through
 Rust's ``Hash`` trait): ``str`` hashes its UTF-8 bytes followed by a ``0xFF`` terminator and
-``u32`` hashes its 4 little-endian bytes. See DESIGN §2.
+``u32`` hashes its 4 little-endian bytes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fleet topology: shard count, replication factor and replica groups of nodes (DESIGN §2).
+"""Fleet topology: shard count, replication factor and replica groups of nodes.
 
 Loaded from YAML (or the same structure as resource config) and validated before any job
 is queued; every error names the offending field.

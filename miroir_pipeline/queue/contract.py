@@ -1,4 +1,4 @@
-"""The job store contract: one interface, two backends (SQLite, Postgres). DESIGN §3.
+"""The job store contract: one interface, two backends (SQLite, Postgres).
 
 Rows are jobs of a ``type``; a *parent* row (``kind='parent'``) is split into *chunk* rows
 (``kind='chunk'``) that workers claim with a lease. Every write after a claim is fenced by

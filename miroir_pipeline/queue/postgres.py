@@ -1,4 +1,4 @@
-"""Postgres job store: production backend — psycopg 3 with a connection pool (DESIGN §3).
+"""Postgres job store: production backend — psycopg 3 with a connection pool.
 
 The table lives in its own schema (default ``miroir``; Dagster's storage has its own
 ``jobs`` table). Every connection runs READ COMMITTED in UTC with ``search_path`` set to that

@@ -1,4 +1,4 @@
-"""The job-store operations written once for both SQL backends (DESIGN §3).
+"""The job-store operations written once for both SQL backends.
 
 :class:`SqlJobStore` runs the named statements of ``sql/<dialect>_queries.sql`` — the same
 names on SQLite and Postgres — and keeps the logic around them (fencing, parent completion

@@ -1,4 +1,4 @@
-"""SQLite job store: the embedded default — one file, one host, many processes (DESIGN §3).
+"""SQLite job store: the embedded default — one file, one host, many processes.
 
 WAL mode lets readers run beside the single writer; every write is a ``BEGIN IMMEDIATE``
 transaction (the write lock is taken up front, so no transaction fails half-way on a

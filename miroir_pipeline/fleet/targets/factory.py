@@ -1,4 +1,4 @@
-"""Open the node target a topology node's URL names: ``local://`` or ``http(s)://`` (DESIGN §2)."""
+"""Open the node target a topology node's URL names: ``local://`` or ``http(s)://``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Local node store: a node of the fleet kept in one SQLite file (``local://PATH``, DESIGN §5).
+"""Local node store: a node of the fleet kept in one SQLite file (``local://PATH``).
 
 The embedded default target. Documents of every index are keyed by primary key, so a re-sent
 document replaces the old one as in Meilisearch, and are readable by shard for backfill and

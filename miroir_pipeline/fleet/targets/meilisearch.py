@@ -1,4 +1,4 @@
-"""Meilisearch node target: a real Meilisearch server reached over HTTP (DESIGN §5).
+"""Meilisearch node target: a real Meilisearch server reached over HTTP.
 
 Writes are NDJSON bodies (gzip'd) kept under the node's payload limit; a batch counts as
 committed only once every task it enqueued has ``succeeded``. 429, 5xx, connection errors and

@@ -1,4 +1,4 @@
--- Named statements of the Postgres job store (miroir_pipeline/jobstore/postgres.py).
+-- Named statements of the Postgres job store (miroir_pipeline/queue/postgres.py).
 -- Every connection has search_path set to the store's schema, so "jobs" is <schema>.jobs.
 -- Time always comes from the database clock (now()), so every worker host agrees on leases.
 -- Lock order everywhere: a parent row before its chunks, parents in id order; the claim

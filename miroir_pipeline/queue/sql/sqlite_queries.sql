@@ -1,4 +1,4 @@
--- Named statements of the SQLite job store (miroir_pipeline/jobstore/sqlite.py).
+-- Named statements of the SQLite job store (miroir_pipeline/queue/sqlite.py).
 -- Every write runs inside BEGIN IMMEDIATE: SQLite has one writer at a time, so each
 -- transaction below is atomic against every other process using the same file.
 -- Time is the database clock as epoch seconds: ((julianday('now') - 2440587.5) * 86400.0),

@@ -1,4 +1,4 @@
--- 0001_jobs: the jobs table (DESIGN §3), Postgres dialect.
+-- 0001_jobs: the jobs table, Postgres dialect.
 --
 -- Runs with search_path set to the store's own schema (default "miroir"), because Dagster's
 -- storage already has a table called "jobs"; nothing here names the schema, so one file

@@ -1,4 +1,4 @@
--- 0001_jobs: the jobs table (DESIGN §3), SQLite dialect.
+-- 0001_jobs: the jobs table, SQLite dialect.
 --
 -- Timestamps are REAL epoch seconds from the database clock, JSON columns are TEXT. The
 -- migration runner applies this file inside BEGIN IMMEDIATE (one writer at a time) and
