@@ -3,25 +3,37 @@
 A kind supplies an iterator of :class:`Batch` es (documents routed per target node, plus the
 progress that commits them); the pipeline owns the rest of the resume protocol:
 
-1. while batch *n* is being written to every target, the kind produces batch *n+1*
-   (reading and routing overlap the writes);
-2. batch *n+1*'s writes start only once batch *n* was acknowledged by **every** target, so a
-   later version of a document always lands last;
-3. only then is batch *n*'s progress (its cursor) saved, under the lease's fence;
-4. on a drain request the chunk is handed back at the last committed cursor.
+1. each batch is handed to every target node as soon as it is routed, in order, so a node
+   keeps a *window* of enqueued batches to index while the kind routes the next one (a
+   Meilisearch node indexes tasks of one index in enqueue order, so a later version of a
+   document still lands last);
+2. a batch's progress (its cursor) is saved, under the lease's fence, only once **every**
+   target acknowledged it **and** every batch before it: the committed cursor only ever covers
+   an acknowledged prefix, whatever order the nodes' acknowledgements arrive in;
+3. the window is bounded in bytes (``window_bytes``), so memory stays flat whatever the chunk
+   size; one status request per node polls the whole window;
+4. on a drain request the window is settled and the chunk handed back at the last committed
+   cursor.
 
-Re-sending a batch after a crash is harmless: writes are idempotent by primary key, and the
-cursor makes sure nothing is skipped.
+A crash with a full window resumes at the last fully acknowledged cursor: the batches after it
+are sent again, and writes are add-or-replace by primary key, so nothing is lost or doubled.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from miroir_pipeline.fleet.targets.base import DocumentsRefused, NodeTarget
+from miroir_pipeline.fleet.targets.base import (
+    DocumentsRefused,
+    NodeTarget,
+    PendingWrite,
+    TargetError,
+)
 from miroir_pipeline.queue.contract import JobStore
 from miroir_pipeline.queue.lease import LeaseKeeper, hand_back
 from miroir_pipeline.queue.shutdown import Shutdown
@@ -30,6 +42,9 @@ __all__ = ["Batch", "Refusals", "run_batches"]
 
 #: Per target (its index in the pipeline's targets), the documents it refused in a batch.
 Refusals = dict[int, DocumentsRefused]
+
+_FIRST_POLL_S = 0.005
+_MAX_POLL_S = 0.2
 
 
 @dataclass
@@ -45,8 +60,122 @@ class Batch:
     position: str
     #: Nothing follows this batch: the chunk is done once it commits.
     final: bool = False
-    #: Whatever the kind wants back in ``on_commit`` (e.g. its report at this point).
+    #: Whatever the kind wants back in its hooks (e.g. the byte range the batch came from).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(line) for lines in self.lines for line in lines)
+
+
+@dataclass
+class _InFlight:
+    batch: Batch
+    nbytes: int
+    #: Per target index: the enqueue (a future, run on that target's own thread).
+    writes: dict[int, Future[PendingWrite]]
+    #: Per target index: the outcome once settled (None: acknowledged in full).
+    settled: dict[int, DocumentsRefused | None] = field(default_factory=dict)
+
+
+class _Window:
+    """Batches handed to the targets and not yet committed, oldest first."""
+
+    def __init__(self, targets: Sequence[NodeTarget], name: str) -> None:
+        self.targets = targets
+        # One thread per target: a node receives its batches strictly in order.
+        self.senders = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-{i}") for i in range(len(targets))]
+        self.batches: deque[_InFlight] = deque()
+        self.nbytes = 0
+
+    def send(self, index_uid: str, primary_key: str, batch: Batch) -> None:
+        writes = {
+            i: self.senders[i].submit(target.enqueue_routed, index_uid, primary_key, lines, keys, shards)
+            for i, (target, lines, keys, shards) in enumerate(
+                zip(self.targets, batch.lines, batch.keys, batch.shards, strict=True)
+            )
+            if lines
+        }
+        nbytes = batch.nbytes
+        self.batches.append(_InFlight(batch, nbytes, writes))
+        self.nbytes += nbytes
+
+    def settle_oldest(self, index_uid: str, primary_key: str, *, block: bool) -> _InFlight | None:
+        """The oldest batch once every target acknowledged it (None if not yet, unless ``block``).
+        Raises a target's error; a refusal of documents is isolated first (see :meth:`_isolate`)."""
+        oldest = self.batches[0]
+        delay = _FIRST_POLL_S
+        while True:
+            if self._poll(oldest, index_uid, primary_key, block=block):
+                self.batches.popleft()
+                self.nbytes -= oldest.nbytes
+                return oldest
+            if not block:
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_POLL_S)
+
+    def _poll(self, flight: _InFlight, index_uid: str, primary_key: str, *, block: bool) -> bool:
+        for i, write in flight.writes.items():
+            if i in flight.settled:
+                continue
+            if not write.done() and not block:
+                return False
+            pending = write.result()  # the enqueue's own error (node down, refused request)
+            target = self.targets[i]
+            target.refresh(
+                [f.writes[i].result() for f in self.batches if i in f.writes and f.writes[i].done() and f.writes[i].exception() is None]
+            )
+            try:
+                if not pending.check():
+                    return False
+                flight.settled[i] = None
+            except DocumentsRefused as exc:
+                flight.settled[i] = exc
+            except TargetError as exc:
+                if target.refusal_of(exc) is None:
+                    raise
+                self._isolate(i, index_uid, primary_key)
+        return True
+
+    def _isolate(self, i: int, index_uid: str, primary_key: str) -> None:
+        """Target ``i`` refused documents of a batch in the window. Later batches were enqueued
+        after it; once all of them finished, every unsettled batch is written again to that
+        target, in order and synchronously (isolating refused documents by halves), so the
+        node ends with each document's latest version whatever it applied meanwhile."""
+        target = self.targets[i]
+        for flight in self.batches:  # let the node finish what it has: nothing lands after us
+            if i in flight.writes and i not in flight.settled:
+                self._finish_quietly(flight, i)
+        for flight in self.batches:
+            if i not in flight.writes or i in flight.settled:
+                continue
+            b = flight.batch
+            try:
+                target.write_routed(index_uid, primary_key, b.lines[i], b.keys[i], b.shards[i])
+                flight.settled[i] = None
+            except DocumentsRefused as exc:
+                flight.settled[i] = exc
+
+    def _finish_quietly(self, flight: _InFlight, i: int) -> None:
+        try:
+            pending = flight.writes[i].result()
+        except TargetError:
+            return
+        delay = _FIRST_POLL_S
+        while True:
+            self.targets[i].refresh([pending])
+            try:
+                if pending.check():
+                    return
+            except TargetError:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_POLL_S)
+
+    def close(self) -> None:
+        for sender in self.senders:
+            sender.shutdown(wait=True)
 
 
 def run_batches(
@@ -58,13 +187,15 @@ def run_batches(
     batches: Iterator[Batch],
     shutdown: Shutdown,
     *,
+    window_bytes: int = 0,
     before_commit: Callable[[Batch], None] | None = None,
     on_commit: Callable[[Batch], None] | None = None,
     on_refused: Callable[[Batch, Refusals], None] | None = None,
 ) -> None:
-    """Write every batch to its targets and commit its progress, one batch in flight at a time.
+    """Hand every batch to its targets and commit progress for the acknowledged prefix.
 
-    ``before_commit`` runs after all targets acknowledged a batch and before its progress is
+    Up to ``window_bytes`` of routed documents may be in flight (0: one batch at a time).
+    ``before_commit`` runs once every target acknowledged a batch and before its progress is
     saved (e.g. syncing a dead-letter file the progress points into); ``on_commit`` after.
     Documents a target refused for what they are (the rest of the batch was written) go to
     ``on_refused`` before the commit: it records them (and amends the batch's progress) or
@@ -72,21 +203,11 @@ def run_batches(
     :class:`LeaseLost` as soon as the fence refuses a write, and :class:`ChunkHandedBack` after
     handing the chunk back on a drain request.
     """
-    pool = ThreadPoolExecutor(max_workers=max(1, len(targets)), thread_name_prefix=f"write-{keeper.lease.job_id}")
-    in_flight: tuple[list[tuple[int, Future[None]]], Batch] | None = None
+    window = _Window(targets, f"send-{keeper.lease.job_id}")
 
-    def settle() -> None:
-        nonlocal in_flight
-        if in_flight is None:
-            return
-        writes, batch = in_flight
-        in_flight = None
-        refusals: Refusals = {}
-        for target_index, write in writes:
-            try:
-                write.result()  # raises the node's TargetError
-            except DocumentsRefused as exc:
-                refusals[target_index] = exc
+    def commit(flight: _InFlight) -> None:
+        batch = flight.batch
+        refusals: Refusals = {i: exc for i, exc in flight.settled.items() if exc is not None}
         if refusals:
             if on_refused is None:
                 raise next(iter(refusals.values()))
@@ -98,24 +219,30 @@ def run_batches(
         if on_commit is not None:
             on_commit(batch)
 
+    def settle(*, block: bool, keep_bytes: int = 0) -> None:
+        """Commit acknowledged batches, oldest first; with ``block``, wait until at most
+        ``keep_bytes`` stay in flight."""
+        while window.batches:
+            must = block and (window.nbytes > keep_bytes or (len(window.batches) > 1 and keep_bytes == 0))
+            flight = window.settle_oldest(index_uid, primary_key, block=must)
+            if flight is None:
+                return
+            commit(flight)
+
     try:
         for batch in batches:
-            settle()
-            writes = [
-                (i, pool.submit(target.write_routed, index_uid, primary_key, lines, keys, shards))
-                for i, (target, lines, keys, shards) in enumerate(
-                    zip(targets, batch.lines, batch.keys, batch.shards, strict=True)
-                )
-                if lines
-            ]
-            in_flight = (writes, batch)
+            keeper.check()
+            window.send(index_uid, primary_key, batch)
+            settle(block=False)
             if batch.final or shutdown.requested:
-                settle()
+                settle(block=True)
+            else:
+                settle(block=True, keep_bytes=window_bytes)
             if shutdown.requested and not batch.final:
                 raise hand_back(store, keeper, batch.position, shutdown.reason)
-        settle()
+        settle(block=True)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
-        pool.shutdown(wait=True)
+        window.close()

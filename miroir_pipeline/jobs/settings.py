@@ -37,14 +37,30 @@ class PipelineSettings(BaseModel):
     staging_dir: str = Field(default_factory=lambda: os.environ.get("MIROIR_STAGING_DIR", str(default_home() / "staging")))
     dead_letter_dir: str = Field(default_factory=lambda: os.environ.get("MIROIR_DEAD_LETTER_DIR", str(default_home() / "dead-letter")))
     chunk_size_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    #: Routed documents a chunk holds at most: the batch being filled plus the window of
+    #: batches handed to the nodes and not yet acknowledged.
     memory_buffer_bytes: int = Field(default=128 * 1024 * 1024, ge=64 * 1024)
     read_block_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
-    batch_size: int = Field(default=10_000, ge=1)
+    #: A batch is handed to the nodes at this many documents or :attr:`batch_bytes`, whichever
+    #: comes first; batches are sized in bytes by default (a node's payload is one batch).
+    batch_size: int = Field(default=1_000_000, ge=1)
+    #: Routed bytes per batch (all nodes together); default a quarter of the memory buffer,
+    #: the rest being the window of batches in flight.
+    batch_bytes: int | None = Field(default=None, ge=4096)
     max_document_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     on_invalid_document: OnInvalid = "fail"
     lease_ttl: float = Field(default=DEFAULT_LEASE_TTL, gt=0)
     heartbeat_interval: float = Field(default=DEFAULT_HEARTBEAT_INTERVAL, gt=0)
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
+
+    @property
+    def effective_batch_bytes(self) -> int:
+        return min(self.batch_bytes or self.memory_buffer_bytes // 4, self.memory_buffer_bytes)
+
+    @property
+    def window_bytes(self) -> int:
+        """Bytes of routed batches that may await the nodes' acknowledgement besides the newest."""
+        return max(self.memory_buffer_bytes - self.effective_batch_bytes, 0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PipelineSettings:

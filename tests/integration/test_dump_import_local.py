@@ -104,7 +104,9 @@ def test_small_dump_is_one_chunk_and_empty_dump_completes_with_nothing(env: dict
 
     empty = root / "empty.ndjson"
     empty.write_bytes(b"")
-    plan = plan_dump_import(env["store"], DumpImportRequest(uri=str(empty), index_uid="empty", primary_key="id"), topo, targets, settings)
+    with pytest.raises(ValueError, match="is empty: no documents to import; pass --allow-empty"):
+        plan_dump_import(env["store"], DumpImportRequest(uri=str(empty), index_uid="empty", primary_key="id"), topo, targets, settings)
+    plan = plan_dump_import(env["store"], DumpImportRequest(uri=str(empty), index_uid="empty", primary_key="id", allow_empty=True), topo, targets, settings)
     assert plan.chunk_ids == []
     assert env["store"].get(plan.parent.id).state == JobState.COMPLETED
 
@@ -275,7 +277,9 @@ def test_drain_hands_a_dump_chunk_back_at_its_cursor_and_it_resumes(env: dict[st
     store: JobStore = env["store"]
     topo = local_topology(root / "nodes")
     targets = open_targets(topo)
-    settings = settings_for(root, batch_size=300, read_block_bytes=4096)  # many batches in one chunk
+    # Many small batches in one chunk, and a small window, so most batches are routed after the
+    # drain request (with a large window the whole chunk is handed to the nodes at once).
+    settings = settings_for(root, batch_size=300, read_block_bytes=4096, memory_buffer_bytes=64 * 1024)
     docs = make_docs(3000, seed=11)
     dump = write_dump(root / "drain.ndjson", docs)
     plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid="drain", primary_key="id"), topo, targets, settings)

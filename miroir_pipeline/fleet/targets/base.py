@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "Acknowledged",
     "DocumentsRefused",
     "IndexNotFound",
     "NodeTarget",
+    "PendingWrite",
     "RefusedDocument",
     "TargetError",
     "isolate_refused",
@@ -58,6 +60,32 @@ class DocumentsRefused(TargetError):
         )
         self.index_uid = index_uid
         self.refused = list(refused)
+
+
+class PendingWrite(abc.ABC):
+    """A batch handed to a node that may still be indexing it (its tasks enqueued).
+
+    :meth:`check` says whether the node acknowledged every document (True), not yet (False), or
+    raises what went wrong; the node's :meth:`NodeTarget.refresh` updates many pending writes
+    with one status request, so a window of them costs one poll per round.
+    """
+
+    @abc.abstractmethod
+    def check(self) -> bool:
+        """True once acknowledged; raises :class:`TargetError` if the node failed the write."""
+
+
+class Acknowledged(PendingWrite):
+    """A write the node acknowledged before returning (or refused some documents of, having
+    written the rest: ``refused`` is raised by :meth:`check`)."""
+
+    def __init__(self, refused: DocumentsRefused | None = None) -> None:
+        self.refused = refused
+
+    def check(self) -> bool:
+        if self.refused is not None:
+            raise self.refused
+        return True
 
 
 def isolate_refused(
@@ -126,6 +154,32 @@ class NodeTarget(abc.ABC):
         writing every other document) when the node refuses some documents for what they are.
         A target that can use the parsed keys (the local store) skips decoding them again."""
         self.write_documents(index_uid, primary_key, b"\n".join(lines) + b"\n", len(lines))
+
+    def enqueue_routed(
+        self,
+        index_uid: str,
+        primary_key: str,
+        lines: Sequence[bytes],
+        keys: Sequence[str | int],
+        shards: Sequence[int],
+    ) -> PendingWrite:
+        """Hand a batch to the node without waiting for it to be indexed. Batches enqueued one
+        after another on one node are applied in that order. A node that writes synchronously
+        (the local store) writes here and returns an acknowledged write."""
+        try:
+            self.write_routed(index_uid, primary_key, lines, keys, shards)
+        except DocumentsRefused as exc:
+            return Acknowledged(exc)
+        return Acknowledged()
+
+    def refresh(self, pending: Sequence[PendingWrite]) -> None:  # noqa: B027 - optional hook
+        """Update the state of this node's pending writes in one request (nothing to do for a
+        node that writes synchronously)."""
+
+    def refusal_of(self, exc: TargetError) -> RefusedDocument | None:
+        """What a failed write says of the documents sent (a refusal to isolate by writing the
+        batch again by halves), or None when it is about the node itself."""
+        return None
 
     @abc.abstractmethod
     def index_exists(self, index_uid: str) -> bool: ...

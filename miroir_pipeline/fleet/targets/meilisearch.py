@@ -30,6 +30,7 @@ from miroir_pipeline.fleet.targets.base import (
     DocumentsRefused,
     IndexNotFound,
     NodeTarget,
+    PendingWrite,
     RefusedDocument,
     TargetError,
     isolate_refused,
@@ -44,6 +45,8 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=30.0)
 _FIRST_POLL_S = 0.005
 _MAX_POLL_S = 0.2
 _FACET_VALUES_FLOOR = 1000
+#: Task uids asked for per ``GET /tasks`` (keeps the query string short).
+_TASKS_PER_POLL = 200
 
 
 class TaskFailed(TargetError):
@@ -57,6 +60,39 @@ class TaskFailed(TargetError):
         self.code = code
         #: The node's own error message, as it gave it.
         self.node_message = node_message
+
+
+class _EnqueuedTasks(PendingWrite):
+    """The tasks one enqueued batch became on one node; settled by :meth:`MeilisearchNode.refresh`."""
+
+    def __init__(self, node: MeilisearchNode, index_uid: str, task_uids: list[int]) -> None:
+        self.node = node
+        self.index_uid = index_uid
+        self.remaining = set(task_uids)
+        self.failure: TargetError | None = None
+        self.deadline = time.monotonic() + node.task_timeout
+
+    def unfinished(self) -> bool:
+        return bool(self.remaining) and self.failure is None
+
+    def settle(self, uid: int, failure: TargetError | None) -> None:
+        self.remaining.discard(uid)
+        if failure is not None and self.failure is None:
+            self.failure = failure
+
+    def check(self) -> bool:
+        if self.failure is not None:
+            raise self.failure
+        if not self.remaining:
+            return True
+        if time.monotonic() >= self.deadline:
+            raise TargetError(
+                f"{self.node._where(self.index_uid)}: task(s) {sorted(self.remaining)} still not "
+                f"finished after {self.node.task_timeout:.0f}s",
+                node_id=self.node.node_id,
+                retryable=True,
+            )
+        return False
 
 
 class _Page(msgspec.Struct):
@@ -315,16 +351,7 @@ class MeilisearchNode(NodeTarget):
             if status == "succeeded":
                 return task
             if status in ("failed", "canceled"):
-                error = task.get("error") or {}
-                code = error.get("code")
-                raise TaskFailed(
-                    f"{self._where(index_uid)}: task {task_uid} ({task.get('type')}, {what}) {status}: "
-                    f"{error.get('message', 'no error message')}" + (f" ({code})" if code else ""),
-                    node_id=self.node_id,
-                    task_uid=task_uid,
-                    code=code,
-                    node_message=str(error.get("message", "")),
-                )
+                raise self._task_failed(task, what, index_uid)
             if time.monotonic() >= deadline:
                 raise TargetError(
                     f"{self._where(index_uid)}: task {task_uid} ({what}) still {status} after "
@@ -334,6 +361,18 @@ class MeilisearchNode(NodeTarget):
                 )
             time.sleep(delay)
             delay = min(delay * 2, _MAX_POLL_S)
+
+    def _task_failed(self, task: Mapping[str, Any], what: str, index_uid: str | None) -> TaskFailed:
+        error = task.get("error") or {}
+        code = error.get("code")
+        return TaskFailed(
+            f"{self._where(index_uid)}: task {task.get('uid')} ({task.get('type')}, {what}) "
+            f"{task.get('status')}: {error.get('message', 'no error message')}" + (f" ({code})" if code else ""),
+            node_id=self.node_id,
+            task_uid=int(task.get("uid", -1)),
+            code=code,
+            node_message=str(error.get("message", "")),
+        )
 
     def _await_index_idle(self, index_uid: str) -> None:
         """Wait for every enqueued or processing task of the index (counts must see all writes)."""
@@ -436,6 +475,48 @@ class MeilisearchNode(NodeTarget):
 
     def write_documents(self, index_uid: str, primary_key: str, ndjson: bytes, count: int) -> None:
         """Send the batch in pieces under the payload limit, then await every task."""
+        # Tasks run in order on the node: awaiting them in order polls the least.
+        for task in self._enqueue_documents(index_uid, primary_key, ndjson, count):
+            self.await_task(task, what="adding documents", index_uid=index_uid)
+
+    def enqueue_routed(
+        self,
+        index_uid: str,
+        primary_key: str,
+        lines: Sequence[bytes],
+        keys: Sequence[str | int],
+        shards: Sequence[int],
+    ) -> PendingWrite:
+        """Enqueue the batch (gzip'd NDJSON pieces under the payload limit) without waiting for
+        the node to index it: the caller keeps a window of such writes and polls them together."""
+        tasks = self._enqueue_documents(index_uid, primary_key, b"\n".join(lines) + b"\n", len(lines))
+        return _EnqueuedTasks(self, index_uid, tasks)
+
+    def refresh(self, pending: Sequence[PendingWrite]) -> None:
+        """One ``GET /tasks?uids=…`` for every task of this node's pending writes still unfinished."""
+        mine = [p for p in pending if isinstance(p, _EnqueuedTasks) and p.node is self and p.unfinished()]
+        uids = sorted({uid for p in mine for uid in p.remaining})
+        for start in range(0, len(uids), _TASKS_PER_POLL):
+            part = uids[start : start + _TASKS_PER_POLL]
+            body = self._json(
+                "GET",
+                "/tasks",
+                what=f"polling {len(part)} enqueued task(s)",
+                params={"uids": ",".join(map(str, part)), "limit": len(part)},
+            )
+            for task in body.get("results", []):
+                uid, status = int(task["uid"]), task.get("status")
+                if status not in ("succeeded", "failed", "canceled"):
+                    continue
+                for p in mine:
+                    if uid in p.remaining:
+                        p.settle(uid, None if status == "succeeded" else self._task_failed(task, "adding documents", p.index_uid))
+
+    def refusal_of(self, exc: TargetError) -> RefusedDocument | None:
+        return document_refusal(exc)
+
+    def _enqueue_documents(self, index_uid: str, primary_key: str, ndjson: bytes, count: int) -> list[int]:
+        """Enqueue the documents in pieces under the payload limit; their task uids, in order."""
         lines = ndjson.count(b"\n")
         if lines != count:
             raise TargetError(
@@ -459,9 +540,7 @@ class MeilisearchNode(NodeTarget):
                     headers=headers,
                 )
             )
-        # Tasks run in order on the node: awaiting them in order polls the least.
-        for task in tasks:
-            self.await_task(task, what="adding documents", index_uid=index_uid)
+        return tasks
 
     def write_routed(
         self,

@@ -108,6 +108,7 @@ def _run_chunk(
             params.primary_key,
             _batches(params, router, settings, cursor, int(prog.get("blank_lines", 0)), report, dead, line_counter),
             shutdown,
+            window_bytes=settings.window_bytes,
             before_commit=lambda batch: refusals.amend(batch, dead),
             on_commit=(lambda _batch: on_batch(report)) if on_batch is not None else None,
             on_refused=refusals.record,
@@ -322,7 +323,7 @@ def _batches(
             pos += len(block)
             if (
                 doc_router.buffered_docs >= settings.batch_size
-                or doc_router.buffered_bytes >= settings.memory_buffer_bytes // 2
+                or doc_router.buffered_bytes >= settings.effective_batch_bytes
             ):
                 yield batch(pos)
         yield batch(pos, final=True)

@@ -115,6 +115,7 @@ def _run_chunk(
         params.primary_key,
         _batches(params, reader, shadow_router, settings, shard, offset, read_node, report),
         shutdown,
+        window_bytes=settings.window_bytes,
         on_commit=(lambda batch: on_batch(report, batch.position)) if on_batch is not None else None,
         on_refused=lambda batch, refusals: _refused(params, shadow_router, batch, refusals),
     )
@@ -197,7 +198,7 @@ def _batches(
         offset += len(page)
         if len(page) < page_size:
             shard, offset, read_node = shard + 1, 0, None
-        if docs >= settings.batch_size or nbytes >= settings.memory_buffer_bytes // 2:
+        if docs >= settings.batch_size or nbytes >= settings.effective_batch_bytes:
             yield batch(shard, offset)
     yield batch(end, 0, final=True)
 

@@ -1,0 +1,211 @@
+"""The acknowledged-prefix rule of the chunk pipeline: with a window of batches in flight, a
+cursor is committed only for batches that every node acknowledged, in order, whatever order
+the nodes' acknowledgements arrive in; a failed write stops the window and the cursor never
+passes it.
+
+The nodes here are scripted stand-ins: the order in which real Meilisearch nodes finish tasks
+cannot be chosen from outside, and that order is exactly what these tests vary. Everything
+else (the SQLite job store, the lease, the fence) is real; the same rule is exercised against
+real Meilisearch nodes in the failure suite.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from miroir_pipeline.fleet.targets.base import NodeTarget, PendingWrite, TargetError
+from miroir_pipeline.jobs.pipeline import Batch, run_batches
+from miroir_pipeline.queue import JobStore, open_store
+from miroir_pipeline.queue.contract import Lease, NewChunk
+from miroir_pipeline.queue.lease import LeaseKeeper
+from miroir_pipeline.queue.shutdown import Shutdown
+
+BATCHES = 12
+
+
+class ScriptedWrite(PendingWrite):
+    def __init__(self, node: ScriptedNode, batch: int) -> None:
+        self.node, self.batch = node, batch
+        self.acked = threading.Event()
+        self.error: TargetError | None = None
+
+    def check(self) -> bool:
+        with self.node.polled:
+            self.node.polls += 1
+            self.node.polled.notify_all()
+        if self.error is not None:
+            raise self.error
+        return self.acked.is_set()
+
+
+class ScriptedNode(NodeTarget):
+    """Accepts every batch at once and acknowledges it when the test says so."""
+
+    def __init__(self, node_id: str, polled: threading.Condition | None = None) -> None:
+        self.node_id = node_id
+        self.writes: dict[int, ScriptedWrite] = {}
+        self.polls = 0
+        self.polled = polled or threading.Condition()  # shared by the nodes of one test
+        self.sent = threading.Condition()
+
+    def enqueue_routed(self, index_uid: str, primary_key: str, lines: Sequence[bytes], keys: Sequence[Any], shards: Sequence[int]) -> PendingWrite:
+        batch = int(keys[0])
+        write = ScriptedWrite(self, batch)
+        with self.sent:
+            self.writes[batch] = write
+            self.sent.notify_all()
+        return write
+
+    def write_documents(self, *a: Any, **k: Any) -> None:
+        raise AssertionError("the pipeline must enqueue, not write synchronously")
+
+    def ensure_index(self, *a: Any, **k: Any) -> None: ...
+    def index_exists(self, index_uid: str) -> bool:
+        return True
+    def get_primary_key(self, index_uid: str) -> str | None:
+        return "id"
+    def get_settings(self, index_uid: str) -> dict[str, Any]:
+        return {}
+    def fetch_shard(self, *a: Any) -> list[bytes]:
+        return []
+    def iter_documents(self, *a: Any, **k: Any) -> Iterator[bytes]:
+        return iter(())
+    def count_documents(self, index_uid: str) -> int:
+        return 0
+    def count_by_shard(self, index_uid: str) -> dict[int, int]:
+        return {}
+    def delete_documents(self, *a: Any) -> None: ...
+    def delete_index(self, index_uid: str) -> None: ...
+
+
+class RecordingStore:
+    """The real store, with every committed cursor checked against what the nodes acknowledged
+    at that moment."""
+
+    def __init__(self, store: JobStore, nodes: list[ScriptedNode]) -> None:
+        self.store, self.nodes = store, nodes
+        self.cursors: list[int] = []
+
+    def save_progress(self, lease: Lease, progress: dict[str, Any]) -> Any:
+        cursor = int(progress["last_cursor"])
+        for node in self.nodes:
+            for b in range(cursor):
+                write = node.writes.get(b)
+                assert write is not None and write.acked.is_set(), f"cursor {cursor} committed before {node.node_id} acknowledged batch {b}"
+        self.cursors.append(cursor)
+        return self.store.save_progress(lease, progress)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def batches(n: int, nodes: int) -> Iterator[Batch]:
+    for b in range(n):
+        yield Batch(
+            lines=[[b'{"id":%d}' % b]] * nodes,
+            keys=[[b]] * nodes,
+            shards=[[0]] * nodes,
+            progress={"last_cursor": b + 1},
+            position=f"batch {b + 1}",
+            final=b == n - 1,
+        )
+
+
+@pytest.fixture
+def leased(tmp_path: Path) -> Iterator[tuple[JobStore, LeaseKeeper]]:
+    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    parent = store.enqueue("dump_import", {})
+    store.split(parent.id, [NewChunk(0, {})])
+    lease = store.claim(["dump_import"], "w", 60)
+    assert lease is not None
+    keeper = LeaseKeeper(store, lease, ttl=60, interval=20).start()
+    yield store, keeper
+    keeper.stop()
+    store.close()
+
+
+def release_in_random_order(nodes: list[ScriptedNode], seed: int, fail: tuple[int, int] | None = None) -> threading.Thread:
+    """Acknowledge every (node, batch) in a seeded random order, each only after the pipeline
+    polled since the previous one (so commits interleave with acknowledgements)."""
+    order = [(n, b) for n in range(len(nodes)) for b in range(BATCHES)]
+    random.Random(seed).shuffle(order)
+
+    def run() -> None:
+        for n, b in order:
+            node = nodes[n]
+            with node.sent:
+                node.sent.wait_for(lambda node=node, b=b: b in node.writes, timeout=30)
+            total = sum(x.polls for x in nodes)
+            with node.polled:
+                node.polled.wait_for(lambda total=total: sum(x.polls for x in nodes) > total, timeout=30)
+            write = node.writes[b]
+            if fail == (n, b):
+                write.error = TargetError(f"node {node.node_id}: task for batch {b} failed", node_id=node.node_id)
+                continue
+            write.acked.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cursor_commits_only_the_acknowledged_prefix_in_order(leased: tuple[JobStore, LeaseKeeper], seed: int) -> None:
+    store, keeper = leased
+    polled = threading.Condition()
+    nodes = [ScriptedNode("a", polled), ScriptedNode("b", polled)]
+    recording = RecordingStore(store, nodes)
+    releaser = release_in_random_order(nodes, seed)
+    run_batches(recording, keeper, nodes, "idx", "id", batches(BATCHES, 2), Shutdown(), window_bytes=1 << 30)  # type: ignore[arg-type]
+    releaser.join(timeout=30)
+    assert recording.cursors == sorted(set(recording.cursors)), "cursors go forward, each once"
+    assert recording.cursors[-1] == BATCHES
+    assert store.get(keeper.lease.job_id).progress["last_cursor"] == BATCHES
+    # The window really was used: batches were sent before earlier ones were acknowledged.
+    assert len(nodes[0].writes) == BATCHES
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_failed_write_stops_the_window_and_the_cursor_never_passes_it(leased: tuple[JobStore, LeaseKeeper], seed: int) -> None:
+    store, keeper = leased
+    polled = threading.Condition()
+    nodes = [ScriptedNode("a", polled), ScriptedNode("b", polled)]
+    recording = RecordingStore(store, nodes)
+    failing = (1, 5)  # node b, batch 5
+    releaser = release_in_random_order(nodes, seed, fail=failing)
+    with pytest.raises(TargetError, match="batch 5 failed"):
+        run_batches(recording, keeper, nodes, "idx", "id", batches(BATCHES, 2), Shutdown(), window_bytes=1 << 30)  # type: ignore[arg-type]
+    releaser.join(timeout=30)
+    committed = int(store.get(keeper.lease.job_id).progress.get("last_cursor", 0))
+    # Batches 0-4 were acknowledged everywhere and committed; batch 5 never is.
+    assert committed == 5, f"the cursor should stop right before the failed batch 5: {committed}"
+
+
+def test_without_a_window_one_batch_is_in_flight_while_the_next_is_routed(leased: tuple[JobStore, LeaseKeeper]) -> None:
+    store, keeper = leased
+    nodes = [ScriptedNode("a")]
+    in_flight_at_send: list[int] = []
+
+    def watched() -> Iterator[Batch]:
+        for batch in batches(BATCHES, 1):
+            in_flight_at_send.append(sum(1 for w in nodes[0].writes.values() if not w.acked.is_set()))
+            yield batch
+
+    def ack_all() -> None:
+        for b in range(BATCHES):
+            with nodes[0].sent:
+                nodes[0].sent.wait_for(lambda b=b: b in nodes[0].writes, timeout=30)
+            nodes[0].writes[b].acked.set()
+
+    thread = threading.Thread(target=ack_all, daemon=True)
+    thread.start()
+    run_batches(store, keeper, nodes, "idx", "id", watched(), Shutdown(), window_bytes=0)
+    thread.join(timeout=30)
+    assert max(in_flight_at_send) <= 1, in_flight_at_send
+    assert store.get(keeper.lease.job_id).progress["last_cursor"] == BATCHES
