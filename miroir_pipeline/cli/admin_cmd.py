@@ -133,11 +133,18 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    """Delete finished rows older than ``--older-than``."""
+    """Delete finished rows older than ``--older-than``, and their Dagster partitions."""
+    from miroir_pipeline.cli.runtime import instance
+    from miroir_pipeline.dagster.prune import prune_finished
     from miroir_pipeline.queue import open_store
 
-    deleted = open_store().prune(parse_age(args.older_than))
-    print(f"pruned {deleted} finished row(s) older than {args.older_than}")
+    age = parse_age(args.older_than)
+    # The instance first: if it cannot be opened, nothing is deleted and no partition is orphaned.
+    outcome = prune_finished(open_store(), instance(), age)
+    print(
+        f"pruned {outcome.pruned.rows} finished row(s) older than {args.older_than}; "
+        f"removed {outcome.partitions_removed} Dagster partition(s)"
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """The ``miroir-pipeline`` parser and entry point: build the parser from the subcommand modules,
 configure logging, export the store flags, run the command and turn an expected failure into
-one line on stderr (exit 2); tracebacks only at ``--log-level DEBUG``."""
+one line on stderr (exit 2; a usage error too); tracebacks only at ``--log-level DEBUG``.
+Ctrl-C or SIGTERM before a command's workers start is one line too (exit 130 or 143)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from miroir_pipeline.cli import admin_cmd, import_cmd, reshard_cmd, runtime, sample_cmd, worker_cmd
-from miroir_pipeline.cli.options import log_level
+from miroir_pipeline.cli.errors import format_validation_error
+from miroir_pipeline.cli.options import Parser, log_level, positive_int
 
 __all__ = ["build_parser", "main"]
 
@@ -24,17 +26,22 @@ EPILOG = """\
 environment:
   MIROIR_JOBS_DSN   jobs store: sqlite:///PATH or postgresql://... (default ./.miroir/jobs.sqlite3)
   MIROIR_TOPOLOGY   topology YAML (default: 3 local node stores under ./.miroir/nodes)
-  MIROIR_HOME       home of the embedded defaults (default ./.miroir)
+  MIROIR_HOME       home of the embedded defaults and of the import/reshard logs (default ./.miroir)
+  MIROIR_ALLOWED_ROOTS  comma-separated roots dump URIs must lie under (default: the current directory)
   DAGSTER_HOME      Dagster instance the runs are recorded in (default $MIROIR_HOME/dagster)
   MIROIR_LOG_LEVEL  default of --log-level
 
-exit status: 0 done, 1 the job did not complete (or verification failed), 2 refused or error.
+exit status: 0 done, 1 the job did not complete (or verification failed), 2 refused or error,
+130/143 interrupted by SIGINT/SIGTERM (resume with import --resume JOB_ID).
 """
+
+#: Options of subcommands defined elsewhere that must be positive integers.
+_POSITIVE = {"status": ("--limit",)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; defaults that come from the environment are read now."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="miroir-pipeline",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -53,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker_cmd.add_parser(sub)
     admin_cmd.add_parsers(sub)
     sample_cmd.add_parser(sub)
+    for command, options in _POSITIVE.items():
+        for action in sub.choices[command]._actions:
+            if set(action.option_strings) & set(options):
+                action.type = positive_int
     return parser
 
 
@@ -62,13 +73,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if logging.getLevelName(args.log_level) > logging.DEBUG:  # its set-up chatter, even at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         runtime.export_flags(args)
         return int(args.func(args))
-    except (ValueError, OSError, RuntimeError) as exc:  # includes runtime.PlanRefused
+    except (ValueError, OSError, RuntimeError) as exc:  # includes runtime.PlanRefused, CliError
         log.debug("%s failed", args.command, exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except runtime.Interrupted as exc:
+        log.debug("%s interrupted", args.command, exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.debug("%s interrupted", args.command, exc_info=True)
+        print(f"error: {args.command} was interrupted (SIGINT)", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: a pydantic ``ValidationError`` (settings from the environment,
+    for instance) without pydantic's layout and links."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return format_validation_error(exc)
+    return " ".join(str(exc).split()) if "\n" in str(exc) else str(exc)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """``miroir-pipeline import``: plan a dump import as a Dagster run, run its chunks in worker
 processes scoped to it while a progress bar follows the bytes, then print the totals.
 
-Exits 0 only when every chunk completed; ``--json`` prints the summary as JSON.
+``--resume JOB_ID`` runs the chunks of an unfinished import instead (nothing is planned again):
+the way on after Ctrl-C, SIGTERM or workers that stopped early. Exits 0 only when every chunk
+completed; ``--json`` prints the summary as JSON.
 """
 
 from __future__ import annotations
@@ -9,15 +11,23 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from miroir_pipeline.cli import runtime
-from miroir_pipeline.cli.options import Subparsers, add_store_options
+from miroir_pipeline.cli.errors import CliError, format_validation_error
+from miroir_pipeline.cli.options import (
+    Subparsers,
+    add_store_options,
+    positive_int,
+    stdout_is_terminal,
+)
 from miroir_pipeline.util.sizes import format_size, parse_size
 
 if TYPE_CHECKING:
+    from miroir_pipeline.jobs.dump_import import DumpImportRequest
     from miroir_pipeline.queue.contract import JobStore, ParentSummary
 
 __all__ = ["add_parser", "run"]
@@ -26,8 +36,27 @@ __all__ = ["add_parser", "run"]
 DESCRIPTION = (
     "Plan a dump import as a Dagster run, run its chunks in worker processes started for it "
     "while a progress bar follows the bytes, then print the totals. Exits 0 only when every "
-    "chunk completed."
+    "chunk completed. Ctrl-C or SIGTERM hands the running chunks back at their cursors; "
+    "--resume JOB_ID carries on from there. Dagster's own output goes to a log file under "
+    "./.miroir/logs named in the summary (to stderr at --log-level debug)."
 )
+
+#: Above this many chunks, chunks smaller than :data:`TINY_CHUNK_BYTES` earn a warning: every
+#: chunk is a Dagster run with a fixed cost, so tiny ones make an import slow.
+MANY_CHUNKS = 200
+TINY_CHUNK_BYTES = 1 << 20
+#: The largest chunk size the warning suggests (the default chunk size).
+SUGGESTED_MAX_BYTES = 256 << 20
+
+#: Request fields and the flags that set them, for one-line validation errors.
+FLAGS = {
+    "uri": "URI",
+    "index_uid": "--index",
+    "primary_key": "--primary-key",
+    "chunk_size_bytes": "--chunk-size",
+    "on_invalid_document": "--on-invalid",
+    "source_index_uid": "--source-index",
+}
 
 
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -40,21 +69,31 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "uri",
         metavar="URI",
-        help="the dump: a path, file://, s3://, gs:// or hdfs:// URI (inside the allowed roots)",
+        nargs="?",
+        help="the dump: a path, file://, s3://, gs:// or hdfs:// URI (inside the allowed roots); not with --resume",
     )
-    p.add_argument("--index", required=True, metavar="UID", help="uid of the index to import into")
+    p.add_argument("--index", metavar="UID", help="uid of the index to import into (required unless --resume)")
+    p.add_argument(
+        "--source-index",
+        metavar="UID",
+        help="the index to read from a Meilisearch .dump, to import it under the --index name (default: the --index name); not for NDJSON",
+    )
     p.add_argument(
         "--primary-key",
         metavar="PK",
         help="primary-key field (default: a .dump's metadata, else the one field of the first document whose name ends in 'id')",
     )
     p.add_argument(
-        "--workers", type=int, default=2, metavar="N", help="worker processes to start (default 2)"
+        "--workers",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="worker processes to start (default 2)",
     )
     p.add_argument(
         "--chunk-size",
         metavar="SIZE",
-        help="bytes per chunk, plain or with units: 64KiB, 256MiB, 1GiB (default 256MiB)",
+        help="bytes per chunk, plain or with units: 64KiB, 256MiB, 1GiB (default $MIROIR_CHUNK_SIZE_BYTES, else 256MiB)",
     )
     p.add_argument(
         "--on-invalid",
@@ -63,10 +102,25 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="an invalid document fails its chunk (fail) or goes to the dead-letter file and is counted (skip); default $MIROIR_ON_INVALID_DOCUMENT, else fail",
     )
     p.add_argument(
-        "--json", action="store_true", help="print the summary as JSON (no progress bar)"
+        "--allow-empty",
+        action="store_true",
+        help="accept a dump with no documents (empty, or blank lines only) instead of refusing it",
     )
     p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar; print only the summary"
+        "--resume",
+        metavar="JOB_ID",
+        help="run the remaining chunks of an unfinished import from their cursors (nothing is planned again)",
+    )
+    p.add_argument(
+        "--new",
+        action="store_true",
+        help="start a new import even when an identical one is unfinished (default: refuse and point at it)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print only the summary, as JSON (no progress)"
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar or lines; print only the summary"
     )
     add_store_options(p)
     p.set_defaults(func=run)
@@ -74,59 +128,262 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, run and summarize one dump import."""
+    """Plan, run and summarize one dump import (or resume one)."""
+    if args.resume:
+        return _resume(args)
+    request = _request(args)
+
+    from miroir_pipeline.jobs.dump_import.plan import unfinished_identical_import
+    from miroir_pipeline.jobs.settings import PipelineSettings
     from miroir_pipeline.queue import open_store
-    from miroir_pipeline.queue.contract import JobState
 
     store = open_store()
-    config = {
-        "uri": args.uri,
-        "index_uid": args.index,
-        "primary_key": args.primary_key,
-        "chunk_size_bytes": parse_size(args.chunk_size) if args.chunk_size else None,
-        "on_invalid_document": args.on_invalid,
-    }
+    if not args.new:
+        earlier = unfinished_identical_import(store, request, PipelineSettings.from_env())
+        if earlier is not None:
+            job = earlier.parent.id
+            raise CliError(
+                f"an identical import {job} is unfinished ({earlier.chunks_done}/"
+                f"{earlier.chunks_total} chunks done); resume it with --resume {job}, or pass "
+                "--new to start another"
+            )
+    logs = runtime.DagsterLogs.start("import", args.log_level)
     names = runtime.names()
-    parent_id = runtime.run_plan(
-        names.plan_dump_import_job, names.plan_dump_import_op, config, runtime.instance()
-    )
-    quiet = args.json or args.no_progress
+    config = request.model_dump(exclude_defaults=True)
+    with runtime.raise_on_sigterm("the import"):
+        try:
+            parent_id = runtime.run_plan(
+                names.plan_dump_import_job,
+                names.plan_dump_import_op,
+                config,
+                runtime.instance(),
+                logs,
+            )
+        except runtime.PlanRefused:
+            logs.discard()
+            raise
+    logs.adopt(parent_id)
+    _warn_tiny_chunks(store.parent_summary(parent_id), args.workers)
+    return _run_and_report(args, store, parent_id, logs)
+
+
+def _request(args: argparse.Namespace) -> DumpImportRequest:
+    """The request the flags make, validated here so a mistake is one line naming the flag."""
+    from pydantic import ValidationError
+
+    from miroir_pipeline.jobs.dump_import.params import INDEX_UID_RULE, DumpImportRequest
+
+    missing = [name for name, value in (("URI", args.uri), ("--index", args.index)) if not value]
+    if missing:
+        raise CliError(
+            f"import needs {' and '.join(missing)} (or --resume JOB_ID to continue an unfinished import)"
+        )
+    try:
+        chunk_size = parse_size(args.chunk_size) if args.chunk_size is not None else None
+    except ValueError as exc:
+        why = str(exc).removeprefix(f"invalid size {args.chunk_size!r}: ")
+        raise CliError(f"--chunk-size {args.chunk_size!r}: {why}") from None
+    try:
+        return DumpImportRequest(
+            uri=args.uri,
+            index_uid=args.index,
+            primary_key=args.primary_key,
+            chunk_size_bytes=chunk_size,
+            on_invalid_document=args.on_invalid,
+            source_index_uid=args.source_index,
+            allow_empty=bool(args.allow_empty),
+        )
+    except ValidationError as exc:
+        raise CliError(
+            format_validation_error(
+                exc,
+                FLAGS,
+                given={"chunk_size_bytes": args.chunk_size},
+                rules={
+                    "index_uid": INDEX_UID_RULE,
+                    "source_index_uid": INDEX_UID_RULE,
+                    "chunk_size_bytes": "must be a positive size, e.g. 64MiB",
+                    "primary_key": "must not be empty",
+                },
+            )
+        ) from None
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """Run the remaining chunks of an unfinished import; nothing is planned again."""
+    from miroir_pipeline.jobs.dump_import.params import DUMP_IMPORT
+    from miroir_pipeline.queue import open_store
+    from miroir_pipeline.queue.contract import JobKind, JobNotFound, JobState
+
+    planning = [
+        flag
+        for flag, value in (
+            ("URI", args.uri),
+            ("--index", args.index),
+            ("--source-index", args.source_index),
+            ("--primary-key", args.primary_key),
+            ("--chunk-size", args.chunk_size),
+            ("--on-invalid", args.on_invalid),
+            ("--allow-empty", args.allow_empty),
+            ("--new", args.new),
+        )
+        if value
+    ]
+    if planning:
+        raise CliError(
+            f"--resume continues an import with the settings it was planned with; drop {', '.join(planning)}"
+        )
+    job_id = args.resume
+    store = open_store()
+    try:
+        parent = store.get(job_id)
+    except JobNotFound:
+        raise CliError(
+            f"--resume {job_id}: no such job in the jobs store; `miroir-pipeline status` lists them"
+        ) from None
+    if parent.kind != JobKind.PARENT or parent.type != DUMP_IMPORT:
+        raise CliError(
+            f"--resume {job_id}: not an import but a {parent.type} {parent.kind}; pass the id of an "
+            "import job (`miroir-pipeline status` lists them)"
+        )
+    summary = store.parent_summary(job_id)
+    if parent.state == JobState.FAILED:
+        raise CliError(
+            f"import {job_id} failed ({parent.error}); nothing to resume: fix the cause, then retry "
+            "its failed chunks from the Dagster UI, or start a new import"
+        )
+    if parent.state == JobState.QUEUED and not summary.chunks_total:
+        raise CliError(
+            f"import {job_id} was never split into chunks (its planning was cut short); cancel it "
+            "with `miroir-pipeline cancel` and run the import again"
+        )
+    logs = runtime.DagsterLogs.of_job(job_id, args.log_level)
+    if parent.state == JobState.COMPLETED:
+        print(f"import {job_id} had already completed; nothing to resume", file=sys.stderr)
+    return _run_and_report(args, store, job_id, logs)
+
+
+def _run_and_report(
+    args: argparse.Namespace, store: JobStore, parent_id: str, logs: runtime.DagsterLogs
+) -> int:
+    """Run the parent's chunks in worker processes, then print the summary; the exit status."""
+    from miroir_pipeline.jobs.dump_import.params import is_invalid_document_error
+    from miroir_pipeline.queue.contract import JobState
+
+    before = store.parent_summary(parent_id)
+    params = before.parent.params
+    mode = "none" if args.json or args.no_progress else "bar" if stdout_is_terminal() else "plain"
     started = time.monotonic()
-    summary = runtime.run_workers_for(
-        parent_id, args.workers, lambda procs: _watch(store, parent_id, procs, quiet=quiet)
-    )
+    if before.parent.state == JobState.COMPLETED:
+        outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(before, None, 0)
+    else:
+        outcome = runtime.run_workers_for(
+            parent_id,
+            args.workers,
+            lambda procs, stop: _watch(store, before, procs, stop, mode=mode),
+            store=store,
+            logs=logs,
+        )
     elapsed = time.monotonic() - started
+    summary = store.parent_summary(parent_id)
     prog = summary.progress
+    failed = runtime.failed_chunks(store, parent_id)
+    stopped_at_invalid = sum(1 for f in failed if is_invalid_document_error(f["error"]))
+    moved = int(prog.get("bytes_processed", 0)) - int(before.progress.get("bytes_processed", 0))
     result: dict[str, Any] = {
         "job_id": parent_id,
         "state": summary.parent.state,
-        "index": args.index,
+        "index": params.get("index_uid"),
+        "source": params.get("source_uri"),
         "documents": int(prog.get("docs_routed", 0)),
         "bytes": int(prog.get("bytes_processed", 0)),
         "chunks": summary.chunks_total,
         "chunks_completed": summary.chunks_done,
         "per_node": prog.get("per_node", {}),
-        "invalid_documents": int(prog.get("invalid_documents", 0)),
+        "invalid_documents": int(prog.get("invalid_documents", 0)) + stopped_at_invalid,
         "duration_s": round(elapsed, 2),
-        "mb_per_s": round(prog.get("bytes_processed", 0) / 1e6 / elapsed, 1)
-        if elapsed > 0
-        else 0.0,
-        "failed_chunks": runtime.failed_chunks(store, parent_id),
+        "mb_per_s": round(moved / 1e6 / elapsed, 1) if elapsed > 0 else 0.0,
+        "failed_chunks": failed,
+        "log_file": logs.display,
     }
+    if outcome.interruption is not None:
+        line = runtime.interrupted_line("import", parent_id, outcome.interruption, summary)
+        if args.json:
+            result["interrupted"] = outcome.interruption.signal_name
+            result["resume"] = f"miroir-pipeline import --resume {parent_id}"
+            print(json.dumps(result, indent=2))
+        print(line, file=sys.stderr)
+        return outcome.interruption.exit_code
     ok = summary.parent.state == JobState.COMPLETED
-    if not ok and not result["failed_chunks"]:
-        result["error"] = runtime.INCOMPLETE
+    if not ok and not failed:
+        result["error"] = runtime.incomplete("import", parent_id)
+        if outcome.crashed:
+            result["error"] += f"; {outcome.crashed} worker(s) exited with an error"
+            if logs.display:
+                result["error"] += f", see {logs.display}"
+    runtime.record_outcome(parent_id)
+    empty = (
+        ok
+        and result["documents"] == 0
+        and result["invalid_documents"] == 0
+        and not params.get("allow_empty")
+    )
+    if empty:
+        result["error"] = (
+            f"no documents found in {params.get('source_uri')}; pass --allow-empty if that is expected"
+        )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         _print_summary(result)
-    return 0 if ok else 1
+    if failed:
+        print(_failure_line(result, stopped_at_invalid), file=sys.stderr)
+    elif "error" in result:
+        print(f"error: {result['error']}", file=sys.stderr)
+    return 0 if ok and not empty else 1
+
+
+def _failure_line(r: dict[str, Any], stopped_at_invalid: int) -> str:
+    """The one line on stderr for an import whose chunks failed for good."""
+    failed = r["failed_chunks"]
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more failed chunk(s), listed in the summary)" if len(failed) > 1 else ""
+    if stopped_at_invalid:
+        return (
+            f"error: import {r['job_id']} stopped at {r['invalid_documents']} invalid "
+            f"document(s): {first['error']}{more}"
+        )
+    return f"error: import {r['job_id']} failed: {first['id']}: {first['error']}{more}"
+
+
+def _warn_tiny_chunks(summary: ParentSummary, workers: int) -> None:
+    """One line on stderr when the chunk size planned hundreds of tiny chunks."""
+    chunk_size = int(summary.parent.params.get("chunk_size_bytes", 0))
+    total = int(summary.parent.params.get("bytes_total", 0))
+    if summary.chunks_total <= MANY_CHUNKS or chunk_size >= TINY_CHUNK_BYTES:
+        return
+    suggested = TINY_CHUNK_BYTES
+    target = total // max(8, 4 * workers)  # a few chunks per worker, each well past 1 MiB
+    while suggested < target and suggested < SUGGESTED_MAX_BYTES:
+        suggested *= 2
+    print(
+        f"warning: chunk size {format_size(chunk_size)} splits {format_size(total)} into "
+        f"{summary.chunks_total} chunks; every chunk is a Dagster run with a fixed cost, so "
+        f"tiny chunks make the import slow: try --chunk-size {format_size(suggested)}",
+        file=sys.stderr,
+    )
 
 
 def _watch(
-    store: JobStore, parent_id: str, procs: Sequence[subprocess.Popen[bytes]], *, quiet: bool
+    store: JobStore,
+    before: ParentSummary,
+    procs: Sequence[subprocess.Popen[bytes]],
+    stop: runtime.StopSignal,
+    *,
+    mode: str,
 ) -> ParentSummary:
-    """Progress bar over the dump's bytes until the import finishes or every worker exited."""
+    """Follow the import until it finishes, every worker exited or a signal came: a progress bar
+    on a terminal, a plain line every few seconds on a pipe (``mode`` ``plain``), or nothing."""
     from rich.progress import (
         BarColumn,
         Progress,
@@ -137,10 +394,22 @@ def _watch(
 
     from miroir_pipeline.queue.contract import JobState
 
-    summary = store.parent_summary(parent_id)
-    total = int(summary.parent.params.get("bytes_total", 0)) or 1
+    parent_id = before.parent.id
+    total = int(before.parent.params.get("bytes_total", 0)) or 1
+    bytes0 = int(before.progress.get("bytes_processed", 0))
+    docs0 = int(before.progress.get("docs_routed", 0))
     finished = (JobState.COMPLETED, JobState.FAILED)
     t0 = time.monotonic()
+    plain = runtime.PlainProgress()
+
+    def line(s: ParentSummary) -> str:
+        done = int(s.progress.get("bytes_processed", 0))
+        rate = (done - bytes0) / 1e6 / max(time.monotonic() - t0, 1e-6)
+        return (
+            f"import {parent_id}: {100 * done / total:.0f}% {rate:.1f} MB/s "
+            f"{int(s.progress.get('docs_routed', 0)):,} docs chunks {s.chunks_done}/{s.chunks_total}"
+        )
+
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -150,8 +419,11 @@ def _watch(
         TextColumn("chunks {task.fields[done]}/{task.fields[chunks]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=quiet, transient=False) as bar:
-        task = bar.add_task(parent_id, total=total, docs_s=0.0, done=0, chunks=summary.chunks_total)
+    summary = before
+    with Progress(*columns, disable=mode != "bar", transient=False) as bar:
+        task = bar.add_task(
+            parent_id, total=total, completed=bytes0, docs_s=0.0, done=0, chunks=before.chunks_total
+        )
         while True:
             summary = store.parent_summary(parent_id)
             prog = summary.progress
@@ -159,10 +431,13 @@ def _watch(
             bar.update(
                 task,
                 completed=int(prog.get("bytes_processed", 0)),
-                docs_s=prog.get("docs_routed", 0) / dt,
+                docs_s=(prog.get("docs_routed", 0) - docs0) / dt,
                 done=summary.chunks_done,
             )
-            if summary.parent.state in finished or all(p.poll() is not None for p in procs):
+            done = summary.parent.state in finished or all(p.poll() is not None for p in procs)
+            if mode == "plain" and not stop.requested:
+                plain.tick(line(summary), force=done)
+            if done or stop.requested:
                 break
             time.sleep(0.25)
     return store.parent_summary(parent_id)
@@ -183,3 +458,5 @@ def _print_summary(r: dict[str, Any]) -> None:
         print(f"  FAILED {f['id']}: {f['error']}")
     if "error" in r:
         print(f"  {r['error']}")
+    if r["log_file"]:
+        print(f"  Dagster logs: {r['log_file']}")

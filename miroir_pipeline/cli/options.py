@@ -1,22 +1,41 @@
-"""Argument-parser pieces shared by the subcommand modules: the subparsers type, the jobs-store
-and topology flags, and the log-level argument type."""
+"""Argument-parser pieces shared by the subcommand modules: the parser class (a usage error is one
+line), the subparsers type, the jobs-store and topology flags, and the argument types."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import TypeAlias
+import sys
+from typing import NoReturn, TypeAlias
 
-__all__ = ["Subparsers", "add_store_options", "log_level"]
+__all__ = [
+    "Parser",
+    "Subparsers",
+    "add_store_options",
+    "is_debug",
+    "log_level",
+    "positive_int",
+    "stdout_is_terminal",
+]
 
-#: What ``ArgumentParser.add_subparsers`` returns; each subcommand module adds its parsers to it.
-#: (argparse has no public name for it.)
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 _DSN_HELP = "jobs store DSN: sqlite:///PATH or postgresql://... (default $MIROIR_JOBS_DSN, else a SQLite file under ./.miroir)"
 _TOPOLOGY_HELP = (
     "topology YAML (default $MIROIR_TOPOLOGY, else 3 local nodes under ./.miroir/nodes)"
 )
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit 2), pointing at
+    ``--help`` instead of printing the whole usage block; its subparsers are ``Parser``s too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: What ``Parser.add_subparsers`` returns; each subcommand module adds its parsers to it.
+#: (argparse has no public name for it.)
+Subparsers: TypeAlias = "argparse._SubParsersAction[Parser]"
 
 
 def add_store_options(
@@ -36,3 +55,24 @@ def log_level(text: str) -> str:
             f"{text!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)"
         )
     return name
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1 (worker counts, shard counts, limits)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), not {text!r}")
+    return value
+
+
+def is_debug(level: str) -> bool:
+    """Whether ``--log-level`` asks for everything on stderr (Dagster's logs, tracebacks)."""
+    return bool(logging.getLevelName(level) == logging.DEBUG)
+
+
+def stdout_is_terminal() -> bool:
+    """Whether progress may redraw a line in place (else plain periodic lines are printed)."""
+    return sys.stdout.isatty()

@@ -2,7 +2,8 @@
 ``{uid}__reshard_{N}`` through worker processes scoped to it, then record and verify the shadow
 (a blocking asset check) and mark it ready for cutover.
 
-Exits 0 only when every chunk completed and the shadow holds exactly the live documents.
+``--resume JOB_ID`` runs the remaining chunks of an interrupted reshard, then verifies. Exits 0
+only when every chunk completed and the shadow holds exactly the live documents.
 """
 
 from __future__ import annotations
@@ -11,16 +12,24 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from miroir_pipeline.cli import runtime
-from miroir_pipeline.cli.options import Subparsers, add_store_options
+from miroir_pipeline.cli.errors import CliError, format_validation_error
+from miroir_pipeline.cli.options import (
+    Subparsers,
+    add_store_options,
+    positive_int,
+    stdout_is_terminal,
+)
 
 if TYPE_CHECKING:
     import dagster as dg
 
+    from miroir_pipeline.jobs.reshard_backfill.params import ReshardRequest
     from miroir_pipeline.queue.contract import JobStore, ParentSummary
 
 __all__ = ["add_parser", "run"]
@@ -30,8 +39,16 @@ DESCRIPTION = (
     "Re-hash every document of a live index under a new shard count into the shadow index "
     "{uid}__reshard_{N}, through worker processes started for it; then verify that the shadow "
     "holds exactly the live documents and mark it ready for cutover. Exits 0 only when every "
-    "chunk completed and the verification passed."
+    "chunk completed and the verification passed. Ctrl-C or SIGTERM hands the running chunks "
+    "back at their cursors; --resume JOB_ID carries on from there."
 )
+
+#: Request fields and the flags that set them, for one-line validation errors.
+FLAGS = {
+    "index_uid": "--index",
+    "new_shards": "--new-shards",
+    "shards_per_chunk": "--shards-per-chunk",
+}
 
 
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -41,9 +58,14 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="re-hash a live index into a shadow index {uid}__reshard_{N} and verify it",
         description=DESCRIPTION,
     )
-    p.add_argument("--index", required=True, metavar="UID", help="uid of the live index")
     p.add_argument(
-        "--new-shards", type=int, required=True, metavar="N", help="shard count of the shadow index"
+        "--index", metavar="UID", help="uid of the live index (required unless --resume)"
+    )
+    p.add_argument(
+        "--new-shards",
+        type=positive_int,
+        metavar="N",
+        help="shard count of the shadow index (required unless --resume)",
     )
     p.add_argument(
         "--new-topology",
@@ -52,13 +74,17 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shards-per-chunk",
-        type=int,
+        type=positive_int,
         default=8,
         metavar="N",
         help="live shards per chunk (default 8)",
     )
     p.add_argument(
-        "--workers", type=int, default=2, metavar="N", help="worker processes to start (default 2)"
+        "--workers",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="worker processes to start (default 2)",
     )
     p.add_argument(
         "--replace-shadow",
@@ -66,10 +92,15 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="delete a shadow index left by an earlier reshard first",
     )
     p.add_argument(
-        "--json", action="store_true", help="print the summary as JSON (no progress bar)"
+        "--resume",
+        metavar="JOB_ID",
+        help="run the remaining chunks of an unfinished reshard from their cursors, then verify (nothing is planned again)",
     )
     p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar; print only the summary"
+        "--json", action="store_true", help="print only the summary, as JSON (no progress)"
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar or lines; print only the summary"
     )
     add_store_options(
         p,
@@ -80,70 +111,194 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, backfill, verify and summarize one reshard."""
+    """Plan (or resume), backfill, verify and summarize one reshard."""
     from miroir_pipeline.queue import open_store
-    from miroir_pipeline.queue.contract import JobState
 
-    quiet = args.json or args.no_progress
+    if args.resume:
+        return _resume(args)
+    request = _request(args)
     store = open_store()
-    instance = runtime.instance()
+    logs = runtime.DagsterLogs.start("reshard", args.log_level)
     config = {
-        "index_uid": args.index,
-        "new_shards": args.new_shards,
-        "shards_per_chunk": args.shards_per_chunk,
+        **request.model_dump(),
         "new_topology_path": os.path.abspath(args.new_topology) if args.new_topology else None,
-        "replace_shadow": bool(args.replace_shadow),
     }
     names = runtime.names()
-    parent_id = runtime.run_plan(names.plan_reshard_job, names.plan_reshard_op, config, instance)
+    with runtime.raise_on_sigterm("the reshard"):
+        try:
+            parent_id = runtime.run_plan(
+                names.plan_reshard_job, names.plan_reshard_op, config, runtime.instance(), logs
+            )
+        except runtime.PlanRefused:
+            logs.discard()
+            raise
+    logs.adopt(parent_id)
+    return _run_and_report(args, store, parent_id, logs)
+
+
+def _request(args: argparse.Namespace) -> ReshardRequest:
+    """The request the flags make, validated here so a mistake is one line naming the flag."""
+    from pydantic import ValidationError
+
+    from miroir_pipeline.jobs.dump_import.params import INDEX_UID_RULE
+    from miroir_pipeline.jobs.reshard_backfill.params import ReshardRequest
+
+    missing = [f for f, v in (("--index", args.index), ("--new-shards", args.new_shards)) if not v]
+    if missing:
+        raise CliError(
+            f"reshard needs {' and '.join(missing)} (or --resume JOB_ID to continue an unfinished reshard)"
+        )
+    try:
+        return ReshardRequest(
+            index_uid=args.index,
+            new_shards=args.new_shards,
+            shards_per_chunk=args.shards_per_chunk,
+            replace_shadow=bool(args.replace_shadow),
+        )
+    except ValidationError as exc:
+        raise CliError(
+            format_validation_error(exc, FLAGS, rules={"index_uid": INDEX_UID_RULE})
+        ) from None
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """Run the remaining chunks of an unfinished reshard, then verify; nothing is planned again."""
+    from miroir_pipeline.jobs.reshard_backfill.params import RESHARD_BACKFILL
+    from miroir_pipeline.queue import open_store
+    from miroir_pipeline.queue.contract import JobKind, JobNotFound, JobState
+
+    planning = [
+        flag
+        for flag, value in (
+            ("--index", args.index),
+            ("--new-shards", args.new_shards),
+            ("--new-topology", args.new_topology),
+            ("--replace-shadow", args.replace_shadow),
+        )
+        if value
+    ]
+    if planning:
+        raise CliError(
+            f"--resume continues a reshard with the settings it was planned with; drop {', '.join(planning)}"
+        )
+    job_id = args.resume
+    store = open_store()
+    try:
+        parent = store.get(job_id)
+    except JobNotFound:
+        raise CliError(
+            f"--resume {job_id}: no such job in the jobs store; `miroir-pipeline status` lists them"
+        ) from None
+    if parent.kind != JobKind.PARENT or parent.type != RESHARD_BACKFILL:
+        raise CliError(
+            f"--resume {job_id}: not a reshard but a {parent.type} {parent.kind}; pass the id of a "
+            "reshard job (`miroir-pipeline status` lists them)"
+        )
+    if parent.state == JobState.FAILED:
+        raise CliError(
+            f"reshard {job_id} failed ({parent.error}); nothing to resume: fix the cause, then retry "
+            "its failed chunks from the Dagster UI, or start the reshard again with --replace-shadow"
+        )
+    if parent.state == JobState.QUEUED and not store.parent_summary(job_id).chunks_total:
+        raise CliError(
+            f"reshard {job_id} was never split into chunks (its planning was cut short); cancel it "
+            "with `miroir-pipeline cancel` and run the reshard again with --replace-shadow"
+        )
+    return _run_and_report(args, store, job_id, runtime.DagsterLogs.of_job(job_id, args.log_level))
+
+
+def _run_and_report(
+    args: argparse.Namespace, store: JobStore, parent_id: str, logs: runtime.DagsterLogs
+) -> int:
+    """Backfill the parent's chunks in worker processes, verify, then print the summary."""
+    from miroir_pipeline.queue.contract import JobState
+
+    mode = "none" if args.json or args.no_progress else "bar" if stdout_is_terminal() else "plain"
     parent = store.get(parent_id)
     old_shards = int(parent.params["old_shards"])
     started = time.monotonic()
-    summary = runtime.run_workers_for(
-        parent_id,
-        args.workers,
-        lambda procs: _watch(store, parent_id, old_shards, procs, quiet=quiet),
-    )
+    before = store.parent_summary(parent_id)
+    docs0 = int(before.progress.get("documents_backfilled", 0))
+    if parent.state == JobState.COMPLETED:
+        outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(before, None, 0)
+    else:
+        outcome = runtime.run_workers_for(
+            parent_id,
+            args.workers,
+            lambda procs, stop: _watch(store, parent_id, old_shards, procs, stop, mode=mode),
+            store=store,
+            logs=logs,
+        )
     backfill_s = time.monotonic() - started
+    summary = store.parent_summary(parent_id)
     prog = summary.progress
+    docs = int(prog.get("documents_backfilled", 0))
     result: dict[str, Any] = {
         "job_id": parent_id,
         "state": summary.parent.state,
-        "index": args.index,
+        "index": parent.params["index_uid"],
         "shadow_index": parent.params["shadow_uid"],
         "old_shards": parent.params["old_shards"],
         "new_shards": parent.params["new_shards"],
-        "documents": int(prog.get("documents_backfilled", 0)),
+        "documents": docs,
         "chunks": summary.chunks_total,
         "chunks_completed": summary.chunks_done,
         "per_node": dict(prog.get("per_node", {})),
         "backfill_s": round(backfill_s, 2),
-        "docs_per_s": round(prog.get("documents_backfilled", 0) / backfill_s, 1)
-        if backfill_s > 0
-        else 0.0,
+        "docs_per_s": round((docs - docs0) / backfill_s, 1) if backfill_s > 0 else 0.0,
         "failed_chunks": runtime.failed_chunks(store, parent_id),
         "verification": "not run",
+        "log_file": logs.display,
     }
+    if outcome.interruption is not None:
+        line = runtime.interrupted_line("reshard", parent_id, outcome.interruption, summary)
+        if args.json:
+            result["interrupted"] = outcome.interruption.signal_name
+            result["resume"] = f"miroir-pipeline reshard --resume {parent_id}"
+            print(json.dumps(result, indent=2, default=str))
+        print(line, file=sys.stderr)
+        return outcome.interruption.exit_code
     ok = summary.parent.state == JobState.COMPLETED
     if not ok:
         if not result["failed_chunks"]:
-            result["error"] = runtime.INCOMPLETE
+            result["error"] = runtime.incomplete("reshard", parent_id)
+            if outcome.crashed:
+                result["error"] += f"; {outcome.crashed} worker(s) exited with an error"
+                if logs.display:
+                    result["error"] += f", see {logs.display}"
     else:
-        ok = _verify(parent_id, instance, result)
+        with runtime.raise_on_sigterm("the verification"):
+            ok = _verify(parent_id, runtime.instance(), result, logs)
+    runtime.record_outcome(parent_id)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
         _print_summary(result)
+    if result["failed_chunks"]:
+        first = result["failed_chunks"][0]
+        more = len(result["failed_chunks"]) - 1
+        print(
+            f"error: reshard {parent_id} failed: {first['id']}: {first['error']}"
+            + (f" (and {more} more failed chunk(s), listed in the summary)" if more else ""),
+            file=sys.stderr,
+        )
+    elif "error" in result:
+        print(f"error: {result['error']}", file=sys.stderr)
     return 0 if ok else 1
 
 
-def _verify(parent_id: str, instance: dg.DagsterInstance, result: dict[str, Any]) -> bool:
+def _verify(
+    parent_id: str,
+    instance: dg.DagsterInstance,
+    result: dict[str, Any],
+    logs: runtime.DagsterLogs | None = None,
+) -> bool:
     """Materialize the shadow and run its check; record the outcome in ``result``."""
     from miroir_pipeline.dagster.reshard_assets import latest_verification
 
     names = runtime.names()
     ops = {names.reshard_shadow_op: {"config": {"parent_job_id": parent_id}}}
-    verify = runtime.run_job(names.reshard_verify_job, ops, instance)
+    verify = runtime.run_job(names.reshard_verify_job, ops, instance, logs)
     passed, why, meta = latest_verification(instance, names.key_prefix)
     if meta:
         result["per_node"] = meta.get("shadow_per_node", result["per_node"])
@@ -175,16 +330,20 @@ def _watch(
     parent_id: str,
     old_shards: int,
     procs: Sequence[subprocess.Popen[bytes]],
+    stop: runtime.StopSignal,
     *,
-    quiet: bool,
+    mode: str,
 ) -> ParentSummary:
-    """Progress bar over the live shards until the reshard finishes or every worker exited."""
+    """Follow the backfill until it finishes, every worker exited or a signal came: a progress
+    bar on a terminal, a plain line every few seconds on a pipe (``mode`` ``plain``), or nothing."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from miroir_pipeline.queue.contract import JobState
 
     finished = (JobState.COMPLETED, JobState.FAILED)
     t0 = time.monotonic()
+    docs0 = int(store.parent_summary(parent_id).progress.get("documents_backfilled", 0))
+    plain = runtime.PlainProgress()
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -193,18 +352,22 @@ def _watch(
         TextColumn("{task.fields[docs_s]:>9,.0f} docs/s"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=quiet, transient=False) as bar:
+    with Progress(*columns, disable=mode != "bar", transient=False) as bar:
         task = bar.add_task(parent_id, total=old_shards, docs=0, docs_s=0.0)
         while True:
             summary = store.parent_summary(parent_id)
             docs = int(summary.progress.get("documents_backfilled", 0))
-            bar.update(
-                task,
-                completed=int(summary.progress.get("shards_done", 0)),
-                docs=docs,
-                docs_s=docs / max(time.monotonic() - t0, 1e-6),
-            )
-            if summary.parent.state in finished or all(p.poll() is not None for p in procs):
+            shards = int(summary.progress.get("shards_done", 0))
+            rate = (docs - docs0) / max(time.monotonic() - t0, 1e-6)
+            bar.update(task, completed=shards, docs=docs, docs_s=rate)
+            done = summary.parent.state in finished or all(p.poll() is not None for p in procs)
+            if mode == "plain" and not stop.requested:
+                plain.tick(
+                    f"reshard {parent_id}: shards {shards}/{old_shards} {docs:,} docs "
+                    f"{rate:,.0f} docs/s chunks {summary.chunks_done}/{summary.chunks_total}",
+                    force=done,
+                )
+            if done or stop.requested:
                 break
             time.sleep(0.25)
     return store.parent_summary(parent_id)
@@ -236,3 +399,5 @@ def _print_summary(r: dict[str, Any]) -> None:
             print(f"    misplaced {line}")
     if "error" in r:
         print(f"  {r['error']}")
+    if r.get("log_file"):
+        print(f"  Dagster logs: {r['log_file']}")

@@ -13,7 +13,7 @@ import logging
 import os
 
 from miroir_pipeline.cli import runtime
-from miroir_pipeline.cli.options import Subparsers, add_store_options
+from miroir_pipeline.cli.options import Subparsers, add_store_options, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -45,7 +45,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="exit once no chunk is left to claim (default: wait for more)",
     )
-    p.add_argument("--max-chunks", type=int, metavar="N", help="exit after running N chunks")
+    p.add_argument(
+        "--max-chunks", type=positive_int, metavar="N", help="exit after running N chunks"
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -62,7 +64,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--quiet",
         action="store_true",
-        help="chunk runs log only errors to the console (import and reshard start their workers with it)",
+        help="chunk runs log only errors to the console (default: warnings, or more at a lower --log-level)",
     )
     add_store_options(p)
     p.set_defaults(func=run)
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         parent_id=args.parent,
         exit_when_empty=args.exit_when_empty,
         max_chunks=args.max_chunks,
-        run_log_level=QUIET_RUN_LOG_LEVEL if args.quiet else RUN_LOG_LEVEL,
+        run_log_level=_run_log_level(args),
     )
     worker.install_signal_handlers()
     stats = worker.run()
@@ -97,3 +99,14 @@ def run(args: argparse.Namespace) -> int:
         stats.chunks_failed,
     )
     return 0
+
+
+def _run_log_level(args: argparse.Namespace) -> str:
+    """The chunk runs' console level: errors under ``--quiet``; else warnings, or the more
+    verbose ``--log-level`` (``import`` starts its workers at INFO, their output going to the
+    job's log file)."""
+    if args.quiet:
+        return QUIET_RUN_LOG_LEVEL
+    wanted = logging.getLevelName(str(getattr(args, "log_level", RUN_LOG_LEVEL)))
+    default = logging.getLevelName(RUN_LOG_LEVEL)
+    return RUN_LOG_LEVEL if not isinstance(wanted, int) or wanted >= default else logging.getLevelName(wanted)

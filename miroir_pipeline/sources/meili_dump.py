@@ -165,7 +165,9 @@ def read_meilisearch_dump(
         found = ", ".join(seen) or "none"
         raise _problem(
             source,
-            f"has no documents for index {chosen!r} (indexes found: {found}); pass one of them",
+            f"has no documents for index {chosen!r} (indexes found: {found}); pick the index to "
+            "read with --source-index (source_index_uid in Dagster run config), and the index "
+            "to write with --index",
         )
     if not index_meta_seen:
         raise _problem(source, f"has no indexes/{chosen}/metadata.json")

@@ -121,14 +121,22 @@ def _check_roots(uri: str, loc: Location, allowed_roots: Sequence[str] | None) -
     if not roots:
         raise DumpSourceError(
             f"dump {uri!r} refused: no dump roots are allowed (the allowed-roots list is empty); "
-            "configure the directories or URI prefixes dumps may be read from"
+            "configure the directories or URI prefixes dumps may be read from "
+            "(MIROIR_ALLOWED_ROOTS, comma-separated)"
         )
     for root in roots:
         if _within(loc, locate(root, what="allowed root")):
             return
+    if loc.is_local:
+        example = os.path.dirname(loc.path)
+    else:
+        parts = urlsplit(uri)
+        folder = posixpath.dirname(parts.path).rstrip("/")
+        example = f"{parts.scheme}://{parts.netloc}{folder}/"
     raise DumpSourceError(
         f"dump {uri!r} is outside the allowed dump roots {roots}; move the dump under one of "
-        "them or add its location to the allowed roots"
+        "them or add its location to the allowed roots: MIROIR_ALLOWED_ROOTS, comma-separated "
+        f"(e.g. MIROIR_ALLOWED_ROOTS={example})"
     )
 
 

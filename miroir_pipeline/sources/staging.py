@@ -249,17 +249,27 @@ def stage_dump(
     allowed_roots: Sequence[str] | None,
     *,
     index_uid: str | None = None,
+    pick_index: bool = False,
 ) -> StagedDump:
     """Make a dump splittable by byte range; return where its NDJSON is.
 
     Plain NDJSON/JSONL is used in place. Gzip'd NDJSON is decompressed, and a Meilisearch
     ``.dump`` (tar.gz, v6 layout) has one index's ``documents.jsonl`` extracted, into
     ``staging_dir``. ``index_uid`` picks the index of a ``.dump``; it may be omitted when
-    the dump holds exactly one. A complete staged copy of the same source (same size and
-    mtime) is reused rather than rebuilt.
+    the dump holds exactly one. ``pick_index`` says the caller asked for that index
+    explicitly, so a dump that holds no index (NDJSON, gzip'd or not) is refused rather than
+    the choice ignored. A complete staged copy of the same source (same size and mtime) is
+    reused rather than rebuilt.
     """
     source = resolve_dump(uri, allowed_roots)
     kind = _sniff(source)
+    if pick_index and kind != "meilisearch_dump":
+        what = "gzip'd NDJSON" if kind == "gzip" else "plain NDJSON"
+        raise DumpSourceError(
+            f"dump {uri!r} is {what}, which holds no index to pick: a source index "
+            "(--source-index) applies only to a Meilisearch .dump archive; drop it and name the "
+            "target index alone"
+        )
     if kind == "ndjson":  # plain NDJSON carries no index of its own; the caller's uid applies
         return StagedDump(source, None, None, uri, kind="ndjson", index_uid=index_uid)
 

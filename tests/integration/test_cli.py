@@ -70,7 +70,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _readme_synopsis() -> dict[str, str]:
-    """The README's command-line block, one entry per subcommand (continuation lines joined)."""
+    """The README's command-line block, one entry per subcommand (continuation lines, and the
+    several forms of one subcommand such as ``import URI …`` and ``import --resume …``, joined)."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     block = text.split("## Command line", 1)[1].split("```", 2)[1]
     entries: dict[str, str] = {}
@@ -79,7 +80,7 @@ def _readme_synopsis() -> dict[str, str]:
         if line.startswith("miroir-pipeline "):
             word = line.split()[1]
             current = "" if word.startswith("[") else word  # "" is the top-level usage line
-            entries[current] = line
+            entries[current] = f"{entries[current]} {line}" if current in entries else line
         elif line.strip() and current:
             entries[current] += " " + line.strip()
     return entries

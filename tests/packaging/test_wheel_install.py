@@ -339,6 +339,13 @@ def _migrate_sample_import_status(
     check(imported, "import")
     summary: dict[str, Any] = json.loads(imported.stdout)
     assert summary["state"] == "completed", summary
+    # Dagster's own output (the plan run, the workers' chunk runs) goes to the log file the
+    # summary names: it must not complain of a data file the package could not find either.
+    assert summary.get("log_file"), summary
+    dagster_log = (cwd / summary["log_file"]).read_text(errors="replace")
+    assert dagster_log.strip(), "the Dagster log file is empty"
+    for needle in MISSING_DATA:
+        assert needle not in dagster_log, f"the Dagster log mentions {needle!r}:\n{dagster_log[-6000:]}"
     assert summary["documents"] == lines
     assert summary["bytes"] == (cwd / "d.ndjson").stat().st_size
     assert len(summary["per_node"]) == 3, summary["per_node"]  # default topology: 3 local nodes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,15 +12,21 @@ from miroir_pipeline.queue.contract import Job
 
 __all__ = [
     "DUMP_IMPORT",
+    "INDEX_UID_PATTERN",
+    "INDEX_UID_RULE",
     "ChunkReport",
     "DumpChunkParams",
     "DumpImportRequest",
     "InvalidDocumentError",
     "PlannedImport",
+    "is_invalid_document_error",
 ]
 
 #: The ``type`` of dump-import rows.
 DUMP_IMPORT = "dump_import"
+#: Meilisearch's rule for an index uid, and how to say it to an operator.
+INDEX_UID_PATTERN = r"^[A-Za-z0-9_-]{1,400}$"
+INDEX_UID_RULE = "index uid may use only letters, digits, - and _ (1-400 characters)"
 
 
 class DumpImportRequest(BaseModel):
@@ -28,10 +35,16 @@ class DumpImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uri: str = Field(min_length=1)
-    index_uid: str = Field(pattern=r"^[A-Za-z0-9_-]{1,400}$")
+    #: The index the documents are written to.
+    index_uid: str = Field(pattern=INDEX_UID_PATTERN)
     primary_key: str | None = Field(default=None, min_length=1)
     chunk_size_bytes: int | None = Field(default=None, ge=1)
     on_invalid_document: Literal["fail", "skip"] | None = None
+    #: The index to read from a Meilisearch ``.dump`` when it is not ``index_uid`` (import a
+    #: dump's ``products`` as ``products_v2``); refused for NDJSON, which holds no index.
+    source_index_uid: str | None = Field(default=None, pattern=INDEX_UID_PATTERN)
+    #: Accept a dump with no documents (empty or blank lines only) instead of refusing it.
+    allow_empty: bool = False
 
 
 class DumpChunkParams(BaseModel):
@@ -51,6 +64,15 @@ class DumpChunkParams(BaseModel):
 
 class InvalidDocumentError(ValueError):
     """A dump line that cannot be imported under the ``fail`` policy."""
+
+
+_INVALID_LINE_RE = re.compile(r"line \d+, byte offset \d+: .*--on-invalid skip", re.DOTALL)
+
+
+def is_invalid_document_error(error: str | None) -> bool:
+    """Whether a chunk's recorded error is an invalid document that stopped it under ``fail``
+    (it names the line and byte offset and the ``--on-invalid skip`` way out)."""
+    return bool(error and _INVALID_LINE_RE.search(error))
 
 
 @dataclass(frozen=True)
