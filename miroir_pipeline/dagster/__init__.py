@@ -1,5 +1,7 @@
 """Dagster surface over the core: resources, chunk assets and jobs for every registered job kind,
-the kinds' own extras (planning, verification), sensors, and the worker pool (:class:`Worker`).
+one parent-level asset per kind (an import or reshard as a whole, :func:`record_parent`), the
+kinds' own extras (planning, verification), the prune job (:func:`prune_finished`), sensors, and
+the worker pool (:class:`Worker`).
 
 Start from :func:`miroir_definitions`: it returns a ``dagster.Definitions`` to load as a code
 location or merge into one's own (``dagster.Definitions.merge``); every name it gives out is
@@ -9,6 +11,8 @@ environment: the environment applies when the definitions are built and when the
 
 from miroir_pipeline.dagster.definitions import miroir_definitions
 from miroir_pipeline.dagster.names import MiroirNames
+from miroir_pipeline.dagster.parent_reports import ParentRecord, record_parent
+from miroir_pipeline.dagster.prune import PruneOutcome, prune_finished, remove_partitions
 from miroir_pipeline.dagster.resources import (
     ChunkRuntime,
     JobStoreResource,
@@ -23,11 +27,16 @@ __all__ = [
     "ChunkRuntime",
     "JobStoreResource",
     "MiroirNames",
+    "ParentRecord",
+    "PruneOutcome",
     "PushgatewayResource",
     "SettingsResource",
     "TopologyResource",
     "Worker",
     "WorkerStats",
     "miroir_definitions",
+    "prune_finished",
+    "record_parent",
+    "remove_partitions",
     "runtime_resource",
 ]

@@ -3,13 +3,15 @@
 Every kind has the same shape in Dagster: a dynamic partition per chunk row, an asset whose
 materialization processes that chunk under its lease (``kind.process``) and records the report,
 and a job with the in-process executor that a sensor, the UI, GraphQL or the worker pool
-launches for one partition.
+launches for one partition. Every materialization carries the ``has_documents`` check (WARN): a
+chunk whose every document was invalid is not shown as a healthy success.
 """
 
 from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from miroir_pipeline.dagster.checks import has_documents_result, has_documents_spec
 from miroir_pipeline.dagster.chunk_runs import (
     NOOP_METADATA,
     lease_for_run,
@@ -23,6 +25,7 @@ from miroir_pipeline.dagster.resources import (
     targets_for,
 )
 from miroir_pipeline.jobs.registry import ChunkEnv, JobKind
+from miroir_pipeline.queue.contract import JobStore
 
 if TYPE_CHECKING:
     from dagster._core.definitions.unresolved_asset_job_definition import (
@@ -45,13 +48,15 @@ def build_chunk_asset(
         names.settings_resource,
         names.runtime_resource,
     )
+    key = names.chunk_asset_key(kind)
 
     @dg.asset(
-        key=names.chunk_asset_key(kind),
+        key=key,
         partitions_def=partitions_def,
         description=kind.description,
         group_name=names.group_name,
         required_resource_keys={jobs_key, settings_key, runtime_key},
+        check_specs=[has_documents_spec(names, key, f"{kind.job_type} chunk")],
     )
     def _chunk(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
         jobs: JobStoreResource = getattr(context.resources, jobs_key)
@@ -61,7 +66,9 @@ def build_chunk_asset(
         cfg = settings.get_settings()
         lease = lease_for_run(context, store, cfg)
         if lease is None:
-            return dg.MaterializeResult(metadata=NOOP_METADATA)
+            return dg.MaterializeResult(
+                metadata=NOOP_METADATA, check_results=[_check_from_row(store, kind, names, context.partition_key)]
+            )
         env = ChunkEnv(
             settings=cfg,
             targets=targets_for,
@@ -71,9 +78,32 @@ def build_chunk_asset(
         with stopped_chunks_fail_clearly():
             report = kind.process(store, lease, env)
         context.log.info(f"chunk {context.partition_key}: {report.summary()}")
-        return dg.MaterializeResult(metadata=report.as_metadata())
+        check = has_documents_result(
+            names,
+            key,
+            f"chunk {report.chunk_id}",
+            documents=int(report.documents),
+            invalid_documents=int(getattr(report, "invalid_documents", 0) or 0),
+            dead_letter=getattr(report, "dead_letter", None),
+        )
+        if not check.passed:
+            context.log.warning(str(check.description))
+        return dg.MaterializeResult(metadata=report.as_metadata(), check_results=[check])
 
     return _chunk
+
+
+def _check_from_row(store: JobStore, kind: JobKind, names: MiroirNames, chunk_id: str) -> dg.AssetCheckResult:
+    """The ``has_documents`` check of a chunk that was already completed (a no-op run), from the
+    progress its completion recorded."""
+    progress = store.get(chunk_id).progress
+    return has_documents_result(
+        names,
+        names.chunk_asset_key(kind),
+        f"chunk {chunk_id}",
+        documents=int(progress.get(kind.documents_key, 0) or 0),
+        invalid_documents=int(progress.get("invalid_documents", 0) or 0),
+    )
 
 
 def build_chunk_job(kind: JobKind, names: MiroirNames, asset: dg.AssetsDefinition) -> "UnresolvedAssetJobDefinition":

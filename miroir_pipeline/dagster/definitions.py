@@ -1,6 +1,7 @@
 """The public factory: :func:`miroir_definitions` builds the whole Dagster surface (resources,
-chunk assets and jobs of every registered job kind, the kinds' own extras, sensors) as a
-``dagster.Definitions`` to use as a code location or merge into one's own."""
+chunk assets and jobs of every registered job kind, their parent-level assets and report jobs,
+the kinds' own extras, the prune job, sensors) as a ``dagster.Definitions`` to use as a code
+location or merge into one's own."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from miroir_pipeline.dagster.chunk_assets import (
 )
 from miroir_pipeline.dagster.dump_import_assets import dump_import_definitions
 from miroir_pipeline.dagster.names import DEFAULT_KEY_PREFIX, MiroirNames
+from miroir_pipeline.dagster.parent_reports import (
+    DEFAULT_PARENT_REPORT_INTERVAL_S,
+    PARENT_REPORT_INTERVAL_ENV,
+    build_parent_asset,
+    build_parent_report_job,
+    build_parent_report_sensor,
+    parent_partitions,
+)
+from miroir_pipeline.dagster.prune import prune_definitions
 from miroir_pipeline.dagster.reshard_assets import reshard_definitions
 from miroir_pipeline.dagster.resources import (
     JobStoreResource,
@@ -63,6 +73,7 @@ def miroir_definitions(
     key_prefix: str = DEFAULT_KEY_PREFIX,
     dispatch_interval_s: int | dg.EnvVar | None = None,
     queue_depth_interval_s: int | dg.EnvVar | None = None,
+    parent_report_interval_s: int | dg.EnvVar | None = None,
     max_chunk_runs: int | dg.EnvVar | None = None,
     dispatch_enabled: bool | dg.EnvVar | None = None,
     pushgateway_url: str | None = None,
@@ -90,20 +101,24 @@ def miroir_definitions(
             ``<prefix>_settings``, ``<prefix>_pushgateway``, ``<prefix>_runtime``; asset keys
             ``[<prefix>, ...]`` in group ``<prefix>``; partitions, jobs, ops and sensors named
             ``<prefix>_...``. Two calls with different prefixes merge without clashing.
-        dispatch_interval_s, queue_depth_interval_s: minimum seconds between sensor ticks
-            (default ``$MIROIR_DISPATCH_INTERVAL`` / ``$MIROIR_QUEUE_DEPTH_INTERVAL``, else 15);
-            fixed when this function runs.
+        dispatch_interval_s, queue_depth_interval_s, parent_report_interval_s: minimum seconds
+            between sensor ticks (default ``$MIROIR_DISPATCH_INTERVAL`` /
+            ``$MIROIR_QUEUE_DEPTH_INTERVAL`` / ``$MIROIR_PARENT_REPORT_INTERVAL``, else 15); fixed
+            when this function runs.
         max_chunk_runs: chunk runs the dispatch sensor keeps in flight (default
             ``$MIROIR_MAX_CHUNK_RUNS``, else 4); read on every tick.
         dispatch_enabled: False makes the dispatch sensor a no-op (default
             ``$MIROIR_DISPATCH_ENABLED``, else on); read on every tick.
         pushgateway_url, deployment: where the queue-depth sensor pushes, and the ``deployment``
             label it groups by (default ``$MIROIR_PUSHGATEWAY_URL`` / ``$MIROIR_DEPLOYMENT``).
-        default_sensor_status: whether both sensors start running (the default) or stopped.
+        default_sensor_status: whether the sensors start running (the default) or stopped.
 
     Every job kind in ``miroir_pipeline.jobs.registry`` gets its dynamic partitions, chunk asset
-    and chunk job (in-process executor, tagged ``miroir/chunk-run=<kind name>``), and the
-    sensors cover it; see :class:`MiroirNames` for every name. Chunk runs read a runtime
+    and chunk job (in-process executor, tagged ``miroir/chunk-run=<kind name>``), a parent-level
+    asset partitioned by parent id with the job that records one finished parent (see
+    :mod:`miroir_pipeline.dagster.parent_reports`), and the sensors cover it; the prune job
+    (``<prefix>_prune_job``) deletes old finished rows and their partitions. See
+    :class:`MiroirNames` for every name. Chunk runs read a runtime
     resource (``<prefix>_runtime``) whose shutdown is never requested unless the process that
     launches the run binds its own (the worker pool does).
     """
@@ -120,24 +135,38 @@ def miroir_definitions(
     depth_interval = resolve_number(
         queue_depth_interval_s, QUEUE_DEPTH_INTERVAL_ENV, DEFAULT_QUEUE_DEPTH_INTERVAL_S, 1, name="queue_depth_interval_s"
     )
+    report_interval = resolve_number(
+        parent_report_interval_s,
+        PARENT_REPORT_INTERVAL_ENV,
+        DEFAULT_PARENT_REPORT_INTERVAL_S,
+        1,
+        name="parent_report_interval_s",
+    )
     if max_chunk_runs is not None and env_var_name(max_chunk_runs) is None:
         resolve_number(max_chunk_runs, "", 0, 0, name="max_chunk_runs")  # refuse a bad cap now, not per tick
 
     parts: list[dg.Definitions] = []
     chunk_jobs: list[UnresolvedAssetJobDefinition] = []
+    report_jobs: list[UnresolvedAssetJobDefinition] = []
     for kind in registered:
         asset = build_chunk_asset(kind, names, chunk_partitions(kind, names))
         job = build_chunk_job(kind, names, asset)
         chunk_jobs.append(job)
-        parts.append(dg.Definitions(assets=[asset], jobs=[job]))
+        parent_asset = build_parent_asset(kind, names, parent_partitions(kind, names))
+        report_job = build_parent_report_job(kind, names, parent_asset)
+        report_jobs.append(report_job)
+        parts.append(dg.Definitions(assets=[asset, parent_asset], jobs=[job, report_job]))
         extras = KIND_EXTRAS.get(kind.job_type)
         if extras is not None:
             parts.append(extras(names, kind))
+
+    parts.append(prune_definitions(names))
 
     core = dg.Definitions(
         sensors=[
             build_dispatch_sensor(names, registered, chunk_jobs, dispatch),
             build_queue_depth_sensor(names, registered, depth_interval, default_sensor_status),
+            build_parent_report_sensor(names, registered, report_jobs, report_interval, default_sensor_status),
         ],
         resources={
             names.jobs_resource: JobStoreResource(dsn=jobs_dsn),

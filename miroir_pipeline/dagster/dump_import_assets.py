@@ -24,6 +24,8 @@ class DumpImportConfig(dg.Config):
     primary_key: str | None = None
     chunk_size_bytes: int | None = None
     on_invalid_document: str | None = None
+    source_index_uid: str | None = None
+    allow_empty: bool = False
 
 
 def dump_import_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
@@ -34,6 +36,7 @@ def dump_import_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions
         names.settings_resource,
     )
     partitions_name = names.partitions(kind)
+    parents_name = names.parent_partitions(kind)
     chunk_asset = names.chunk_asset_key(kind).to_user_string()
 
     @dg.op(
@@ -52,6 +55,7 @@ def dump_import_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions
         request = DumpImportRequest.model_validate(config.model_dump())
         planned = plan_dump_import(jobs.get_store(), request, topo, targets_for(topo), settings.get_settings())
         context.instance.add_dynamic_partitions(partitions_name, planned.chunk_ids)
+        context.instance.add_dynamic_partitions(parents_name, [planned.parent.id])
         context.add_output_metadata(
             {
                 "parent_job_id": planned.parent.id,

@@ -23,6 +23,7 @@ __all__ = [
     "TAG_ATTEMPT",
     "TAG_CHUNK_RUN",
     "TAG_CLAIM_TOKEN",
+    "TAG_PARENT_REPORT",
     "TAG_REIMPORT",
     "TAG_WORKER_ID",
     "MiroirNames",
@@ -41,6 +42,9 @@ TAG_CHUNK_RUN = "miroir/chunk-run"
 POOL_CHUNK_RUN = "pool"
 #: Which attempt of the chunk a dispatched run is meant to be.
 TAG_ATTEMPT = "miroir/attempt"
+#: On a run recording a finished parent: ``{parent id}:{state}:{finished at, ms}``, so the same
+#: finish is recorded once whoever records it (the sensor, or the CLI in its own process).
+TAG_PARENT_REPORT = "miroir/parent-report"
 
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")
 
@@ -122,6 +126,43 @@ class MiroirNames:
     def chunk_op(self, kind: JobKind | str) -> str:
         return self.op_name(self.chunk_asset_key(kind))
 
+    @property
+    def has_documents_check(self) -> str:
+        """The WARN check on chunk and parent assets: fails when every document was invalid."""
+        return "has_documents"
+
+    def chunk_check_key(self, kind: JobKind | str) -> dg.AssetCheckKey:
+        return dg.AssetCheckKey(self.chunk_asset_key(kind), self.has_documents_check)
+
+    # -- parents (one import, one reshard) ----------------------------------------------------
+    def parent_partitions(self, kind: JobKind | str) -> str:
+        """Dynamic partitions of a kind's parents (``miroir_dump_imports``), one per parent id."""
+        return self._name(f"{_kind(kind).job_type}s")
+
+    def parent_asset_key(self, kind: JobKind | str) -> dg.AssetKey:
+        """The asset recording one parent as a whole (``miroir/dump_import``), when it finishes."""
+        return self.asset_key(_kind(kind).job_type)
+
+    def parent_check_key(self, kind: JobKind | str) -> dg.AssetCheckKey:
+        return dg.AssetCheckKey(self.parent_asset_key(kind), self.has_documents_check)
+
+    def parent_op(self, kind: JobKind | str) -> str:
+        return self.op_name(self.parent_asset_key(kind))
+
+    def parent_report_job(self, kind: JobKind | str) -> str:
+        """The job that records one finished parent (``miroir_dump_import_report_job``)."""
+        return self._name(f"{_kind(kind).job_type}_report_job")
+
+    # -- prune ----------------------------------------------------------------------------------
+    @property
+    def prune_job(self) -> str:
+        return self._name("prune_job")
+
+    @property
+    def prune_op(self) -> str:
+        """The op of the prune job: its run config (``older_than_s``) goes under this name."""
+        return self._name("prune")
+
     # -- dump import --------------------------------------------------------------------------
     @property
     def plan_dump_import_job(self) -> str:
@@ -173,6 +214,10 @@ class MiroirNames:
     @property
     def queue_depth_sensor(self) -> str:
         return self._name("queue_depth")
+
+    @property
+    def parent_report_sensor(self) -> str:
+        return self._name("parent_reports")
 
 
 def _kind(kind: JobKind | str) -> JobKind:

@@ -132,6 +132,7 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
         names.settings_resource,
     )
     partitions_name = names.partitions(kind)
+    parents_name = names.parent_partitions(kind)
     chunk_asset = names.chunk_asset_key(kind).to_user_string()
 
     @dg.op(
@@ -165,6 +166,7 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
             shadow_targets=targets_for(new) if new is not None else live_targets,
         )
         context.instance.add_dynamic_partitions(partitions_name, planned.chunk_ids)
+        context.instance.add_dynamic_partitions(parents_name, [planned.parent.id])
         context.add_output_metadata(
             {
                 "parent_job_id": planned.parent.id,

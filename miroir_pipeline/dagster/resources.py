@@ -101,6 +101,7 @@ class SettingsResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     memory_buffer_bytes: int | None = None
     read_block_bytes: int | None = None
     batch_size: int | None = None
+    batch_bytes: int | None = None
     max_document_bytes: int | None = None
     on_invalid_document: str | None = None
     lease_ttl: float | None = None

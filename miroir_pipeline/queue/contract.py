@@ -28,6 +28,7 @@ __all__ = [
     "LeaseLost",
     "NewChunk",
     "ParentSummary",
+    "Pruned",
     "SplitRefused",
     "rollup_progress",
 ]
@@ -136,6 +137,28 @@ class ParentSummary:
     @property
     def chunks_done(self) -> int:
         return self.chunks_by_state.get(JobState.COMPLETED, 0)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one :meth:`JobStore.prune` deleted, by job type: the parents, and the chunks (of those
+    parents, and standalone ones). The ids are the Dagster partition keys to remove with them."""
+
+    parents: dict[str, list[str]] = field(default_factory=dict)
+    chunks: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        """Rows deleted in all."""
+        return sum(len(ids) for ids in self.parents.values()) + sum(len(ids) for ids in self.chunks.values())
+
+    @property
+    def parent_ids(self) -> list[str]:
+        return sorted(i for ids in self.parents.values() for i in ids)
+
+    @property
+    def chunk_ids(self) -> list[str]:
+        return sorted(i for ids in self.chunks.values() for i in ids)
 
 
 def rollup_progress(progresses: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -271,9 +294,19 @@ class JobStore(abc.ABC):
         """Newest parents first."""
 
     @abc.abstractmethod
+    def finished_parents(
+        self, finished_since: datetime | None = None, limit: int = 100, *, after_id: str = ""
+    ) -> list[Job]:
+        """Parents that are completed or failed and finished after ``finished_since``, or at that
+        instant with an id after ``after_id`` (all when None), in finish order (oldest first,
+        ties by id): the rows only, no roll-up. ``(finished_since, after_id)`` of a page's last
+        row reads the next page."""
+
+    @abc.abstractmethod
     def cancel(self, job_id: str, reason: str = "cancelled by operator") -> int:
         """Fail a parent and all its unfinished chunks (or one chunk) for good; return rows changed."""
 
     @abc.abstractmethod
-    def prune(self, older_than_seconds: float) -> int:
-        """Delete finished parents (with their chunks) and finished orphan chunks older than the age."""
+    def prune(self, older_than_seconds: float) -> Pruned:
+        """Delete finished parents (with their chunks) and finished orphan chunks older than the
+        age; return what was deleted (ids by job type)."""

@@ -31,6 +31,7 @@ from miroir_pipeline.queue.contract import (
     Lease,
     NewChunk,
     ParentSummary,
+    Pruned,
     SplitRefused,
     chunk_id,
 )
@@ -491,14 +492,32 @@ class SqlJobStore(JobStore, Generic[ConnT]):
                 )
         return count
 
-    def prune(self, older_than_seconds: float) -> int:
+    def finished_parents(
+        self, finished_since: datetime | None = None, limit: int = 100, *, after_id: str = ""
+    ) -> list[Job]:
+        # Epoch seconds; the statements allow a microsecond each way, because a finish read back
+        # as a datetime (µs) and turned into a float again can land a hair off the stored value.
+        since = None if finished_since is None else finished_since.timestamp()
+        with self._read() as conn:
+            rows = self._rows(conn, "finished_parents", {"since": since, "after_id": after_id, "limit": int(limit)})
+        return [self._job(r) for r in rows]
+
+    def prune(self, older_than_seconds: float) -> Pruned:
         age = {"age": float(older_than_seconds)}
+        pruned = Pruned()
         with self._write() as conn:
             ids = [r["id"] for r in self._rows(conn, "prunable_parents", age)]
-            deleted = 0
             if ids:
                 encoded = {"ids": self._list_param(ids)}
-                deleted += self._run(conn, "delete_children", encoded).rowcount
-                deleted += self._run(conn, "delete_jobs", encoded).rowcount
-            deleted += self._run(conn, "delete_finished_orphans", age).rowcount
-        return deleted
+                _collect(pruned.chunks, self._rows(conn, "delete_children", encoded))
+                _collect(pruned.parents, self._rows(conn, "delete_jobs", encoded))
+            _collect(pruned.chunks, self._rows(conn, "delete_finished_orphans", age))
+        for ids_of_type in (*pruned.parents.values(), *pruned.chunks.values()):
+            ids_of_type.sort()
+        return pruned
+
+
+def _collect(into: dict[str, list[str]], rows: Sequence[Row]) -> None:
+    """Add deleted rows' (id, type) to ``into``, by type."""
+    for r in rows:
+        into.setdefault(str(r["type"]), []).append(str(r["id"]))

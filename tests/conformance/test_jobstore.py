@@ -442,18 +442,28 @@ def test_cancel_one_chunk_fails_it_and_its_parent(store: JobStore) -> None:
 
 def test_prune_deletes_old_finished_trees_only(store: JobStore) -> None:
     make_parent(store, 2, job_id="done")
-    for _ in range(2):
+    make_parent(store, 1, job_type=RESHARD, job_id="resharded")
+    for _ in range(3):
         store.complete(claim_one(store))
     _, broken_children = make_parent(store, 2, job_id="broken")
     store.fail(store.claim_by_id(broken_children[0].id, "w"), "fatal", retryable=False)
     orphan = store.enqueue(DUMP, {}, job_id="orphan", kind=JobKind.CHUNK)
     store.complete(store.claim_by_id(orphan.id, "w"))
     make_parent(store, 1, job_id="pending")
-    assert store.prune(3600) == 0  # nothing old enough
+    nothing = store.prune(3600)  # nothing old enough
+    assert (nothing.rows, nothing.parents, nothing.chunks) == (0, {}, {})
     time.sleep(0.3)
-    # "done" + its 2 chunks + the orphan; "broken" still has a queued chunk, "pending" runs.
-    assert store.prune(0.2) == 4
-    for gone in ("done", chunk_id("done", 0, 2), chunk_id("done", 1, 2), "orphan"):
+    # "done" and "resharded" with their chunks, and the orphan; "broken" still has a queued
+    # chunk, "pending" runs. What was deleted comes back by job type.
+    pruned = store.prune(0.2)
+    assert pruned.rows == 6
+    assert pruned.parents == {DUMP: ["done"], RESHARD: ["resharded"]}
+    assert pruned.chunks == {
+        DUMP: sorted([chunk_id("done", 0, 2), chunk_id("done", 1, 2), "orphan"]),
+        RESHARD: [chunk_id("resharded", 0, 1)],
+    }
+    assert pruned.parent_ids == ["done", "resharded"] and len(pruned.chunk_ids) == 4
+    for gone in ("done", chunk_id("done", 0, 2), chunk_id("done", 1, 2), "orphan", "resharded"):
         with pytest.raises(JobNotFound):
             store.get(gone)
     assert store.get("broken").state == JobState.FAILED

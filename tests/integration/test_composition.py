@@ -232,11 +232,17 @@ def test_two_prefixes_merge_without_clashing(monkeypatch: pytest.MonkeyPatch) ->
             assert repo.has_job(names.chunk_job(job_type))
             assert names.chunk_asset_key(job_type) in repo.asset_graph.get_all_asset_keys()
             assert names.chunk_asset_key(job_type).path[0] == names.key_prefix
-        for job in (names.plan_dump_import_job, names.plan_reshard_job, names.reshard_verify_job):
+            assert repo.has_job(names.parent_report_job(job_type))
+            assert names.parent_asset_key(job_type) in repo.asset_graph.get_all_asset_keys()
+        for job in (names.plan_dump_import_job, names.plan_reshard_job, names.reshard_verify_job, names.prune_job):
             assert repo.has_job(job)
-        assert {names.dispatch_sensor, names.queue_depth_sensor} <= {s.name for s in repo.sensor_defs}
+        assert {names.dispatch_sensor, names.queue_depth_sensor, names.parent_report_sensor} <= {
+            s.name for s in repo.sensor_defs
+        }
     assert b.chunk_job("dump_import") == "fleet_b_dump_chunk_job"
     assert b.partitions("dump_import") == "fleet_b_dump_chunks"
+    assert b.parent_partitions("dump_import") == "fleet_b_dump_imports"
+    assert b.parent_asset_key("reshard_backfill") == dg.AssetKey(["fleet_b", "reshard_backfill"])
     assert a.jobs_resource == "miroir_jobs" and b.jobs_resource == "fleet_b_jobs"
 
     # each chunk asset reads its own set's resources
@@ -323,6 +329,7 @@ import dagster as dg
 from pydantic import BaseModel
 
 from miroir_pipeline.dagster import MiroirNames, miroir_definitions
+from miroir_pipeline.dagster.parent_reports import record_parent
 from miroir_pipeline.dagster.resources import JobStoreResource, PushgatewayResource
 from miroir_pipeline.dagster.worker_pool import Worker
 from miroir_pipeline.jobs.registry import JobKind, register
@@ -375,6 +382,12 @@ with dg.instance_for_test() as instance:
     print("worker", stats.chunks_succeeded, stats.chunks_failed)
     mats = instance.fetch_materializations(names.chunk_asset_key("echo_job"), limit=10).records
     print("documents", sorted(int(m.asset_materialization.metadata["documents"].value) for m in mats))
+    report = defs.resolve_sensor_def(names.parent_report_sensor)(
+        dg.build_sensor_context(instance=instance, resources={names.jobs_resource: JobStoreResource(dsn=dsn)})
+    )
+    print("report", [(r.job_name, r.partition_key == parent.id) for r in report.run_requests])
+    record = record_parent(defs, instance, parent.id)
+    print("recorded", record.materialized, instance.get_dynamic_partitions("miroir_echo_jobs") == [parent.id])
 print("rows", [store.get(c.id).state for c in chunks], store.get(parent.id).state)
 """
 
@@ -397,4 +410,6 @@ def test_a_kind_registered_in_the_registry_gets_its_whole_dagster_surface(tmp_pa
     assert "partitions ['miroir_echo_chunks']" in out
     assert "worker 3 0" in out
     assert "documents [1, 2, 3]" in out
+    assert "report [('miroir_echo_job_report_job', True)]" in out
+    assert "recorded True True" in out
     assert "rows ['completed', 'completed', 'completed'] completed" in out

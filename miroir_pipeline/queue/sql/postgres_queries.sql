@@ -259,6 +259,23 @@ WHERE kind = 'parent' AND (%(type)s::text IS NULL OR type = %(type)s::text)
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 
+-- finished_parents --
+-- Why: what the parent-report sensor records, in finish order from its cursor (epoch seconds,
+-- with a microsecond of slack each way for the float round trip). Keyset paging on
+-- (finished_at, id): rows finished at the cursor's instant come after its id, so a page of
+-- parents that all finished at the same instant never repeats forever.
+-- Parents only (the partial index of parents keeps it off the chunk rows); pruning bounds
+-- their number.
+SELECT *
+FROM jobs
+WHERE kind = 'parent'
+  AND state IN ('completed', 'failed')
+  AND (%(since)s::double precision IS NULL
+       OR finished_at > to_timestamp(%(since)s::double precision + 0.000001)
+       OR (finished_at >= to_timestamp(%(since)s::double precision - 0.000001) AND id > %(after_id)s))
+ORDER BY finished_at, id
+LIMIT %(limit)s;
+
 -- prunable_parents --
 -- Why: finished parents past the age whose chunks are all finished too (a failed parent's
 -- siblings may still be running; they are pruned once they finish). Locked so nothing
@@ -274,17 +291,21 @@ ORDER BY p.id
 FOR UPDATE;
 
 -- delete_children --
-DELETE FROM jobs WHERE parent_job_id = ANY(%(ids)s);
+-- Why: the ids come back so the caller can remove the chunks' Dagster partitions too.
+DELETE FROM jobs WHERE parent_job_id = ANY(%(ids)s)
+RETURNING id, type;
 
 -- delete_jobs --
-DELETE FROM jobs WHERE id = ANY(%(ids)s);
+DELETE FROM jobs WHERE id = ANY(%(ids)s)
+RETURNING id, type;
 
 -- delete_finished_orphans --
 -- Why: standalone chunks (no parent) are pruned by their own finish time.
 DELETE FROM jobs
 WHERE kind = 'chunk' AND parent_job_id IS NULL
   AND state IN ('completed', 'failed')
-  AND finished_at < now() - make_interval(secs => %(age)s);
+  AND finished_at < now() - make_interval(secs => %(age)s)
+RETURNING id, type;
 
 -- migration_lock --
 -- Why: serialises migrators across processes and hosts for the rest of the transaction;

@@ -249,6 +249,22 @@ WHERE kind = 'parent' AND (:type IS NULL OR type = :type)
 ORDER BY created_at DESC, id DESC
 LIMIT :limit;
 
+-- finished_parents --
+-- Why: what the parent-report sensor records, in finish order from its cursor (epoch seconds,
+-- with a microsecond of slack each way for the float round trip). Keyset paging on
+-- (finished_at, id): rows finished at the cursor's instant come after its id, so a page of
+-- parents that all finished at the same instant never repeats forever. Parents only (the
+-- partial index of parents keeps it off the chunk rows); pruning bounds their number.
+SELECT *
+FROM jobs
+WHERE kind = 'parent'
+  AND state IN ('completed', 'failed')
+  AND (:since IS NULL
+       OR finished_at > :since + 0.000001
+       OR (finished_at >= :since - 0.000001 AND id > :after_id))
+ORDER BY finished_at, id
+LIMIT :limit;
+
 -- prunable_parents --
 -- Why: finished parents past the age whose chunks are all finished too (a failed parent's
 -- siblings may still be running; they are pruned once they finish).
@@ -262,17 +278,21 @@ WHERE p.kind = 'parent'
 ORDER BY p.id;
 
 -- delete_children --
-DELETE FROM jobs WHERE parent_job_id IN (SELECT value FROM json_each(:ids));
+-- Why: the ids come back so the caller can remove the chunks' Dagster partitions too.
+DELETE FROM jobs WHERE parent_job_id IN (SELECT value FROM json_each(:ids))
+RETURNING id, type;
 
 -- delete_jobs --
-DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids));
+DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
+RETURNING id, type;
 
 -- delete_finished_orphans --
 -- Why: standalone chunks (no parent) are pruned by their own finish time.
 DELETE FROM jobs
 WHERE kind = 'chunk' AND parent_job_id IS NULL
   AND state IN ('completed', 'failed')
-  AND finished_at < (julianday('now') - 2440587.5) * 86400.0 - :age;
+  AND finished_at < (julianday('now') - 2440587.5) * 86400.0 - :age
+RETURNING id, type;
 
 -- create_schema_migrations --
 -- Why: the record of applied migration files; created before anything else, inside the
