@@ -178,6 +178,10 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         row = self._run(conn, query, {"id": job_id}).fetchone()
         return None if row is None else self._job(row)
 
+    def _commit(self, conn: ConnT) -> None:
+        """End the current transaction on ``conn``; the next statement starts a new one."""
+        conn.commit()  # type: ignore[attr-defined]
+
     def _lock_parent(self, conn: ConnT, parent_id: str | None) -> None:
         """Lock order: a chunk's parent row is locked before the chunk is written."""
         if parent_id is not None and self.row_locks:
@@ -353,16 +357,16 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         parent_id = lease.job.parent_job_id  # a row's parent never changes
         with self._write() as conn:
             job = self._job(self._fenced(conn, "complete_chunk", lease, progress=encoded))
-            if parent_id is not None and not self.row_locks:
-                # One writer at a time (SQLite): the check sees every sibling as it is.
-                self._rows(conn, "complete_parent_if_done", {"id": parent_id})
-        if parent_id is not None and self.row_locks:
-            # Concurrent writers (Postgres): the parent row is not held across the chunk's
-            # transaction, so sibling completions never queue on it. Checked after the commit
-            # instead: whichever of two last chunks commits second sees both completed (READ
-            # COMMITTED gives each statement a fresh snapshot); a crash between the commit and
-            # this check is repaired by complete_finished_parents.
-            with self._write() as conn:
+            if parent_id is not None:
+                if self.row_locks:
+                    # Concurrent writers (Postgres): the parent row is not held across the
+                    # chunk's transaction, so sibling completions never queue on it. It is
+                    # checked after the commit instead, in a second transaction on the same
+                    # connection: whichever of two last chunks commits second sees both
+                    # completed (READ COMMITTED: a fresh snapshot per statement); a crash
+                    # between the two is repaired by complete_finished_parents.
+                    self._commit(conn)
+                # One writer at a time (SQLite): checked inside the chunk's own transaction.
                 self._rows(conn, "complete_parent_if_done", {"id": parent_id})
         return job
 
