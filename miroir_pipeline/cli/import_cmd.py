@@ -212,8 +212,7 @@ def _request(args: argparse.Namespace) -> DumpImportRequest:
 def _resume(args: argparse.Namespace) -> int:
     """Run the remaining chunks of an unfinished import; nothing is planned again."""
     from miroir_pipeline.jobs.dump_import.params import DUMP_IMPORT
-    from miroir_pipeline.queue import open_store
-    from miroir_pipeline.queue.contract import JobKind, JobNotFound, JobState
+    from miroir_pipeline.queue.contract import JobState
 
     planning = [
         flag
@@ -229,34 +228,10 @@ def _resume(args: argparse.Namespace) -> int:
         )
         if value
     ]
-    if planning:
-        raise CliError(
-            f"--resume continues an import with the settings it was planned with; drop {', '.join(planning)}"
-        )
     job_id = args.resume
-    store = open_store()
-    try:
-        parent = store.get(job_id)
-    except JobNotFound:
-        raise CliError(
-            f"--resume {job_id}: no such job in the jobs store; `miroir-pipeline status` lists them"
-        ) from None
-    if parent.kind != JobKind.PARENT or parent.type != DUMP_IMPORT:
-        raise CliError(
-            f"--resume {job_id}: not an import but a {parent.type} {parent.kind}; pass the id of an "
-            "import job (`miroir-pipeline status` lists them)"
-        )
-    summary = store.parent_summary(job_id)
-    if parent.state == JobState.FAILED:
-        raise CliError(
-            f"import {job_id} failed ({parent.error}); nothing to resume: fix the cause, then retry "
-            "its failed chunks from the Dagster UI, or start a new import"
-        )
-    if parent.state == JobState.QUEUED and not summary.chunks_total:
-        raise CliError(
-            f"import {job_id} was never split into chunks (its planning was cut short); cancel it "
-            "with `miroir-pipeline cancel` and run the import again"
-        )
+    store, parent = runtime.resumable_parent(
+        job_id, job_type=DUMP_IMPORT, what="import", planning_flags=planning, restart_hint="start a new import"
+    )
     logs = runtime.DagsterLogs.of_job(job_id, args.log_level)
     if parent.state == JobState.COMPLETED:
         print(f"import {job_id} had already completed; nothing to resume", file=sys.stderr)

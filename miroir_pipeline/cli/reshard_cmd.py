@@ -164,8 +164,6 @@ def _request(args: argparse.Namespace) -> ReshardRequest:
 def _resume(args: argparse.Namespace) -> int:
     """Run the remaining chunks of an unfinished reshard, then verify; nothing is planned again."""
     from miroir_pipeline.jobs.reshard_backfill.params import RESHARD_BACKFILL
-    from miroir_pipeline.queue import open_store
-    from miroir_pipeline.queue.contract import JobKind, JobNotFound, JobState
 
     planning = [
         flag
@@ -177,33 +175,14 @@ def _resume(args: argparse.Namespace) -> int:
         )
         if value
     ]
-    if planning:
-        raise CliError(
-            f"--resume continues a reshard with the settings it was planned with; drop {', '.join(planning)}"
-        )
     job_id = args.resume
-    store = open_store()
-    try:
-        parent = store.get(job_id)
-    except JobNotFound:
-        raise CliError(
-            f"--resume {job_id}: no such job in the jobs store; `miroir-pipeline status` lists them"
-        ) from None
-    if parent.kind != JobKind.PARENT or parent.type != RESHARD_BACKFILL:
-        raise CliError(
-            f"--resume {job_id}: not a reshard but a {parent.type} {parent.kind}; pass the id of a "
-            "reshard job (`miroir-pipeline status` lists them)"
-        )
-    if parent.state == JobState.FAILED:
-        raise CliError(
-            f"reshard {job_id} failed ({parent.error}); nothing to resume: fix the cause, then retry "
-            "its failed chunks from the Dagster UI, or start the reshard again with --replace-shadow"
-        )
-    if parent.state == JobState.QUEUED and not store.parent_summary(job_id).chunks_total:
-        raise CliError(
-            f"reshard {job_id} was never split into chunks (its planning was cut short); cancel it "
-            "with `miroir-pipeline cancel` and run the reshard again with --replace-shadow"
-        )
+    store, _ = runtime.resumable_parent(
+        job_id,
+        job_type=RESHARD_BACKFILL,
+        what="reshard",
+        planning_flags=planning,
+        restart_hint="run the reshard again with --replace-shadow",
+    )
     return _run_and_report(args, store, job_id, runtime.DagsterLogs.of_job(job_id, args.log_level))
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
+from miroir_pipeline.cli.errors import CliError
 from miroir_pipeline.cli.options import is_debug
 
 if TYPE_CHECKING:
     import dagster as dg
 
     from miroir_pipeline.dagster.names import MiroirNames
-    from miroir_pipeline.queue.contract import JobStore, ParentSummary
+    from miroir_pipeline.queue.contract import Job, JobStore, ParentSummary
 
 __all__ = [
     "QUIET_RUN_LOGS",
@@ -51,6 +52,7 @@ __all__ = [
     "names",
     "raise_on_sigterm",
     "record_outcome",
+    "resumable_parent",
     "run_failure",
     "run_job",
     "run_plan",
@@ -121,6 +123,45 @@ def names() -> MiroirNames:
     from miroir_pipeline.dagster.names import MiroirNames
 
     return MiroirNames()
+
+
+def resumable_parent(
+    job_id: str, *, job_type: str, what: str, planning_flags: Sequence[str], restart_hint: str
+) -> tuple[JobStore, Job]:
+    """The unfinished parent ``--resume JOB_ID`` names, with its store; refuses (one line) when
+    planning flags are given too, or the job is missing, of another kind, failed or never split.
+    ``what`` is ``import``/``reshard``; ``restart_hint`` ends the refusal of a failed or unsplit job."""
+    from miroir_pipeline.queue import open_store
+    from miroir_pipeline.queue.contract import JobKind, JobNotFound, JobState
+
+    article = "an" if what[0] in "aeiou" else "a"
+    if planning_flags:
+        raise CliError(
+            f"--resume continues {article} {what} with the settings it was planned with; drop {', '.join(planning_flags)}"
+        )
+    store = open_store()
+    try:
+        parent = store.get(job_id)
+    except JobNotFound:
+        raise CliError(
+            f"--resume {job_id}: no such job in the jobs store; `miroir-pipeline status` lists them"
+        ) from None
+    if parent.kind != JobKind.PARENT or parent.type != job_type:
+        raise CliError(
+            f"--resume {job_id}: not {article} {what} but a {parent.type} {parent.kind}; pass the id of "
+            f"{article} {what} job (`miroir-pipeline status` lists them)"
+        )
+    if parent.state == JobState.FAILED:
+        raise CliError(
+            f"{what} {job_id} failed ({parent.error}); nothing to resume: fix the cause, then retry "
+            f"its failed chunks from the Dagster UI, or {restart_hint}"
+        )
+    if parent.state == JobState.QUEUED and not store.parent_summary(job_id).chunks_total:
+        raise CliError(
+            f"{what} {job_id} was never split into chunks (its planning was cut short); cancel it "
+            f"with `miroir-pipeline cancel` and {restart_hint}"
+        )
+    return store, parent
 
 
 def record_outcome(parent_id: str) -> None:
