@@ -12,7 +12,7 @@ import orjson
 
 from miroir_pipeline.fleet.routing import SHARD_FIELD
 
-__all__ = ["TAG_START", "retag", "shard_prefixes", "tag"]
+__all__ = ["TAG_START", "retag", "shard_prefixes", "tag", "untag"]
 
 #: How every document the pipeline wrote starts: ``{"_miroir_shard":``.
 TAG_START = b'{"' + SHARD_FIELD.encode() + b'":'
@@ -45,3 +45,13 @@ def retag(raw: bytes, shard: int) -> bytes:
         raise ValueError("not a JSON object")
     doc[SHARD_FIELD] = shard
     return bytes(orjson.dumps(doc))
+
+
+def untag(doc: bytes) -> bytes:
+    """The document as it was before :func:`tag` spliced the prefix in (a document whose old tag
+    was replaced, decoded and re-encoded, is returned as it is)."""
+    if doc.startswith(TAG_START):
+        comma = doc.find(b",", len(TAG_START))
+        if comma > 0:
+            return b"{" + doc[comma + 1 :]
+    return doc

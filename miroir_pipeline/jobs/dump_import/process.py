@@ -10,7 +10,7 @@ from pathlib import Path
 
 from miroir_pipeline import metrics
 from miroir_pipeline.fleet.routing import Router
-from miroir_pipeline.fleet.shard_tag import TAG_START
+from miroir_pipeline.fleet.shard_tag import untag
 from miroir_pipeline.fleet.targets.base import NodeTarget, RefusedDocument, TargetError
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetter
@@ -176,7 +176,7 @@ class _RefusedByNodes:
                     "reason": f"node {node} refused the document: {refused.message}",
                     "node": node,
                     "code": refused.code,
-                    "raw": _untagged(doc).decode("utf-8", "backslashreplace"),
+                    "raw": untag(doc).decode("utf-8", "backslashreplace"),
                 }
             )
             self.documents += 1
@@ -208,20 +208,11 @@ class _RefusedByNodes:
     def _locate(self, doc: bytes, data: bytes, start: int) -> tuple[int, int]:
         """(line number, byte offset) of the dump line a refused document came from; (0, 0) when
         it cannot be found (a document whose ``_miroir_shard`` the router replaced)."""
-        at = data.find(_untagged(doc)[1:])
+        at = data.find(untag(doc)[1:])
         if at < 0:
             return 0, 0
         line_start = data.rfind(b"\n", 0, at) + 1
         return self.line_counter.line_at(start) + data.count(b"\n", 0, line_start), start + line_start
-
-
-def _untagged(doc: bytes) -> bytes:
-    """The document as the dump held it: the router's ``_miroir_shard`` prefix taken out."""
-    if doc.startswith(TAG_START):
-        comma = doc.find(b",", len(TAG_START))
-        if comma > 0:
-            return b"{" + doc[comma + 1 :]
-    return doc
 
 
 def _read(params: DumpChunkParams, start: int, end: int) -> bytes:
