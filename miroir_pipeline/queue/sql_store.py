@@ -109,6 +109,14 @@ class SqlJobStore(JobStore, Generic[ConnT]):
     def _write(self) -> AbstractContextManager[ConnT]:
         """One write transaction: committed when the block ends, rolled back on an error."""
 
+    def _statement(self) -> AbstractContextManager[ConnT]:
+        """A connection for statements that each commit on their own (autocommit).
+
+        The hot path (claim, heartbeat, progress, completion) is single statements; where the
+        backend can, each is one round trip with no BEGIN/COMMIT around it. By default it is
+        one write transaction."""
+        return self._write()
+
     @abc.abstractmethod
     def _read(self, *, snapshot: bool = False) -> AbstractContextManager[ConnT]:
         """A connection to read from; ``snapshot`` when several queries must agree."""
@@ -177,10 +185,6 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         query = "lock_job" if lock and self.row_locks else "get_job"
         row = self._run(conn, query, {"id": job_id}).fetchone()
         return None if row is None else self._job(row)
-
-    def _commit(self, conn: ConnT) -> None:
-        """End the current transaction on ``conn``; the next statement starts a new one."""
-        conn.commit()  # type: ignore[attr-defined]
 
     def _lock_parent(self, conn: ConnT, parent_id: str | None) -> None:
         """Lock order: a chunk's parent row is locked before the chunk is written."""
@@ -307,7 +311,7 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         if not types:
             return None
         token = new_token()
-        with self._write() as conn:
+        with self._statement() as conn:
             row = self._run(
                 conn,
                 "claim_next",
@@ -318,12 +322,14 @@ class SqlJobStore(JobStore, Generic[ConnT]):
                     "ttl": check_ttl(ttl),
                 },
             ).fetchone()
-            if row is None:
-                # Out-of-attempts expired leases are never claimed (claim_next skips them); they
-                # are failed for good here, when nothing else is claimable, and by
-                # reclaim_expired - not on every claim, where the sweep cost grew with the queue.
-                self._fail_exhausted(conn)
-        return None if row is None else self._lease(row, token, worker_id)
+        if row is not None:
+            return self._lease(row, token, worker_id)
+        # Out-of-attempts expired leases are never claimed (claim_next skips them); they are
+        # failed for good here, when nothing else is claimable, and by reclaim_expired - not on
+        # every claim, where the sweep cost grew with the queue.
+        with self._write() as conn:
+            self._fail_exhausted(conn)
+        return None
 
     def claim_by_id(self, job_id: str, worker_id: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
         token = new_token()
@@ -343,30 +349,27 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         raise not_claimable(current, worker_id)
 
     def renew(self, lease: Lease, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
-        with self._write() as conn:
+        with self._statement() as conn:
             row = self._fenced(conn, "renew_lease", lease, ttl=check_ttl(ttl))
         return self._lease(row, lease.token, lease.worker_id)
 
     def save_progress(self, lease: Lease, progress: Mapping[str, Any]) -> None:
         encoded = dump_json(progress, f"progress of job {lease.job_id}")
-        with self._write() as conn:
+        with self._statement() as conn:
             self._fenced(conn, "save_progress", lease, progress=encoded)
 
     def complete(self, lease: Lease, progress: Mapping[str, Any] | None = None) -> Job:
         encoded = None if progress is None else dump_json(progress, f"progress of {lease.job_id}")
         parent_id = lease.job.parent_job_id  # a row's parent never changes
-        with self._write() as conn:
+        # Where statements commit on their own (Postgres), the parent is checked after the
+        # chunk's completion has committed, so sibling completions never queue on the parent
+        # row: of two last chunks, whichever commits second sees both completed (READ
+        # COMMITTED: a fresh snapshot per statement); a crash between the two statements is
+        # repaired by complete_finished_parents. With one writer at a time (SQLite) both run
+        # in one transaction.
+        with self._statement() as conn:
             job = self._job(self._fenced(conn, "complete_chunk", lease, progress=encoded))
             if parent_id is not None:
-                if self.row_locks:
-                    # Concurrent writers (Postgres): the parent row is not held across the
-                    # chunk's transaction, so sibling completions never queue on it. It is
-                    # checked after the commit instead, in a second transaction on the same
-                    # connection: whichever of two last chunks commits second sees both
-                    # completed (READ COMMITTED: a fresh snapshot per statement); a crash
-                    # between the two is repaired by complete_finished_parents.
-                    self._commit(conn)
-                # One writer at a time (SQLite): checked inside the chunk's own transaction.
                 self._rows(conn, "complete_parent_if_done", {"id": parent_id})
         return job
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
 from miroir_pipeline.queue import open_store
-from miroir_pipeline.queue.contract import JobState
+from miroir_pipeline.queue.contract import JobState, NewChunk
 from tests.failure.conftest import Workers, settings_for, wait_for, worker_env, write_topology
 from tests.fixtures.postgres import PostgresServer
 from tests.import_helpers import (
@@ -82,3 +83,27 @@ def test_workers_survive_a_database_restart_mid_import(tmp_path: Path, own_pg: P
         f"\n{len(chunks)} chunks, {before} done before a {outage:.1f}s outage; chunks with more than "
         f"one attempt: {retried}"
     )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_a_pooled_connection_left_over_from_before_a_restart_is_never_lent(own_pg: PostgresServer, mode: str) -> None:
+    """The pool lends connections without a round trip while the server is quiet; one the
+    server closed (a shutdown's FATAL message, or a crash's closed socket) is replaced before
+    it is lent, so the first operation after a restart succeeds instead of failing."""
+    dsn = own_pg.create_database(f"stale_{mode}")
+    store = open_store(dsn, min_size=1, max_size=1)  # one connection: the stale one is the one lent
+    try:
+        parent = store.enqueue("dump_import", {"n": 1})
+        store.split(parent.id, [NewChunk(chunk_index=i, params={}) for i in range(3)])
+        assert store.queue_depth()["dump_import"] == 3
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")  # the fixture runs synchronous_commit=off: keep the rows over a crash
+        own_pg.stop(mode=mode)
+        own_pg.start()
+        lease = store.claim(["dump_import"], "after-restart", 30.0)
+        assert lease is not None and lease.job.parent_job_id == parent.id
+        store.complete(lease)
+        assert store.queue_depth()["dump_import"] == 2
+    finally:
+        store.close()
