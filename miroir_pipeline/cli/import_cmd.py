@@ -1,5 +1,5 @@
-"""``miroir-pipeline import``: plan a dump import as a Dagster run, run its chunks in worker
-processes scoped to it while a progress bar follows the bytes, then print the totals.
+"""``miroir-pipeline import``: start worker processes scoped to a new dump import, plan it here
+while they load Dagster, follow the bytes with a progress bar, then print the totals.
 
 ``--resume JOB_ID`` runs the chunks of an unfinished import instead (nothing is planned again):
 the way on after Ctrl-C, SIGTERM or workers that stopped early. Exits 0 only when every chunk
@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from miroir_pipeline.cli import runtime
@@ -34,8 +34,8 @@ __all__ = ["add_parser", "run"]
 
 
 DESCRIPTION = (
-    "Plan a dump import as a Dagster run, run its chunks in worker processes started for it "
-    "while a progress bar follows the bytes, then print the totals. Exits 0 only when every "
+    "Plan a dump import while worker processes started for it load Dagster; they run each "
+    "chunk as a Dagster run while a progress bar follows the bytes, then print the totals. Exits 0 only when every "
     "chunk completed. Ctrl-C or SIGTERM hands the running chunks back at their cursors; "
     "--resume JOB_ID carries on from there. Dagster's own output goes to a log file under "
     "./.miroir/logs named in the summary (to stderr at --log-level debug)."
@@ -134,12 +134,14 @@ def run(args: argparse.Namespace) -> int:
     request = _request(args)
 
     from miroir_pipeline.jobs.dump_import.plan import unfinished_identical_import
+    from miroir_pipeline.jobs.ids import new_parent_id
     from miroir_pipeline.jobs.settings import PipelineSettings
     from miroir_pipeline.queue import open_store
 
+    settings = PipelineSettings.from_env()
     store = open_store()
     if not args.new:
-        earlier = unfinished_identical_import(store, request, PipelineSettings.from_env())
+        earlier = unfinished_identical_import(store, request, settings)
         if earlier is not None:
             job = earlier.parent.id
             raise CliError(
@@ -147,24 +149,35 @@ def run(args: argparse.Namespace) -> int:
                 f"{earlier.chunks_total} chunks done); resume it with --resume {job}, or pass "
                 "--new to start another"
             )
-    logs = runtime.DagsterLogs.start("import", args.log_level)
-    names = runtime.names()
-    config = request.model_dump(exclude_defaults=True)
-    with runtime.raise_on_sigterm("the import"):
-        try:
-            parent_id = runtime.run_plan(
-                names.plan_dump_import_job,
-                names.plan_dump_import_op,
-                config,
-                runtime.instance(),
-                logs,
-            )
-        except runtime.PlanRefused:
-            logs.discard()
-            raise
-    logs.adopt(parent_id)
-    _warn_tiny_chunks(store.parent_summary(parent_id), args.workers)
-    return _run_and_report(args, store, parent_id, logs)
+    parent_id = new_parent_id("import", request.index_uid)
+    logs = runtime.DagsterLogs.of_job(parent_id, args.log_level)
+
+    def plan() -> None:
+        """Planned here with the library, while the workers load Dagster: the plan needs no
+        Dagster run, and each worker registers the chunks as partitions when it sees them."""
+        from miroir_pipeline.fleet.targets.factory import open_targets
+        from miroir_pipeline.jobs.dump_import.plan import plan_dump_import
+        from miroir_pipeline.jobs.settings import resolve_topology
+
+        topology = resolve_topology()
+        plan_dump_import(
+            store, request, topology, open_targets(topology), settings, parent_id=parent_id
+        )
+        _warn_tiny_chunks(store.parent_summary(parent_id), args.workers)
+
+    try:
+        return _run_and_report(args, store, parent_id, logs, plan=plan)
+    except Refused as exc:
+        logs.discard()
+        raise exc.reason from None
+
+
+class Refused(Exception):
+    """Planning refused the import (bad input or configuration); nothing was queued."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
 
 
 def _request(args: argparse.Namespace) -> DumpImportRequest:
@@ -239,26 +252,42 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _run_and_report(
-    args: argparse.Namespace, store: JobStore, parent_id: str, logs: runtime.DagsterLogs
+    args: argparse.Namespace,
+    store: JobStore,
+    parent_id: str,
+    logs: runtime.DagsterLogs,
+    *,
+    plan: Callable[[], None] | None = None,
 ) -> int:
-    """Run the parent's chunks in worker processes, then print the summary; the exit status."""
+    """Run the parent's chunks in worker processes, then print the summary; the exit status.
+
+    With ``plan``, the parent does not exist yet: the workers start first, and ``plan`` makes
+    the parent while they load (a refusal raises :class:`Refused` once they are stopped)."""
     from miroir_pipeline.jobs.dump_import.params import is_invalid_document_error
     from miroir_pipeline.queue.contract import JobState
 
-    before = store.parent_summary(parent_id)
-    params = before.parent.params
     mode = "none" if args.json or args.no_progress else "bar" if stdout_is_terminal() else "plain"
     started = time.monotonic()
-    if before.parent.state == JobState.COMPLETED:
-        outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(before, None, 0)
+    planned: list[ParentSummary] = []
+
+    def watch(procs: Sequence[subprocess.Popen[bytes]], stop: runtime.StopSignal) -> ParentSummary:
+        if plan is not None:
+            try:
+                plan()
+            except (ValueError, OSError, RuntimeError) as exc:
+                raise Refused(exc) from exc
+        planned.append(store.parent_summary(parent_id))
+        return _watch(store, planned[0], procs, stop, mode=mode)
+
+    if plan is None and store.parent_summary(parent_id).parent.state == JobState.COMPLETED:
+        planned.append(store.parent_summary(parent_id))
+        outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(planned[0], None, 0)
     else:
         outcome = runtime.run_workers_for(
-            parent_id,
-            args.workers,
-            lambda procs, stop: _watch(store, before, procs, stop, mode=mode),
-            store=store,
-            logs=logs,
+            parent_id, args.workers, watch, store=store, logs=logs, planning=plan is not None
         )
+    before = planned[0]
+    params = before.parent.params
     elapsed = time.monotonic() - started
     summary = store.parent_summary(parent_id)
     prog = summary.progress

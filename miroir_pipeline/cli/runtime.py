@@ -434,11 +434,18 @@ def interrupted_line(command: str, parent_id: str, stop: Interruption, summary: 
     return line
 
 
-def worker_command(parent_id: str, log_level: str = "INFO") -> list[str]:
-    """A worker process that runs only ``parent_id``'s chunks and exits when none is left."""
+#: How long the workers ``import`` starts wait for the parent it is planning meanwhile (staging a
+#: remote dump can take a while); the command stops them at once if planning fails.
+PLAN_WAIT_S = 3600.0
+
+
+def worker_command(parent_id: str, log_level: str = "INFO", *, planning: bool = False) -> list[str]:
+    """A worker process that runs only ``parent_id``'s chunks and exits when none is left;
+    ``planning``: the parent is being planned, so the worker waits for it."""
+    wait = ["--wait-for-plan", str(PLAN_WAIT_S)] if planning else []
     return [
         sys.executable, "-m", "miroir_pipeline.cli", "--log-level", log_level,
-        "worker", "--parent", parent_id, "--exit-when-empty",
+        "worker", "--parent", parent_id, "--exit-when-empty", *wait,
     ]  # fmt: skip
 
 
@@ -449,8 +456,11 @@ def run_workers_for(
     *,
     store: JobStore,
     logs: DagsterLogs | None = None,
+    planning: bool = False,
 ) -> WorkersOutcome[T]:
     """Start ``workers`` processes scoped to one parent, ``watch`` them, and leave none behind.
+
+    ``planning``: the parent does not exist yet; ``watch`` plans it while the workers start up.
 
     ``watch`` returns when the parent finished, every worker exited, or the :class:`StopSignal`
     it is given was requested. On SIGINT or SIGTERM the workers are sent SIGTERM: each hands
@@ -461,7 +471,7 @@ def run_workers_for(
     with StopSignal() as stop, (logs.for_workers() if logs is not None else _no_stream()) as out:
         procs = [
             subprocess.Popen(
-                worker_command(parent_id, level),
+                worker_command(parent_id, level, planning=planning),
                 env=os.environ.copy(),
                 stdin=subprocess.DEVNULL,
                 stdout=out if out is not None else sys.stderr,

@@ -49,6 +49,13 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "--max-chunks", type=positive_int, metavar="N", help="exit after running N chunks"
     )
     p.add_argument(
+        "--wait-for-plan",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --parent: wait up to SECONDS for that parent to be planned (import starts its workers while it plans); default 0, a missing parent ends the worker",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=os.environ.get("MIROIR_METRICS_PORT", "0"),
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         exit_when_empty=args.exit_when_empty,
         max_chunks=args.max_chunks,
         run_log_level=_run_log_level(args),
+        plan_wait_s=args.wait_for_plan,
     )
     worker.install_signal_handlers()
     stats = worker.run()

@@ -31,7 +31,14 @@ from miroir_pipeline.dagster.names import (
 from miroir_pipeline.dagster.resources import runtime_resource
 from miroir_pipeline.jobs.registry import JobKind, job_types, kind_for, kinds
 from miroir_pipeline.jobs.settings import PipelineSettings
-from miroir_pipeline.queue.contract import JobNotClaimable, JobState, JobStore, Lease
+from miroir_pipeline.queue.contract import (
+    Job,
+    JobNotClaimable,
+    JobNotFound,
+    JobState,
+    JobStore,
+    Lease,
+)
 from miroir_pipeline.queue.lease import default_worker_id, lease_outcome, settle_abandoned
 from miroir_pipeline.queue.shutdown import Shutdown
 
@@ -75,6 +82,7 @@ class Worker:
         max_chunks: int | None = None,
         idle_max_sleep: float = 5.0,
         run_log_level: str = "WARNING",
+        plan_wait_s: float = 0.0,
     ) -> None:
         self.store = store
         self.instance = instance
@@ -93,6 +101,12 @@ class Worker:
         self.max_chunks = max_chunks
         self.idle_max_sleep = idle_max_sleep
         self.run_log_level = run_log_level
+        #: How long a worker scoped to a parent waits for that parent to be planned: the
+        #: ``import`` command starts its workers while it plans, so their Dagster start-up
+        #: overlaps the planning. Zero: a parent that does not exist ends the worker at once.
+        self.plan_wait_s = plan_wait_s
+        self._started = time.monotonic()
+        self._registered: set[str] = set()
         self.stats = WorkerStats()
 
     def _chunk_job(self, kind: JobKind) -> dg.JobDefinition:
@@ -162,7 +176,10 @@ class Worker:
         return lease
 
     def _claim_in_parent(self, parent_id: str) -> Lease | None:
-        for job in self.store.children(parent_id):
+        children = self.store.children(parent_id)
+        if children and parent_id not in self._registered:
+            self._register_partitions(parent_id, children)
+        for job in children:
             if job.state not in (JobState.QUEUED, JobState.IN_PROGRESS) or job.type not in self._jobs:
                 continue
             try:
@@ -171,9 +188,30 @@ class Worker:
                 continue
         return None
 
+    def _register_partitions(self, parent_id: str, children: Sequence[Job]) -> None:
+        """Every chunk of the parent, and the parent itself, as partitions (idempotent): a
+        parent planned outside Dagster (the ``import`` command plans it in-process) shows in
+        the UI in full as soon as a worker sees it, not chunk by chunk as they run."""
+        by_kind: dict[str, list[str]] = {}
+        for job in children:
+            by_kind.setdefault(job.type, []).append(job.id)
+        for job_type, ids in by_kind.items():
+            kind = kind_for(job_type)
+            self.instance.add_dynamic_partitions(self.names.partitions(kind), ids)
+            self.instance.add_dynamic_partitions(self.names.parent_partitions(kind), [parent_id])
+        self._registered.add(parent_id)
+
     def _nothing_left(self) -> bool:
         if self.parent_id is not None:
-            summary = self.store.parent_summary(self.parent_id)
+            try:
+                summary = self.store.parent_summary(self.parent_id)
+            except JobNotFound:
+                if time.monotonic() - self._started < self.plan_wait_s:
+                    return False  # still being planned
+                log.error("worker %s: parent job %s does not exist; nothing to run", self.worker_id, self.parent_id)
+                return True
+            if summary.parent.state == JobState.QUEUED and summary.parent.total_chunks is None:
+                return False  # enqueued, not split yet
             return summary.parent.state in (JobState.COMPLETED, JobState.FAILED)
         depth = self.store.queue_depth()
         return all(depth.get(t, 0) == 0 for t in self.job_types)

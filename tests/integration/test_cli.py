@@ -142,6 +142,12 @@ def test_sample_dump_then_import_on_embedded_defaults(tmp_path: Path) -> None:
         runs = instance.get_run_records(dg.RunsFilter(job_name=MiroirNames().chunk_job("dump_import")))
         assert len(runs) == summary["chunks"]
         assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        # Planned in the command, not in a Dagster run: the workers registered every chunk and
+        # the import itself as partitions.
+        names = MiroirNames()
+        chunk_parts = instance.get_dynamic_partitions(names.partitions("dump_import"))
+        assert sorted(chunk_parts) == sorted(r.dagster_run.tags["dagster/partition"] for r in runs)
+        assert instance.get_dynamic_partitions(names.parent_partitions("dump_import")) == [summary["job_id"]]
 
     status = cli(tmp_path, "status", "--json")
     assert status.returncode == 0, status.stderr

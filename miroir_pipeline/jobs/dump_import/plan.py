@@ -45,8 +45,13 @@ def plan_dump_import(
     topology: Topology,
     targets: Mapping[str, NodeTarget],
     settings: PipelineSettings,
+    *,
+    parent_id: str | None = None,
 ) -> PlannedImport:
     """Stage and validate the dump, prepare every node's index, then enqueue and split.
+
+    ``parent_id`` names the parent when the caller chose it up front (workers started for it
+    wait for the plan); by default a new id is made.
 
     Everything that can be refused (a URI outside the allowed roots, an unreadable dump, a JSON
     array instead of NDJSON, a dump with no documents unless ``allow_empty``, no primary key) is
@@ -94,7 +99,7 @@ def plan_dump_import(
             "on_invalid_document": on_invalid,
             "allow_empty": request.allow_empty,
         },
-        job_id=new_parent_id("import", request.index_uid),
+        job_id=parent_id or new_parent_id("import", request.index_uid),
         max_attempts=settings.max_attempts,
     )
     topo = topology.model_dump(mode="json")
