@@ -325,7 +325,9 @@ def _run_and_report(
             result["error"] += f"; {outcome.crashed} worker(s) exited with an error"
             if logs.display:
                 result["error"] += f", see {logs.display}"
-    runtime.record_outcome(parent_id)
+    if outcome.crashed or before.parent.state == JobState.COMPLETED:
+        # The workers record a finished import themselves; here only when one may not have.
+        runtime.record_outcome(parent_id)
     empty = (
         ok
         and result["documents"] == 0

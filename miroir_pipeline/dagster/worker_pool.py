@@ -8,12 +8,15 @@ resource of its run, hands itself back at its next batch boundary.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -43,6 +46,20 @@ from miroir_pipeline.queue.lease import default_worker_id, lease_outcome, settle
 from miroir_pipeline.queue.shutdown import Shutdown
 
 __all__ = ["Worker", "WorkerStats"]
+
+
+@contextlib.contextmanager
+def _home_lock(instance: dg.DagsterInstance, name: str) -> Iterator[None]:
+    """An exclusive lock file in the instance's home when it has a local one; else nothing."""
+    try:
+        root = Path(instance.root_directory)
+    except Exception:  # an instance without a local home
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / name).open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 #: How often a worker refreshes the queue depth it serves (between chunks, while idle).
 QUEUE_DEPTH_EVERY_S = 5.0
@@ -148,6 +165,7 @@ class Worker:
                 log.exception("worker %s: job store unavailable; retrying in %.1f s", self.worker_id, idle)
                 lease, done = None, False
             if done:
+                self._record_parent()
                 break
             if lease is None:
                 self.shutdown.wait(idle)
@@ -156,6 +174,23 @@ class Worker:
             idle = 0.05
             self._run_chunk(lease)
         return self.stats
+
+    def _record_parent(self) -> None:
+        """A worker scoped to a parent that has finished records it as its partition of the
+        parent-level asset (it has Dagster loaded; the command that started it need not load
+        it again). Under a file lock in a local Dagster home, so workers finishing together
+        record it once; a failure is left to the parent-report sensor."""
+        if self.parent_id is None:
+            return
+        from miroir_pipeline.dagster.parent_reports import record_parent
+
+        try:
+            with _home_lock(self.instance, ".miroir-report.lock"):
+                record_parent(
+                    self.defs, self.instance, self.parent_id, key_prefix=self.names.key_prefix, store=self.store
+                )
+        except Exception as exc:  # the import's outcome stands; the sensor records it later
+            log.warning("worker %s: could not record %s in Dagster (%s)", self.worker_id, self.parent_id, exc)
 
     def _publish_queue_depth(self) -> None:
         """Refresh this worker's ``miroir_background_queue_depth`` on its /metrics (every

@@ -148,6 +148,11 @@ def test_sample_dump_then_import_on_embedded_defaults(tmp_path: Path) -> None:
         chunk_parts = instance.get_dynamic_partitions(names.partitions("dump_import"))
         assert sorted(chunk_parts) == sorted(r.dagster_run.tags["dagster/partition"] for r in runs)
         assert instance.get_dynamic_partitions(names.parent_partitions("dump_import")) == [summary["job_id"]]
+        # ...and the import as a whole is recorded once, by the two workers between them.
+        reports = instance.get_run_records(
+            dg.RunsFilter(job_name=names.parent_report_job("dump_import"), tags={"dagster/partition": summary["job_id"]})
+        )
+        assert [r.dagster_run.status for r in reports] == [dg.DagsterRunStatus.SUCCESS]
 
     status = cli(tmp_path, "status", "--json")
     assert status.returncode == 0, status.stderr
