@@ -17,6 +17,7 @@ from miroir_pipeline.fleet.targets.factory import open_target, open_targets
 from miroir_pipeline.fleet.targets.meilisearch import (
     MeilisearchNode,
     TaskFailed,
+    _EnqueuedTasks,
     split_ndjson,
     wait_healthy,
 )
@@ -161,6 +162,33 @@ def test_failed_task_names_node_index_and_task(node: MeilisearchNode, meili_inde
     assert f"task {info.value.task_uid}" in text
     assert info.value.code == "invalid_document_id" and "invalid_document_id" in text
     assert not info.value.retryable
+
+
+def test_a_task_the_node_no_longer_knows_fails_the_write_instead_of_waiting(
+    node: MeilisearchNode, meili_index_uid: str
+) -> None:
+    """A pending write whose task the node cannot find (its task store was replaced, say by a
+    restore from an older copy) fails at once, retryably, instead of waiting for the task
+    timeout; a task of another index under the same uid is not taken for ours."""
+    node.ensure_index(meili_index_uid, "id")
+    pending = node.enqueue_routed(meili_index_uid, "id", [b'{"id":"a"}'], ["a"], [0])
+    assert isinstance(pending, _EnqueuedTasks)
+    [ours] = pending.remaining
+    lost = 10**9 + ours  # a uid this node never handed out
+    pending.remaining.add(lost)
+    node.refresh([pending])  # one poll answers for both: ours is known, the other is not
+    assert lost not in pending.remaining and pending.failure is not None
+    with pytest.raises(TargetError) as info:
+        pending.check()
+    assert f"task {lost}" in str(info.value) and "no longer known" in str(info.value)
+    assert info.value.retryable and info.value.node_id == node.node_id
+
+    other = node.enqueue_routed(meili_index_uid, "id", [b'{"id":"b"}'], ["b"], [0])
+    assert isinstance(other, _EnqueuedTasks)
+    other.index_uid = meili_index_uid + "-elsewhere"  # the same uid, but not the index we wrote to
+    node.refresh([other])
+    with pytest.raises(TargetError, match="is now a task of index"):
+        other.check()
 
 
 def test_node_down_retries_then_retryable_error(

@@ -374,6 +374,15 @@ class MeilisearchNode(NodeTarget):
             node_message=str(error.get("message", "")),
         )
 
+    def _task_lost(self, uid: int, index_uid: str, why: str) -> TargetError:
+        """A batch whose task cannot be followed any more: the chunk retries from its cursor."""
+        return TargetError(
+            f"{self._where(index_uid)}: task {uid} (adding documents) {why}; the batch is written "
+            "again from the chunk's last acknowledged cursor",
+            node_id=self.node_id,
+            retryable=True,
+        )
+
     def _await_index_idle(self, index_uid: str) -> None:
         """Wait for every enqueued or processing task of the index (counts must see all writes)."""
         while True:
@@ -504,13 +513,25 @@ class MeilisearchNode(NodeTarget):
                 what=f"polling {len(part)} enqueued task(s)",
                 params={"uids": ",".join(map(str, part)), "limit": len(part)},
             )
+            seen: set[int] = set()
             for task in body.get("results", []):
                 uid, status = int(task["uid"]), task.get("status")
-                if status not in ("succeeded", "failed", "canceled"):
-                    continue
+                seen.add(uid)
+                for p in mine:
+                    if uid not in p.remaining:
+                        continue
+                    if task.get("indexUid") not in (None, p.index_uid):
+                        # Not the task we enqueued (the node's task store was replaced): its
+                        # outcome says nothing about our batch.
+                        p.settle(uid, self._task_lost(uid, p.index_uid, f"is now a task of index {task.get('indexUid')!r}"))
+                    elif status in ("succeeded", "failed", "canceled"):
+                        p.settle(uid, None if status == "succeeded" else self._task_failed(task, "adding documents", p.index_uid))
+            for uid in set(part) - seen:
                 for p in mine:
                     if uid in p.remaining:
-                        p.settle(uid, None if status == "succeeded" else self._task_failed(task, "adding documents", p.index_uid))
+                        # Deleted, or the node came back from an older copy of its data: waiting
+                        # would last until the task timeout for an answer that never comes.
+                        p.settle(uid, self._task_lost(uid, p.index_uid, "is no longer known to the node"))
 
     def refusal_of(self, exc: TargetError) -> RefusedDocument | None:
         return document_refusal(exc)
