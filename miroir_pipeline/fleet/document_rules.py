@@ -26,6 +26,7 @@ import msgspec
 __all__ = [
     "MAX_DEPTH",
     "block_may_break_rules",
+    "block_may_nest_too_deep",
     "depth_exceeds",
     "document_problem",
     "duplicate_key",
@@ -38,11 +39,12 @@ _VECTORS = b'"_vectors"'
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 #: A key (a string followed by ``:``) that holds an escape: it may spell the primary key.
 _ESCAPED_KEY = re.compile(rb'"(?:[^"\\]|\\.)*\\u(?:[^"\\]|\\.)*"\s*:')
-_IDENTITY = bytes(range(256))
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 _NOT_BRACKETS_OR_NEWLINE = bytes(c for c in range(256) if c not in b"[]{}\n")
-#: A line needs this many bracket characters to nest more than MAX_DEPTH deep.
-_TOO_MANY_BRACKETS = re.compile(rb"[^\n]{%d}" % (2 * MAX_DEPTH + 2))
+#: A line needs this many bracket characters to nest more than MAX_DEPTH deep (searched for in
+#: brackets and newlines only, each line preceded by its newline: the search then tries a match
+#: once per line, not at every bracket).
+_TOO_MANY_BRACKETS = re.compile(rb"\n[^\n]{%d}" % (2 * MAX_DEPTH + 2))
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
@@ -52,7 +54,13 @@ def block_may_break_rules(block: bytes, lines: int, quoted_pk: bytes) -> bool:
     and no line has enough brackets to nest too deep."""
     if (b"\\" in block and b"\\u" in block) or _VECTORS in block or block.count(quoted_pk) != lines:
         return True
-    return _TOO_MANY_BRACKETS.search(block.translate(_IDENTITY, _NOT_BRACKETS_OR_NEWLINE)) is not None
+    return block_may_nest_too_deep(block)
+
+
+def block_may_nest_too_deep(block: bytes) -> bool:
+    """False when no line of ``block`` holds enough brackets to nest deeper than allowed."""
+    brackets = b"\n" + block.translate(None, _NOT_BRACKETS_OR_NEWLINE)
+    return _TOO_MANY_BRACKETS.search(brackets) is not None
 
 
 def depth_exceeds(line: bytes) -> bool:
@@ -60,7 +68,7 @@ def depth_exceeds(line: bytes) -> bool:
     if len(line) <= 2 * MAX_DEPTH + 1 or line.count(b"[") + line.count(b"{") <= MAX_DEPTH:
         return False
     depth = deepest = 0
-    for c in _STRING.sub(b'""', line).translate(_IDENTITY, _NOT_BRACKETS):
+    for c in _STRING.sub(b'""', line).translate(None, _NOT_BRACKETS):
         if c in (91, 123):  # [ {
             depth += 1
             deepest = max(deepest, depth)

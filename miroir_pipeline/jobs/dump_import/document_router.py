@@ -4,16 +4,22 @@ per-node buffers.
 Only the primary key (and a stray ``_miroir_shard``) is decoded; every other field is checked
 by msgspec's JSON scanner but never becomes a Python object, and the document bytes are
 forwarded as they are, with the shard spliced in after the opening brace. Block-level checks
-(UTF-8 via Arrow's SIMD validator, CR, leading bytes) let ordinary blocks take a loop with no
-per-line special cases; anything unusual takes the careful per-line path. What every target
-would refuse (nesting too deep, a duplicated primary-key field) is caught here with C-speed
-pre-filters, so such a line fails alone and names its line instead of failing a node's batch.
+(UTF-8 via Arrow's validator, CR, over-long lines) come first. An ordinary block — every line
+one plain document — is then routed as a whole with C-level passes and no per-document Python
+loop: one msgspec ``decode_lines`` call for all primary keys, one match over all key texts,
+hashes and tags over lists (``_route_block``). Anything unusual in a block sends it to the
+per-line loop and, line by line, to the careful path. What every target would refuse (nesting
+too deep, a duplicated primary-key field, a ``_vectors`` that is not an object) is caught here,
+so such a line fails alone and names its line instead of failing a node's batch.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
@@ -22,6 +28,7 @@ import pyarrow as pa
 
 from miroir_pipeline.fleet.document_rules import (
     block_may_break_rules,
+    block_may_nest_too_deep,
     depth_exceeds,
     document_problem,
 )
@@ -34,6 +41,24 @@ _BOM = b"\xef\xbb\xbf"
 # Meilisearch's document id rules, checked inside msgspec's decoder (C) on the fast path;
 # the reason for a rejection is worded by routing.primary_key_text on the slow path.
 _PrimaryKey = int | Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]+$", max_length=511)]
+# The whole-block path checks all of a block's keys at once: their types, then their text (an
+# integer's decimal text is within the same characters) with one match over all of them, each
+# followed by a newline (and no newline in any of them).
+_KEY_TYPES = {int, str}
+_KEY_TEXTS = re.compile(r"(?:[A-Za-z0-9_-]{1,511}\n)*")
+_FIRST_BYTE = itemgetter(0)
+_LAST_BYTE = itemgetter(-1)
+
+
+class _AnObject(msgspec.Struct, gc=False):
+    """Any JSON object (its members are scanned and dropped): what ``_vectors`` must be."""
+
+
+class _Seen:
+    """What the whole-block decoder stores for a primary key: its value went to a list."""
+
+
+_SEEN = _Seen()
 
 
 @dataclass(frozen=True)
@@ -74,6 +99,35 @@ class DocumentRouter:
             rename={"pk": primary_key, "shard": SHARD_FIELD},
         )
         self._decode = msgspec.json.Decoder(strict).decode
+        # The whole-block decoder hands every top-level primary-key value (escaped spellings
+        # included) to a list, in order: one per document means no document holds the field
+        # twice. It refuses what the per-line path treats specially, so that such a block takes
+        # that path: a carried ``_miroir_shard`` (UnsetType never decodes) and a ``_vectors``
+        # that is not an object (which the per-line path explains).
+        self._block_keys: list[Any] = []
+        self._decode_lines: Any = None
+        if primary_key not in (SHARD_FIELD, "_vectors"):
+            plain: Any = msgspec.defstruct(
+                "PlainDocument",
+                [
+                    ("pk", _Seen),
+                    ("shard", msgspec.UnsetType, msgspec.UNSET),
+                    ("vectors", _AnObject, msgspec.UNSET),
+                ],
+                rename={"pk": primary_key, "shard": SHARD_FIELD, "vectors": "_vectors"},
+                gc=False,
+            )
+            self._decode_lines = msgspec.json.Decoder(
+                plain, dec_hook=_collector(self._block_keys)
+            ).decode_lines
+        #: Per node, which shards it receives (a byte per shard, padded to a 256-byte
+        #: translation table when the shard ids fit in a byte) and whether that is every shard,
+        #: for the whole-block path.
+        self._node_shards: list[tuple[bytes, bool]] = []
+        for node in range(len(router.node_ids)):
+            wanted = bytes(node in t for t in router.targets)
+            table = wanted.ljust(256, b"\0") if router.shards <= 256 else wanted
+            self._node_shards.append((table, 0 not in wanted))
         self._prefixes = shard_prefixes(router.shards)
         self._quoted_pk = orjson.dumps(primary_key)
         self._check_rules = True
@@ -126,26 +180,100 @@ class DocumentRouter:
             lines.pop()
         result = BlockResult(lines=len(lines))
         self._at_file_start = at_file_start
-        self._check_rules = block_may_break_rules(block, len(lines), self._quoted_pk)
         self._blank = 0
-        if self._plain(block, lines, at_file_start):
-            docs = self._route_fast(lines, invalid)
-        else:
-            docs = sum(self._route_careful(lines, i, invalid) for i in range(len(lines)))
+        valid = self._valid(block, lines)
+        docs = self._route_block(block, lines) if valid else -1
+        if docs < 0:
+            plain = valid and b"\r" not in block
+            self._check_rules = block_may_break_rules(block, len(lines), self._quoted_pk)
+            if plain:
+                docs = self._route_fast(lines, invalid)
+            else:
+                docs = sum(self._route_careful(lines, i, invalid) for i in range(len(lines)))
         result.documents = docs
         result.blank_lines = self._blank
         self.buffered_docs += docs
         self.buffered_bytes += len(block) * self._replicas
         return result
 
-    def _plain(self, block: bytes, lines: list[bytes], at_file_start: bool) -> bool:
-        """True when the block has no CR, no over-long line and is valid UTF-8 — checked with
-        C-speed passes over the whole block; the fast loop checks each line's first byte."""
-        if not block or b"\r" in block:
+    def _valid(self, block: bytes, lines: list[bytes]) -> bool:
+        """True when the block is not empty, has no over-long line and is valid UTF-8 — checked
+        with C-speed passes over the whole block. Such a block, unless the whole-block path takes
+        it, goes to the per-line loop when it holds no CR, else to the careful path."""
+        if not block:
             return False
         if len(block) > self.max_document_bytes and max(map(len, lines)) > self.max_document_bytes:
             return False
         return _utf8_valid(block)
+
+    def _route_block(self, block: bytes, lines: list[bytes]) -> int:
+        """The whole block in a few C-level passes, when every line is one plain document.
+
+        Returns -1, having changed nothing, when the block holds anything the per-line path must
+        look at: a line that does not start with ``{`` or end with ``}``, a line the decoder
+        refuses, a primary key that is not an integer or a string of 1-511 ``[A-Za-z0-9_-]``,
+        a document holding its primary-key field twice, too many brackets on a line, a
+        ``_miroir_shard``, or a ``_vectors`` that is not an object. The caller has checked that
+        the block is valid UTF-8 with no over-long line (a CR needs no check here: one that ends
+        a line fails the last-byte check, and one inside a line is JSON whitespace, which the
+        careful path keeps as well).
+
+        One document per line: a JSON value cannot continue from a line ending in ``}`` to the
+        next one starting with ``{`` (no ``}`` is followed by ``{`` inside a value, and strings
+        hold no raw newline), so each line starts a document; as many documents as lines means
+        each line holds exactly one. What it puts in the buffers is what the per-line loop
+        would: the same documents, keys, shards and tags, in the same order per node.
+        """
+        decode_lines = self._decode_lines
+        n = len(lines)
+        if decode_lines is None or not n:
+            return -1
+        if not all(lines) or set(map(_FIRST_BYTE, lines)) != {123}:
+            return -1  # a blank line, a BOM, leading whitespace or not an object
+        if set(map(_LAST_BYTE, lines)) != {125}:
+            return -1
+        seen = self._block_keys
+        try:
+            docs = decode_lines(block)
+        except (ValueError, RecursionError):  # msgspec's errors are ValueErrors too
+            seen.clear()
+            return -1
+        pks = seen.copy()
+        seen.clear()
+        if len(docs) != n or len(pks) != n or set(map(type, pks)) - _KEY_TYPES:
+            return -1
+        try:
+            texts = list(map(format, pks))
+        except ValueError:  # an integer too long to print; the per-line path words it
+            return -1
+        joined = "\n".join(texts)
+        if joined.count("\n") != n - 1 or _KEY_TEXTS.fullmatch(joined + "\n") is None:
+            return -1
+        if block_may_nest_too_deep(block):
+            return -1
+        shards = self.router.shard_many(texts)
+        # shard_tag.tag for a document without a tag: the opening brace becomes the prefix
+        # (every line starts with it), one copy per document.
+        prefixes = map(self._prefixes.__getitem__, shards)
+        out = list(map(bytes.replace, lines, repeat(b"{"), prefixes, repeat(1)))
+        # Per node, one flag per document (a byte string translated from the shards when they
+        # fit in bytes); nodes that get every shard take the lists whole.
+        by_shard = bytes(shards) if self.router.shards <= 256 else None
+        for node, (wanted, every) in enumerate(self._node_shards):
+            if every:
+                self.buffers[node] += out
+                self.keys[node] += pks
+                self.shards[node] += shards
+            elif 1 in wanted:
+                picks: Any
+                if by_shard is None:
+                    picks = list(map(wanted.__getitem__, shards))
+                else:
+                    picks = by_shard.translate(wanted)
+                self.buffers[node] += compress(out, picks)
+                self.keys[node] += compress(pks, picks)
+                self.shards[node] += compress(shards, picks)
+        return n
 
     def _route_fast(self, lines: list[bytes], invalid: list[InvalidLine], base: int = -1) -> int:
         """The per-document loop; lines that are not plain ``{...}`` go to the careful path."""
@@ -233,6 +361,17 @@ class DocumentRouter:
     def _invalid(lines: list[bytes], i: int, reason: str) -> InvalidLine:
         offset = sum(len(x) for x in lines[:i]) + i
         return InvalidLine(line_in_block=i, offset_in_block=offset, reason=reason, raw=lines[i])
+
+
+def _collector(values: list[Any]) -> Any:
+    """The whole-block decoder's hook: each primary-key value it meets goes to ``values``."""
+    append = values.append
+
+    def seen(_type: type, value: Any) -> _Seen:
+        append(value)
+        return _SEEN
+
+    return seen
 
 
 def _utf8_valid(block: bytes) -> bool:
