@@ -35,8 +35,8 @@ __all__ = ["add_parser", "run"]
 
 DESCRIPTION = (
     "Plan a dump import while worker processes started for it load Dagster; they run each "
-    "chunk as a Dagster run while a progress bar follows the bytes, then print the totals. Exits 0 only when every "
-    "chunk completed. Ctrl-C or SIGTERM hands the running chunks back at their cursors; "
+    "chunk as a Dagster run while a progress bar follows the bytes, then print the totals. "
+    "Exits 0 only when every chunk completed. Ctrl-C or SIGTERM hands the running chunks back at their cursors; "
     "--resume JOB_ID carries on from there. Dagster's own output goes to a log file under "
     "./.miroir/logs named in the summary (to stderr at --log-level debug)."
 )
@@ -167,17 +167,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return _run_and_report(args, store, parent_id, logs, plan=plan)
-    except Refused as exc:
+    except runtime.PlanRefused as exc:
         logs.discard()
-        raise exc.reason from None
-
-
-class Refused(Exception):
-    """Planning refused the import (bad input or configuration); nothing was queued."""
-
-    def __init__(self, reason: BaseException) -> None:
-        super().__init__(str(reason))
-        self.reason = reason
+        raise (exc.__cause__ or exc) from None  # the refusal itself, worded as raised
 
 
 def _request(args: argparse.Namespace) -> DumpImportRequest:
@@ -262,7 +254,8 @@ def _run_and_report(
     """Run the parent's chunks in worker processes, then print the summary; the exit status.
 
     With ``plan``, the parent does not exist yet: the workers start first, and ``plan`` makes
-    the parent while they load (a refusal raises :class:`Refused` once they are stopped)."""
+    the parent while they load (a refusal raises :class:`runtime.PlanRefused` once they are
+    stopped)."""
     from miroir_pipeline.jobs.dump_import.params import is_invalid_document_error
     from miroir_pipeline.queue.contract import JobState
 
@@ -275,13 +268,14 @@ def _run_and_report(
             try:
                 plan()
             except (ValueError, OSError, RuntimeError) as exc:
-                raise Refused(exc) from exc
+                raise runtime.PlanRefused(str(exc)) from exc
         planned.append(store.parent_summary(parent_id))
         return _watch(store, planned[0], procs, stop, mode=mode)
 
-    if plan is None and store.parent_summary(parent_id).parent.state == JobState.COMPLETED:
-        planned.append(store.parent_summary(parent_id))
-        outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(planned[0], None, 0)
+    finished = store.parent_summary(parent_id) if plan is None else None
+    if finished is not None and finished.parent.state == JobState.COMPLETED:
+        planned.append(finished)
+        outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(finished, None, 0)
     else:
         outcome = runtime.run_workers_for(
             parent_id, args.workers, watch, store=store, logs=logs, planning=plan is not None

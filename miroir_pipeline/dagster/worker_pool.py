@@ -9,12 +9,11 @@ resource of its run, hands itself back at its next batch boundary.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -23,6 +22,7 @@ from typing import Any
 import dagster as dg
 
 from miroir_pipeline import metrics
+from miroir_pipeline.dagster.instance import home_lock
 from miroir_pipeline.dagster.names import (
     DEFAULT_KEY_PREFIX,
     POOL_CHUNK_RUN,
@@ -48,18 +48,13 @@ from miroir_pipeline.queue.shutdown import Shutdown
 __all__ = ["Worker", "WorkerStats"]
 
 
-@contextlib.contextmanager
-def _home_lock(instance: dg.DagsterInstance, name: str) -> Iterator[None]:
-    """An exclusive lock file in the instance's home when it has a local one; else nothing."""
+def _report_lock(instance: dg.DagsterInstance) -> contextlib.AbstractContextManager[None]:
+    """The lock workers sharing a local Dagster home take to record a parent; none without one."""
     try:
         root = Path(instance.root_directory)
     except Exception:  # an instance without a local home
-        yield
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / name).open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
+        return contextlib.nullcontext()
+    return home_lock(root, ".miroir-report.lock")
 
 #: How often a worker refreshes the queue depth it serves (between chunks, while idle).
 QUEUE_DEPTH_EVERY_S = 5.0
@@ -185,7 +180,7 @@ class Worker:
         from miroir_pipeline.dagster.parent_reports import record_parent
 
         try:
-            with _home_lock(self.instance, ".miroir-report.lock"):
+            with _report_lock(self.instance):
                 record_parent(
                     self.defs, self.instance, self.parent_id, key_prefix=self.names.key_prefix, store=self.store
                 )
