@@ -48,7 +48,7 @@ from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, Inv
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import JobState
-from miroir_pipeline.sources import iter_range_blocks, resolve_dump
+from miroir_pipeline.sources import iter_line_blocks, resolve_dump
 
 PAYLOAD = 20 * c.MIB
 LAYOUTS = {"single": [[0]], "fleet": [[0], [1, 2]]}
@@ -72,14 +72,8 @@ def preroute(dump: Path, topo: Topology) -> list[bytes]:
     dr = DocumentRouter(router, "id", 100 * c.MIB)
     invalid: list[InvalidLine] = []
     ref = resolve_dump(str(dump), None)
-    leftover = b""
-    for data in iter_range_blocks(ref, 0, ref.size, 4 * c.MIB):
-        buf = leftover + data
-        cut = buf.rfind(b"\n")
-        leftover = buf[cut + 1 :]
-        dr.route_block(buf[: cut + 1], at_file_start=False, invalid=invalid)
-    if leftover:
-        dr.route_block(leftover, at_file_start=False, invalid=invalid)
+    for data, _at, end, _overlong in iter_line_blocks(ref, 0, ref.size, 4 * c.MIB):
+        dr.route_block(data, at_file_start=False, invalid=invalid, end=end)
     if invalid:
         raise SystemExit(f"invalid lines in the sample dump: {invalid[0]}")
     return [b"\n".join(b.lines) + b"\n" if b.lines else b"" for b in dr.take_buffers()]

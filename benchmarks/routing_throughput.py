@@ -5,8 +5,8 @@ one process, hash ``xxh64(pk + 0xFF) % 64`` the same way, put ``_miroir_shard`` 
 document and append it to the buffer of its node (topology: 1 group x 3 local nodes, RF 1,
 S 64); every 10,000 documents the buffers are taken and dropped, as a flush would.
 
-- routed: 4 MiB blocks via ``sources.iter_range_blocks`` (what ``process_dump_chunk`` reads),
-  cut at the last newline, ``route_block`` on each, ``take_buffers()`` at the batch size;
+- routed: 4 MiB line-aligned blocks via ``sources.iter_line_blocks`` and ``route_block`` on
+  each in place, as ``process_dump_chunk`` reads and routes, ``take_buffers()`` at the batch size;
 - naive: ``for line in file``, ``json.loads``, set ``_miroir_shard``, ``json.dumps``.
 
 Prints MB/s of each (median of ``--repeat`` interleaved passes, file in the page cache) and
@@ -36,7 +36,7 @@ import _common as c
 from miroir_pipeline.fleet.routing import SHARD_FIELD, Router
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
-from miroir_pipeline.sources import iter_range_blocks, resolve_dump
+from miroir_pipeline.sources import iter_line_blocks, resolve_dump
 
 BLOCK = 4 * c.MIB
 BATCH_DOCS = 10_000
@@ -65,22 +65,11 @@ def routed(path: Path, router: Router) -> list[int]:
     """The pipeline's hot path over the whole file; returns documents per node."""
     ref = resolve_dump(str(path), None)
     dr = DocumentRouter(router, "id", 100 * c.MIB)
-    leftover = b""
-    pos = 0
     invalid: list[InvalidLine] = []
-    for data in iter_range_blocks(ref, 0, ref.size, BLOCK):
-        buf = leftover + data if leftover else data
-        cut = buf.rfind(b"\n")
-        if cut < 0:
-            leftover = buf
-            continue
-        block, leftover = buf[: cut + 1], buf[cut + 1 :]
-        dr.route_block(block, at_file_start=pos == 0, invalid=invalid)
-        pos += len(block)
+    for data, at, end, _overlong in iter_line_blocks(ref, 0, ref.size, BLOCK):
+        dr.route_block(data, at_file_start=at == 0, invalid=invalid, end=end)
         if dr.buffered_docs >= BATCH_DOCS:
             dr.take_buffers()  # handed to the writers and dropped
-    if leftover:
-        dr.route_block(leftover, at_file_start=pos == 0, invalid=invalid)
     dr.take_buffers()
     if invalid:
         raise SystemExit(

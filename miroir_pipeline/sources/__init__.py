@@ -7,7 +7,12 @@ be read by range, so they are staged first as plain NDJSON (:mod:`.staging`,
 :mod:`.meili_dump`); :mod:`.split` cuts a dump into line-aligned ranges.
 """
 
-from miroir_pipeline.sources.ranges import BLOCK_SIZE, iter_range_blocks, open_range
+from miroir_pipeline.sources.ranges import (
+    BLOCK_SIZE,
+    LineBlock,
+    iter_line_blocks,
+    open_range,
+)
 from miroir_pipeline.sources.resolve import DumpRef, DumpSourceError, resolve_dump
 from miroir_pipeline.sources.staging import DumpKind, StagedDump, stage_dump
 
@@ -16,8 +21,9 @@ __all__ = [
     "DumpKind",
     "DumpRef",
     "DumpSourceError",
+    "LineBlock",
     "StagedDump",
-    "iter_range_blocks",
+    "iter_line_blocks",
     "open_range",
     "resolve_dump",
     "stage_dump",

@@ -7,14 +7,14 @@ cursor directly.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 from miroir_pipeline.sources.resolve import DumpRef, DumpSourceError, access_error
 
-__all__ = ["BLOCK_SIZE", "iter_range_blocks", "open_range"]
+__all__ = ["BLOCK_SIZE", "LineBlock", "iter_line_blocks", "open_range"]
 
 #: Read size for dump bytes: big enough that per-call overhead vanishes, even on object stores.
 BLOCK_SIZE = 8 * 1024 * 1024
@@ -106,19 +106,61 @@ def open_range(
     return io.BufferedReader(_RangeRaw(source, start, end), buffer_size=block_size)
 
 
-def iter_range_blocks(
-    ref: DumpRef, start: int, end: int, block_size: int = BLOCK_SIZE
-) -> Iterator[bytes]:
-    """Yield bytes ``[start, end)`` of the dump as consecutive blocks of up to ``block_size``."""
+class LineBlock(NamedTuple):
+    """Bytes read at dump offset ``at``, of which ``data[:end]`` are whole lines (the rest is read
+    again with the next block). When ``overlong`` is set, ``data`` is the head of one line longer
+    than the limit, and ``end`` is how far that line reaches (past its newline): none of it can
+    be routed."""
+
+    data: bytes
+    at: int
+    end: int
+    overlong: bool = False
+
+
+def iter_line_blocks(
+    ref: DumpRef, start: int, end: int, block_size: int = BLOCK_SIZE, max_line: int = 100 << 20
+) -> Generator[LineBlock, None, None]:
+    """Line-aligned blocks of ``[start, end)`` (``start`` at a line start): every read begins at
+    a line start, so the caller routes ``data[:end]`` in place, with no joining of a carried
+    partial line and no copy of the block. The range's last line may lack its newline. A line
+    longer than ``block_size`` is read whole in a bigger block; one longer than ``max_line`` is
+    skipped (an ``overlong`` block) up to its newline."""
     _check_range(ref, start, end)
     with ref.filesystem.open_input_file(ref.path) as source:
         pos = start
         while pos < end:
-            block = source.read_at(min(block_size, end - pos), pos)
-            if not block:
-                raise DumpSourceError(
-                    f"dump {ref.uri!r} ended at byte {pos}, before the expected {end}; "
-                    "was it truncated or replaced while importing?"
-                )
-            pos += len(block)
-            yield block
+            size = min(block_size, end - pos)
+            while True:
+                data = _read_at(source, ref, size, pos)
+                cut = data.rfind(b"\n") + 1
+                if not cut and pos + len(data) == end:
+                    cut = len(data)  # the range's last line, without a newline
+                if cut or len(data) > max_line:
+                    break
+                size = min(size * 2, end - pos, max_line + 1)
+            if cut:
+                yield LineBlock(data, pos, cut)
+                pos += cut
+                continue
+            # A line over the limit: find where it ends without holding it.
+            skip = len(data)
+            while pos + skip < end:
+                more = _read_at(source, ref, min(block_size, end - pos - skip), pos + skip)
+                nl = more.find(b"\n")
+                if nl >= 0:
+                    skip += nl + 1
+                    break
+                skip += len(more)
+            yield LineBlock(data[:256], pos, skip, overlong=True)
+            pos += skip
+
+
+def _read_at(source: pa.NativeFile, ref: DumpRef, size: int, pos: int) -> bytes:
+    data = source.read_at(size, pos)
+    if not data:
+        raise DumpSourceError(
+            f"dump {ref.uri!r} ended at byte {pos}, before the expected {pos + size}; "
+            "was it truncated or replaced while importing?"
+        )
+    return bytes(data)

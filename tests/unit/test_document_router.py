@@ -153,3 +153,69 @@ def test_nested_fields_named_like_the_primary_key_are_fine() -> None:
     block = b'{"id":1,"author":{"id":9},"tags":[{"id":2}]}\n{"id":2,"t":"\\u00e9"}\n'
     _, invalid, n, _ = route(block)
     assert (n, invalid) == (2, [])
+
+
+# Lines the whole-block path takes, and every kind of line that must send a block to the
+# per-line path instead (blank, BOM, CR, whitespace, bad JSON, bad or duplicated keys, a carried
+# tag, deep nesting, bad UTF-8, a stray _vectors), so that mixed blocks exercise the hand-over.
+_LINE = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(lambda i: b'{"id":%d,"t":"\xc3\xa9x"}' % i),
+    st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True).map(lambda s: orjson.dumps({"id": s, "n": {"id": 1}})),
+    st.sampled_from(
+        [
+            b"",
+            b"  ",
+            b'\xef\xbb\xbf{"id":"bom"}',
+            b'{"id":"cr"}\r',
+            b' {"id":"ws"} ',
+            b'{"id":"dup","id":"dup2"}',
+            b'{"\\u0069d":"esc"}',
+            b'{"id":"tagged","_miroir_shard":3}',
+            b'{"id":"v","_vectors":{"m":[1,2]}}',
+            b'{"id":"v2","_vectors":[1]}',
+            b'{"id":"bad key"}',
+            b'{"id":1.5}',
+            b'{"id":"x"',
+            b"[1,2]",
+            b'{"id":"utf","t":"\xff"}',
+            b'{"id":"deep","x":' + b"[" * 200 + b"]" * 200 + b"}",
+            b'{"t":"no key"}',
+        ]
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(_LINE, min_size=1, max_size=25),
+    last_newline=st.booleans(),
+    tail=st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")),
+    first=st.booleans(),
+)
+def test_property_block_routed_in_place_matches_the_per_line_path(
+    lines: list[bytes], last_newline: bool, tail: bytes, first: bool
+) -> None:
+    """Routing ``block[:end]`` of a longer read, whole-block path allowed, puts exactly what the
+    per-line path puts for ``block`` alone: documents, keys, shards, invalid lines and counts."""
+    block = b"\n".join(lines) + (b"\n" if last_newline or tail else b"")
+    oracle = DocumentRouter(Router(TOPO), "id", 1 << 20)
+    oracle._decode_lines = None  # the per-line path only
+    want_invalid: list[InvalidLine] = []
+    want = oracle.route_block(block, at_file_start=first, invalid=want_invalid)
+    dr = DocumentRouter(Router(TOPO), "id", 1 << 20)
+    got_invalid: list[InvalidLine] = []
+    got = dr.route_block(block + tail, at_file_start=first, invalid=got_invalid, end=len(block))
+    assert (got.documents, got.blank_lines, got.lines) == (want.documents, want.blank_lines, want.lines)
+    assert got_invalid == want_invalid
+    assert dr.buffers == oracle.buffers and dr.keys == oracle.keys and dr.shards == oracle.shards
+    assert [type(k) for keys in dr.keys for k in keys] == [type(k) for keys in oracle.keys for k in keys]
+    assert dr.buffered_bytes == oracle.buffered_bytes
+
+
+def test_ordinary_block_takes_the_whole_block_path_in_place() -> None:
+    """The in-place path really is taken for an ordinary block (not the per-line fallback)."""
+    block = b"".join(b'{"id":%d,"t":"\xc3\xa9"}\n' % i for i in range(100))
+    dr = DocumentRouter(Router(TOPO), "id", 1 << 20)
+    dr._route_fast = None  # type: ignore[assignment,method-assign]  # any fallback would fail
+    res = dr.route_block(block + b'{"id":100,"t":"', at_file_start=True, invalid=[], end=len(block))
+    assert res.documents == 100 and sum(dr.per_node_docs) == 200

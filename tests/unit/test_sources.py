@@ -21,11 +21,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from miroir_pipeline.sources import (
     DumpRef,
     DumpSourceError,
-    iter_range_blocks,
+    iter_line_blocks,
     open_range,
     resolve_dump,
     stage_dump,
@@ -268,19 +270,69 @@ def test_open_range_readline_stops_at_end_and_seeks_absolute(dump: Path) -> None
         assert bytes(buf[:n]) == DOCS
 
 
-def test_iter_range_blocks(dump: Path) -> None:
+def test_iter_line_blocks_reads_whole_lines_where_they_lie(dump: Path) -> None:
     ref = resolve_dump(str(dump), None)
-    blocks = list(iter_range_blocks(ref, 3, 10_003, block_size=4096))
-    assert b"".join(blocks) == DOCS[3:10_003]
-    assert [len(b) for b in blocks[:-1]] == [4096] * (len(blocks) - 1)
-    assert list(iter_range_blocks(ref, 5, 5)) == []
+    start = DOCS.index(b"\n", 3) + 1
+    stop = DOCS.index(b"\n", 10_000) + 1
+    blocks = list(iter_line_blocks(ref, start, stop, block_size=4096))
+    pos = start
+    for block in blocks:
+        assert block.at == pos and not block.overlong
+        assert block.data == DOCS[pos : pos + len(block.data)], "bytes as they are in the dump"
+        assert len(block.data) <= 4096 and block.data[: block.end].endswith(b"\n")
+        pos += block.end
+    assert pos == stop and len(blocks) > 2
+    assert list(iter_line_blocks(ref, 5, 5)) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=30),
+    last_newline=st.booleans(),
+    block_size=st.integers(min_value=1, max_value=120),
+    slack=st.integers(min_value=0, max_value=150),
+)
+@example(lengths=[5, 0], last_newline=True, block_size=5, slack=0)  # a line exactly at the limit
+@example(lengths=[9, 2], last_newline=False, block_size=4, slack=4)  # one over, then the last line
+def test_property_iter_line_blocks_covers_the_range_and_skips_only_overlong_lines(
+    lengths: list[int], last_newline: bool, block_size: int, slack: int
+) -> None:
+    """Routable blocks and skipped lines tile the range exactly; a line is skipped exactly when
+    it is longer than the limit (the range's last line, without a newline, may instead be handed
+    over whole for the router to refuse)."""
+    max_line = block_size + slack
+    lines = [bytes([97 + i % 26]) * n for i, n in enumerate(lengths)]
+    data = b"\n".join(lines) + (b"\n" if last_newline else b"")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "d.jsonl"
+        path.write_bytes(data)
+        ref = resolve_dump(str(path), [tmp])
+        pos = 0
+        skipped = []
+        for block in iter_line_blocks(ref, 0, len(data), block_size=block_size, max_line=max_line):
+            assert block.at == pos and block.end > 0
+            if block.overlong:
+                assert block.data == data[pos : pos + len(block.data)][:256]
+                skipped.append(data[pos : pos + block.end])
+            else:
+                assert block.data == data[pos : pos + len(block.data)]
+                piece = block.data[: block.end]
+                assert piece.endswith(b"\n") or pos + block.end == len(data)
+            pos += block.end
+        assert pos == len(data)
+    complete = lines if last_newline else lines[:-1]
+    want = [line + b"\n" for line in complete if len(line) > max_line]
+    if skipped and not skipped[-1].endswith(b"\n"):
+        assert not last_newline and len(lines[-1]) > max_line
+        skipped.pop()
+    assert skipped == want
 
 
 def test_truncated_dump_is_reported_while_reading(dump: Path) -> None:
     ref = resolve_dump(str(dump), None)
     dump.write_bytes(DOCS[:100])
     with pytest.raises(DumpSourceError, match="truncated"):
-        list(iter_range_blocks(ref, 0, ref.size))
+        list(iter_line_blocks(ref, 0, ref.size))
 
 
 # --- staging --------------------------------------------------------------------------------

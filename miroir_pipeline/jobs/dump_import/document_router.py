@@ -168,22 +168,32 @@ class DocumentRouter:
 
     # -- routing ----------------------------------------------------------------------------
     def route_block(
-        self, block: bytes, *, at_file_start: bool, invalid: list[InvalidLine]
+        self, block: bytes, *, at_file_start: bool, invalid: list[InvalidLine], end: int | None = None
     ) -> BlockResult:
-        """Route every line of ``block`` (complete lines; the last may lack its newline).
+        """Route every line of ``block[:end]`` (complete lines; the last may lack its newline).
 
-        Invalid lines are appended to ``invalid`` (in order) and not routed; the caller decides
-        whether that stops the chunk.
+        ``end`` (default: all of it) lets a line-aligned read be routed in place: ``block[end:]``
+        is the start of the next read, and an ordinary block is never copied. Invalid lines are
+        appended to ``invalid`` (in order) and not routed; the caller decides whether that stops
+        the chunk.
         """
         lines = block.split(b"\n")
-        if lines and not lines[-1]:
-            lines.pop()
+        if end is None or end >= len(block):
+            end = len(block)
+            if lines and not lines[-1]:
+                lines.pop()
+        elif end <= 0:
+            end, lines = 0, []
+        else:
+            lines.pop()  # block[end:]: the next read's first line (block[end - 1] is a newline)
         result = BlockResult(lines=len(lines))
         self._at_file_start = at_file_start
         self._blank = 0
-        valid = self._valid(block, lines)
-        docs = self._route_block(block, lines) if valid else -1
+        valid = self._valid(block, lines, end)
+        docs = self._route_block(block, lines, end) if valid else -1
         if docs < 0:
+            if end < len(block):
+                block = block[:end]  # only the unusual blocks pay for a copy
             plain = valid and b"\r" not in block
             self._check_rules = block_may_break_rules(block, len(lines), self._quoted_pk)
             if plain:
@@ -193,21 +203,21 @@ class DocumentRouter:
         result.documents = docs
         result.blank_lines = self._blank
         self.buffered_docs += docs
-        self.buffered_bytes += len(block) * self._replicas
+        self.buffered_bytes += end * self._replicas
         return result
 
-    def _valid(self, block: bytes, lines: list[bytes]) -> bool:
-        """True when the block is not empty, has no over-long line and is valid UTF-8 — checked
-        with C-speed passes over the whole block. Such a block, unless the whole-block path takes
-        it, goes to the per-line loop when it holds no CR, else to the careful path."""
-        if not block:
+    def _valid(self, block: bytes, lines: list[bytes], end: int) -> bool:
+        """True when ``block[:end]`` is not empty, has no over-long line and is valid UTF-8 —
+        checked with C-speed passes over the whole block. Such a block, unless the whole-block
+        path takes it, goes to the per-line loop when it holds no CR, else to the careful path."""
+        if not end:
             return False
-        if len(block) > self.max_document_bytes and max(map(len, lines)) > self.max_document_bytes:
+        if end > self.max_document_bytes and max(map(len, lines)) > self.max_document_bytes:
             return False
-        return _utf8_valid(block)
+        return _utf8_valid(block, end)
 
-    def _route_block(self, block: bytes, lines: list[bytes]) -> int:
-        """The whole block in a few C-level passes, when every line is one plain document.
+    def _route_block(self, block: bytes, lines: list[bytes], end: int) -> int:
+        """``block[:end]`` in a few C-level passes, when every line is one plain document.
 
         Returns -1, having changed nothing, when the block holds anything the per-line path must
         look at: a line that does not start with ``{`` or end with ``}``, a line the decoder
@@ -234,7 +244,7 @@ class DocumentRouter:
             return -1
         seen = self._block_keys
         try:
-            docs = decode_lines(block)
+            docs = decode_lines(block if end == len(block) else memoryview(block)[:end])
         except (ValueError, RecursionError):  # msgspec's errors are ValueErrors too
             seen.clear()
             return -1
@@ -249,7 +259,7 @@ class DocumentRouter:
         joined = "\n".join(texts)
         if joined.count("\n") != n - 1 or _KEY_TEXTS.fullmatch(joined + "\n") is None:
             return -1
-        if block_may_nest_too_deep(block):
+        if block_may_nest_too_deep(block):  # block[end:] is part of a line: a wider net, still sound
             return -1
         shards = self.router.shard_many(texts)
         # shard_tag.tag for a document without a tag: the opening brace becomes the prefix
@@ -374,12 +384,12 @@ def _collector(values: list[Any]) -> Any:
     return seen
 
 
-def _utf8_valid(block: bytes) -> bool:
-    """UTF-8 validation of a whole block: pure ASCII is valid (a fast C scan); otherwise Arrow's
-    validator checks it without a copy or a str object."""
+def _utf8_valid(block: bytes, end: int) -> bool:
+    """UTF-8 validation of ``block[:end]``: pure ASCII is valid (a fast C scan of the whole
+    block); otherwise Arrow's validator checks the range without a copy or a str object."""
     if block.isascii():
         return True
-    offsets = pa.py_buffer(struct.pack("<ii", 0, len(block)))
+    offsets = pa.py_buffer(struct.pack("<ii", 0, end))
     try:
         pa.StringArray.from_buffers(1, offsets, pa.py_buffer(block)).validate(full=True)
     except pa.ArrowInvalid:

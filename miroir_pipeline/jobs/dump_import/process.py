@@ -26,7 +26,7 @@ from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue.contract import JobStore, Lease
 from miroir_pipeline.queue.lease import LeaseKeeper, run_under_lease
 from miroir_pipeline.queue.shutdown import Shutdown
-from miroir_pipeline.sources import DumpRef, iter_range_blocks, open_range, resolve_dump
+from miroir_pipeline.sources import DumpRef, iter_line_blocks, open_range, resolve_dump
 
 __all__ = ["process_dump_chunk"]
 
@@ -266,52 +266,25 @@ def _batches(
         batch_start = pos
         return done
 
-    blocks = iter_range_blocks(ref, cursor, params.end, settings.read_block_bytes)
+    blocks = iter_line_blocks(ref, cursor, params.end, settings.read_block_bytes, settings.max_document_bytes)
     try:
         pos = cursor  # file offset of the first byte not yet routed
-        leftover = b""
-        skipping_long_line = False
-        while True:
-            data = next(blocks, b"")
-            if not data:
-                if not leftover or skipping_long_line:
-                    break
-                block, leftover = leftover, b""
-            else:
-                buf = leftover + data if leftover else data
-                cut = buf.rfind(b"\n")
-                if skipping_long_line:
-                    if cut < 0:
-                        pos += len(buf)
-                        leftover = b""
-                        continue
-                    first_nl = buf.find(b"\n")
-                    pos += first_nl + 1
-                    buf = buf[first_nl + 1 :]
-                    cut = buf.rfind(b"\n")
-                    skipping_long_line = False
-                if cut < 0:
-                    leftover = buf
-                    if len(leftover) > settings.max_document_bytes:
-                        bad = InvalidLine(
-                            0, 0, f"line is longer than the {settings.max_document_bytes}-byte document limit", leftover[:256]
-                        )
-                        _handle_invalid(params, line_counter, pos, [bad], dead, report)
-                        pos += len(leftover)
-                        leftover = b""
-                        skipping_long_line = True
-                    continue
-                block, leftover = buf[: cut + 1], buf[cut + 1 :]
+        for data, _at, end, overlong in blocks:  # _at == pos: blocks follow each other
+            if overlong:
+                bad = InvalidLine(0, 0, f"line is longer than the {settings.max_document_bytes}-byte document limit", data)
+                _handle_invalid(params, line_counter, pos, [bad], dead, report)
+                pos += end
+                continue
             invalid: list[InvalidLine] = []
-            result = doc_router.route_block(block, at_file_start=pos == 0, invalid=invalid)
+            result = doc_router.route_block(data, at_file_start=pos == 0, invalid=invalid, end=end)
             if invalid:
                 _handle_invalid(params, line_counter, pos, invalid, dead, report)
-            line_counter.advance(pos, pos + len(block), result.lines)
+            line_counter.advance(pos, pos + end, result.lines)
             blank_lines += result.blank_lines
             report.documents += result.documents
-            metrics.DUMP_IMPORT_BYTES_READ.inc(len(block))
+            metrics.DUMP_IMPORT_BYTES_READ.inc(end)
             metrics.DUMP_IMPORT_DOCUMENTS_ROUTED.inc(result.documents)
-            pos += len(block)
+            pos += end
             if (
                 doc_router.buffered_docs >= settings.batch_size
                 or doc_router.buffered_bytes >= settings.effective_batch_bytes
@@ -319,9 +292,7 @@ def _batches(
                 yield batch(pos)
         yield batch(pos, final=True)
     finally:
-        close = getattr(blocks, "close", None)
-        if close is not None:
-            close()
+        blocks.close()
 
 
 class _LineCounter:
