@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -57,9 +58,14 @@ def run_import(
         if chunk_size:
             cmd += ["--chunk-size", chunk_size]
         load = c.loadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
         wall = time.monotonic() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU of the command and every worker it waited for: how many of the box's cores the
+        # import kept busy (a second worker can only add what the first left idle).
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         if proc.returncode != 0:
             raise SystemExit(
                 f"import exited {proc.returncode}: {proc.stderr[-2000:]}{proc.stdout[-2000:]}"
@@ -77,6 +83,8 @@ def run_import(
     return {
         "wall_s": wall,
         "mb_s": size / 1e6 / wall,
+        "cpu_s": round(cpu, 1),
+        "cores_busy": round(cpu / wall, 2),
         "cli_mb_s": out["mb_per_s"],
         "chunks": out["chunks"],
         "load": load,
@@ -164,7 +172,7 @@ def main() -> None:
                         r = runs[-1]
                         print(
                             f"  {c.fmt_size(size)} {backend:6s} {w} worker(s): {r['mb_s']:6.1f} MB/s wall "
-                            f"({r['wall_s']:.1f} s; CLI {r['cli_mb_s']} MB/s; load {r['load']:.2f})"
+                            f"({r['wall_s']:.1f} s; CLI {r['cli_mb_s']} MB/s; {r['cores_busy']} cores busy; load {r['load']:.2f})"
                         )
                     mbs = c.median([r["mb_s"] for r in runs])
                     base = base if base is not None else mbs
@@ -177,6 +185,8 @@ def main() -> None:
                         "cli_mb_s": c.median([r["cli_mb_s"] for r in runs]),
                         "wall_s": round(c.median([r["wall_s"] for r in runs]), 1),
                         "vs_1_worker": round(mbs / base, 2),
+                        "cores_busy": c.median([r["cores_busy"] for r in runs]),
+                        "cpu_s_per_gb": round(c.median([r["cpu_s"] for r in runs]) / (size / 1e9), 1),
                         "all_mb_s": [round(r["mb_s"], 1) for r in runs],
                     }
                     res.add(**row)
@@ -195,6 +205,8 @@ def main() -> None:
             "cli_mb_s",
             "wall_s",
             "vs_1_worker",
+            "cores_busy",
+            "cpu_s_per_gb",
             "all_mb_s",
             "load1",
         ],

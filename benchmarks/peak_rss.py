@@ -3,17 +3,21 @@
 For each chunk size a fresh job store (SQLite) and 3 fresh local node stores are planned over
 the same ~1 KiB-document dump (``plan_dump_import``, in this process); then a subprocess
 claims the first chunk (a full ``chunk_size`` range) and processes it with
-``process_dump_chunk`` under default settings (``memory_buffer_bytes`` 128 MiB, 4 MiB reads).
+``process_dump_chunk`` under default settings (``memory_buffer_bytes`` 128 MiB, 4 MiB reads),
+or with ``--memory-buffer``.
 Its peak RSS is ``ru_maxrss`` from ``os.wait4`` on that child (the per-child form of
 ``getrusage(RUSAGE_CHILDREN)``). Baseline in the same run: the same subprocess that imports
 everything and opens the store and targets but processes nothing.
 
-``--local-cache-kib N`` shrinks each local node store's SQLite page cache (default 64 MiB per
-node, 3 nodes), to show how much of the growth is that cache rather than the pipeline.
+``--local-cache-kib N`` sets each local node store's SQLite page cache (the store's default is
+8 MiB per node, 3 nodes), to show how much of the peak is that cache rather than the pipeline.
 
-Goal: 64 MiB vs 512 MiB chunks within 20 %, and flat within 20 % up to 1 GiB.
+Goal: flat within 20 % from 64 MiB to 1 GiB chunks with the window full. Under the default
+128 MiB buffer a 64 MiB chunk ends before its window fills (it never holds more than itself);
+``--memory-buffer 32MiB`` (8 MiB batches, a 24 MiB window) is filled by every chunk size.
 
     .venv/bin/python benchmarks/peak_rss.py [--quick] [--chunk-sizes 64MiB,256MiB,512MiB,1GiB]
+        [--memory-buffer 32MiB] [--local-cache-kib N]
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from miroir_pipeline.jobs.dump_import import process_dump_chunk
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.fleet.topology import load_topology
 
-root, chunk_id, mode, cache_kib = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5])
+root, chunk_id, mode, cache_kib, buffer = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5]), int(sys.argv[6])
 store = open_store(f"sqlite:///{root}/jobs.sqlite3", migrate=False)
 local = {"cache_size_kib": cache_kib} if cache_kib > 0 else None
 targets = open_targets(load_topology(f"{root}/topology.yaml"), local_options=local)
-settings = PipelineSettings(allowed_roots=[sys.argv[4]], staging_dir=f"{root}/staging", dead_letter_dir=f"{root}/dlq")
+sized = {"memory_buffer_bytes": buffer} if buffer > 0 else {}
+settings = PipelineSettings(allowed_roots=[sys.argv[4]], staging_dir=f"{root}/staging", dead_letter_dir=f"{root}/dlq", **sized)
 if mode == "process":
     lease = store.claim_by_id(chunk_id, "rss-bench")
     report = process_dump_chunk(store, lease, targets, settings)
@@ -63,14 +68,14 @@ def plan(root: Path, dump: Path, chunk_size: int) -> tuple[str, int]:
 
 
 def run_child(
-    root: Path, chunk_id: str, mode: str, dump_dir: Path, cache_kib: int = 0
+    root: Path, chunk_id: str, mode: str, dump_dir: Path, cache_kib: int = 0, buffer: int = 0
 ) -> tuple[int, str]:
     """Run the child and reap it with ``os.wait4`` to read its own ``ru_maxrss`` (KiB on Linux)."""
     env = {**os.environ, "PYTHONPATH": str(c.REPO_ROOT)}
     out_path = root / f"child-{mode}.out"
     err_path = root / f"child-{mode}.err"
     with out_path.open("wb") as out, err_path.open("wb") as err:
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", CHILD, str(root), chunk_id, mode, str(dump_dir), str(cache_kib)], env,
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-c", CHILD, str(root), chunk_id, mode, str(dump_dir), str(cache_kib), str(buffer)], env,
                              file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1), (os.POSIX_SPAWN_DUP2, err.fileno(), 2)])  # fmt: skip
         _, status, usage = os.wait4(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -93,6 +98,12 @@ def main() -> None:
         help="diagnostic: SQLite page cache per local node store (default: the store's own, 64 MiB)",
     )
     ap.add_argument(
+        "--memory-buffer",
+        default="",
+        help="the chunk's memory buffer (default: the settings' own, 128 MiB); a buffer the "
+        "smallest chunk fills (e.g. 32MiB: 8 MiB batches, a 24 MiB window) is the window-full case",
+    )
+    ap.add_argument(
         "--quick", action="store_true", help="16MiB,64MiB,128MiB chunks of a 128MiB dump"
     )
     args = ap.parse_args()
@@ -100,13 +111,14 @@ def main() -> None:
         args.chunk_sizes = "16MiB,64MiB,128MiB"
     c.header("peak RSS of a worker process vs chunk size", args)
     sizes = c.parse_sizes(args.chunk_sizes)
+    buffer = c.parse_sizes(args.memory_buffer)[0] if args.memory_buffer else 0
     dump, _docs = c.sample_dump(max(sizes))
     res = c.Results("peak_rss", vars(args))
     with c.scratch_subdir("rss-idle") as root:
         chunk_id, _ = plan(root, dump, max(sizes))
         idle = c.median(
             [
-                run_child(root, chunk_id, "idle", dump.parent, args.local_cache_kib)[0]
+                run_child(root, chunk_id, "idle", dump.parent, args.local_cache_kib, buffer)[0]
                 for _ in range(args.repeat)
             ]
         )
@@ -123,7 +135,7 @@ def main() -> None:
         for _ in range(args.repeat):
             with c.scratch_subdir("rss-run") as root:
                 chunk_id, actual = plan(root, dump, size)
-                peak, out = run_child(root, chunk_id, "process", dump.parent, args.local_cache_kib)
+                peak, out = run_child(root, chunk_id, "process", dump.parent, args.local_cache_kib, buffer)
                 info = json.loads(out)
                 rss.append(peak)
         peaks[size] = c.median(rss)
