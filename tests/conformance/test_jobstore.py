@@ -476,11 +476,13 @@ def test_prune_deletes_old_finished_trees_only(store: JobStore) -> None:
 RACE_ROWS = 200
 
 
-def _race_worker(store: JobStore, worker: str, seed: int) -> dict[str, Any]:
+def _race_worker(store: JobStore, worker: str, seed: int, all_hold: Any) -> dict[str, Any]:
     """Claim until the queue is empty; release ~15 % of claims, complete the rest.
 
-    Records every lease as (job id, token, claimed_at, released_at) with monotonic
-    timestamps taken after the claim returned and before the hand-back was sent.
+    With its first lease a claimer waits at ``all_hold`` until every claimer holds one: each
+    one takes part, however the machine schedules them. Records every lease as (job id, token,
+    claimed_at, released_at) with monotonic timestamps taken after the claim returned and
+    before the hand-back was sent.
     """
     rng = random.Random(seed)
     leases: list[tuple[str, str, int, int]] = []
@@ -495,6 +497,8 @@ def _race_worker(store: JobStore, worker: str, seed: int) -> dict[str, Any]:
             continue
         idle = 0
         claimed_at = time.monotonic_ns()
+        if not leases:
+            all_hold.wait(timeout=60)
         time.sleep(rng.random() * 0.002)
         released_at = time.monotonic_ns()
         try:
@@ -509,11 +513,11 @@ def _race_worker(store: JobStore, worker: str, seed: int) -> dict[str, Any]:
     return {"leases": leases, "completed": completed, "lost": lost}
 
 
-def _race_process(dsn: str, worker: str, seed: int, out: str, start: Any) -> None:
+def _race_process(dsn: str, worker: str, seed: int, out: str, start: Any, all_hold: Any) -> None:
     store = open_store(dsn, migrate=False)
     try:
         start.wait(timeout=60)  # all claimers begin together
-        result = _race_worker(store, worker, seed)
+        result = _race_worker(store, worker, seed, all_hold)
     finally:
         store.close()
     Path(out).write_text(json.dumps(result))
@@ -546,11 +550,12 @@ def test_threads_racing_never_share_a_row(store: JobStore) -> None:
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
     start = threading.Barrier(8)
+    all_hold = threading.Barrier(8)
 
     def run(i: int) -> None:
         try:
             start.wait(timeout=30)
-            results.append(_race_worker(store, f"thread-{i}", seed=i))
+            results.append(_race_worker(store, f"thread-{i}", seed=i, all_hold=all_hold))
         except BaseException as exc:
             errors.append(exc)
 
@@ -570,8 +575,9 @@ def test_processes_racing_never_share_a_row(store: JobStore, jobs_dsn: str, tmp_
     ctx = multiprocessing.get_context("spawn")
     outs = [tmp_path / f"claimer-{i}.json" for i in range(4)]
     start = ctx.Barrier(len(outs))
+    all_hold = ctx.Barrier(len(outs))
     procs = [
-        ctx.Process(target=_race_process, args=(jobs_dsn, f"proc-{i}", i, str(out), start))
+        ctx.Process(target=_race_process, args=(jobs_dsn, f"proc-{i}", i, str(out), start, all_hold))
         for i, out in enumerate(outs)
     ]
     for p in procs:
