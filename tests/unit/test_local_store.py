@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from miroir_pipeline.fleet.routing import shard_for_key
 from miroir_pipeline.fleet.targets.base import IndexNotFound, TargetError
@@ -177,3 +180,39 @@ def test_factory_opens_a_local_store_per_node(tmp_path: Path) -> None:
     finally:
         for t in targets.values():
             t.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batches=st.lists(
+        st.lists(
+            st.tuples(
+                st.one_of(st.integers(0, 30), st.from_regex(r"[A-Za-z0-9_-]{1,12}", fullmatch=True)),
+                st.text(max_size=30),
+            ),
+            max_size=40,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_property_batches_land_as_a_last_write_wins_map(tmp_path: Path, batches: list[list[tuple[int | str, str]]]) -> None:
+    """Whatever the batches (keys repeated within and across them, non-ASCII text), the store
+    holds each key's last version, byte for byte, with its shard."""
+    store = LocalNodeStore("node-p", tmp_path / f"p-{uuid.uuid4().hex}")
+    try:
+        want: dict[str, tuple[bytes, int]] = {}
+        for number, batch in enumerate(batches):
+            lines = [json.dumps(doc(pk, v=number, t=text), ensure_ascii=False).encode() for pk, text in batch]
+            shards = [shard_for_key(pk, SHARDS) for pk, _ in batch]
+            store.write_routed("books", "id", lines, [pk for pk, _ in batch], shards)
+            for (pk, _), line, shard in zip(batch, lines, shards, strict=True):
+                want[str(pk)] = (line, shard)
+        assert store.count_documents("books") == len(want)
+        assert sorted(store.iter_documents("books")) == sorted(line for line, _ in want.values())
+        by_shard: dict[int, int] = {}
+        for _, shard in want.values():
+            by_shard[shard] = by_shard.get(shard, 0) + 1
+        assert store.count_by_shard("books") == by_shard
+    finally:
+        store.close()

@@ -16,12 +16,12 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from itertools import compress, repeat
-from operator import itemgetter
+from itertools import accumulate, compress
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import orjson
 
 from miroir_pipeline.fleet.document_rules import block_may_break_rules, document_problem
 from miroir_pipeline.fleet.routing import SHARD_FIELD
@@ -43,7 +43,6 @@ STORE_FILENAME = "store.sqlite3"
 
 _SQL = load_statements("local_store.sql")
 #: Rows are (index id, primary key, shard, document); they are written in key order.
-_BY_KEY = itemgetter(1)
 _SCHEMA = ("create_indexes_table", "create_documents_table", "create_documents_shard_index")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -328,13 +327,17 @@ class LocalNodeStore(NodeTarget):
         shards: Sequence[int],
         docs: Sequence[bytes],
     ) -> None:
-        """Upsert documents given as parallel sequences: the rows are built by C-level zip and
-        sort, with no per-document Python code (1.5x cheaper than the comprehension it replaced)."""
+        """Upsert documents given as parallel sequences, in one statement (see ``upsert_documents``
+        in the SQL file): its arguments are built by C-level calls, with no per-document Python."""
+        if not len(keys) == len(shards) == len(docs):
+            raise ValueError(f"{len(docs)} documents, {len(keys)} keys and {len(shards)} shards")
+        lengths = list(map(len, docs))
+        # accumulate yields one offset more than there are documents: zip stops at the lengths.
+        meta = orjson.dumps(list(zip(keys, shards, accumulate(lengths, initial=0), lengths, strict=False)))
+        blob = b"".join(docs)
         with self._write("write_documents", index_uid) as conn:
             idx = self._create_or_check(conn, index_uid, primary_key, None, update_settings=False)
-            # Inserting in key order touches b-tree pages in order: noticeably faster than random.
-            rows = sorted(zip(repeat(idx, len(keys)), keys, shards, docs, strict=True), key=_BY_KEY)
-            conn.executemany(_SQL["upsert_document"], rows)
+            conn.execute(_SQL["upsert_documents"], (idx, meta, blob))
 
     def index_exists(self, index_uid: str) -> bool:
         with self._read("index_exists", index_uid) as conn:
