@@ -99,6 +99,8 @@ def test_bom_only_accepted_on_the_first_line_of_the_file() -> None:
         (b'{"id":"n","x":' + b"[" * 300 + b"1" + b"]" * 300 + b"}", "deeper than 128"),
         (b'{"id":"n","x":' + b"[" * 100_000 + b"1" + b"]" * 100_000 + b"}", "deeper than 128"),
         (b'{"id":"v","_vectors":"x"}', "_vectors must be an object"),
+        (b'{"id":18446744073709551616}', "integer 18446744073709551616 is outside the 64-bit range"),
+        (b'{"id":-9223372036854775809}', "integer -9223372036854775809 is outside the 64-bit range"),
     ],
 )
 def test_invalid_lines_are_reported_with_position_and_reason(line: bytes, reason: str) -> None:
@@ -111,6 +113,12 @@ def test_invalid_lines_are_reported_with_position_and_reason(line: bytes, reason
     assert bad.offset_in_block == len(b'{"id":"before"}\n')
     assert bad.raw == line
     assert reason in bad.reason
+
+
+def test_64_bit_integer_ids_are_accepted_at_both_ends() -> None:
+    dr, invalid, n, _ = route(b'{"id":18446744073709551615}\n{"id":-9223372036854775808}\n')
+    assert invalid == [] and n == 2
+    assert sorted({k for keys in dr.keys for k in keys}) == [-(2**63), 2**64 - 1]
 
 
 def test_511_byte_key_is_accepted() -> None:
@@ -159,7 +167,7 @@ def test_nested_fields_named_like_the_primary_key_are_fine() -> None:
 # per-line path instead (blank, BOM, CR, whitespace, bad JSON, bad or duplicated keys, a carried
 # tag, deep nesting, bad UTF-8, a stray _vectors), so that mixed blocks exercise the hand-over.
 _LINE = st.one_of(
-    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(lambda i: b'{"id":%d,"t":"\xc3\xa9x"}' % i),
+    st.integers(min_value=-(2**65), max_value=2**65).map(lambda i: b'{"id":%d,"t":"\xc3\xa9x"}' % i),
     st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True).map(lambda s: orjson.dumps({"id": s, "n": {"id": 1}})),
     st.sampled_from(
         [

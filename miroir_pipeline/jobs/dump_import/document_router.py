@@ -15,6 +15,8 @@ so such a line fails alone and names its line instead of failing a node's batch.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import struct
 from dataclasses import dataclass
@@ -40,12 +42,15 @@ __all__ = ["BlockResult", "DocumentRouter", "InvalidLine", "RoutedBatch"]
 _BOM = b"\xef\xbb\xbf"
 # Meilisearch's document id rules, checked inside msgspec's decoder (C) on the fast path;
 # the reason for a rejection is worded by routing.primary_key_text on the slow path.
+# (msgspec cannot bound an integer beyond int64: the 64-bit range is checked after decoding.)
 _PrimaryKey = int | Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]+$", max_length=511)]
+_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
 # The whole-block path checks all of a block's keys at once: their types, then their text (an
 # integer's decimal text is within the same characters) with one match over all of them, each
 # followed by a newline (and no newline in any of them).
 _KEY_TYPES = {int, str}
 _KEY_TEXTS = re.compile(r"(?:[A-Za-z0-9_-]{1,511}\n)*")
+_IS_INT = int.__instancecheck__
 _FIRST_BYTE = itemgetter(0)
 _LAST_BYTE = itemgetter(-1)
 
@@ -250,8 +255,13 @@ class DocumentRouter:
             return -1
         pks = seen.copy()
         seen.clear()
-        if len(docs) != n or len(pks) != n or set(map(type, pks)) - _KEY_TYPES:
+        types = set(map(type, pks))
+        if len(docs) != n or len(pks) != n or types - _KEY_TYPES:
             return -1
+        if int in types:  # integer ids must fit in 64 bits (signed or unsigned), as Meilisearch's
+            ints = list(compress(pks, map(_IS_INT, pks)))
+            if min(ints) < _I64_MIN or max(ints) > _U64_MAX:
+                return -1
         try:
             texts = list(map(format, pks))
         except ValueError:  # an integer too long to print; the per-line path words it
@@ -315,7 +325,14 @@ class DocumentRouter:
                 invalid.append(self._explain(ctx, at, line))
                 continue
             pk = doc.pk
-            key = pk.encode() if type(pk) is str else b"%d" % pk
+            if type(pk) is str:
+                key = pk.encode()
+            elif _I64_MIN <= pk <= _U64_MAX:
+                key = b"%d" % pk
+            else:  # an integer id beyond 64 bits: Meilisearch refuses it
+                ctx, at = (lines, i) if base < 0 else (self._lines_ctx, base)
+                invalid.append(self._explain(ctx, at, line))
+                continue
             shard = shard_of_key(key)
             out = tag(line, shard, prefixes[shard], carries_tag=doc.shard is not unset)
             for node in targets[shard]:
@@ -358,8 +375,12 @@ class DocumentRouter:
             return self._invalid(lines, i, f"not a JSON object (a JSON {type(doc).__name__})")
         if self.primary_key not in doc:
             return self._invalid(lines, i, f"primary key {self.primary_key!r} is missing")
+        pk = doc[self.primary_key]
+        if type(pk) is float:  # orjson reads an integer beyond 64 bits as a float; json, exactly
+            with contextlib.suppress(ValueError):
+                pk = json.loads(line)[self.primary_key]
         try:
-            primary_key_text(doc[self.primary_key])
+            primary_key_text(pk)
         except InvalidPrimaryKey as exc:
             return self._invalid(lines, i, str(exc))
         problem = document_problem(line, self.primary_key, self._quoted_pk)
