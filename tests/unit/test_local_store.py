@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from miroir_pipeline.fleet.routing import shard_for_key
+from miroir_pipeline.fleet.targets import local_store
 from miroir_pipeline.fleet.targets.base import IndexNotFound, TargetError
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.fleet.targets.local_store import LocalNodeStore
@@ -196,9 +197,13 @@ def test_factory_opens_a_local_store_per_node(tmp_path: Path) -> None:
         max_size=4,
     )
 )
-def test_property_batches_land_as_a_last_write_wins_map(tmp_path: Path, batches: list[list[tuple[int | str, str]]]) -> None:
-    """Whatever the batches (keys repeated within and across them, non-ASCII text), the store
-    holds each key's last version, byte for byte, with its shard."""
+def test_property_batches_land_as_a_last_write_wins_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches: list[list[tuple[int | str, str]]]
+) -> None:
+    """Whatever the batches (keys repeated within and across them and across the pieces a
+    batch is written in, non-ASCII text), the store holds each key's last version, byte for
+    byte, with its shard."""
+    monkeypatch.setattr(local_store, "_PIECE_BYTES", 300)  # a few documents per statement
     store = LocalNodeStore("node-p", tmp_path / f"p-{uuid.uuid4().hex}")
     try:
         want: dict[str, tuple[bytes, int]] = {}

@@ -14,9 +14,10 @@ import json
 import os
 import sqlite3
 import threading
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from itertools import accumulate, compress
+from itertools import accumulate, compress, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,11 @@ def _key_decoder(primary_key: str) -> msgspec.json.Decoder[Any]:
         ],
     )
     return msgspec.json.Decoder(struct)
+
+
+#: Documents per upsert statement, in bytes: big enough that the GIL is taken a handful of
+#: times per batch, small enough that joining a piece adds little memory.
+_PIECE_BYTES = 4 << 20
 
 
 class LocalNodeStore(NodeTarget):
@@ -327,17 +333,30 @@ class LocalNodeStore(NodeTarget):
         shards: Sequence[int],
         docs: Sequence[bytes],
     ) -> None:
-        """Upsert documents given as parallel sequences, in one statement (see ``upsert_documents``
-        in the SQL file): its arguments are built by C-level calls, with no per-document Python."""
+        """Upsert documents given as parallel sequences, in key order (b-tree pages are touched
+        in order) and in pieces of about :data:`_PIECE_BYTES`, each one statement (see
+        ``upsert_documents`` in the SQL file). Arguments are built by C-level calls, with no
+        per-document Python; a piece bounds the extra memory a write holds."""
         if not len(keys) == len(shards) == len(docs):
             raise ValueError(f"{len(docs)} documents, {len(keys)} keys and {len(shards)} shards")
+        order = sorted(range(len(keys)), key=keys.__getitem__)  # stable: a repeated key's last version last
+        docs = list(map(docs.__getitem__, order))
+        keys = list(map(keys.__getitem__, order))
+        shards = list(map(shards.__getitem__, order))
         lengths = list(map(len, docs))
-        # accumulate yields one offset more than there are documents: zip stops at the lengths.
-        meta = orjson.dumps(list(zip(keys, shards, accumulate(lengths, initial=0), lengths, strict=False)))
-        blob = b"".join(docs)
+        ends = list(accumulate(lengths))
+        cuts = [0]
+        while cuts[-1] < len(docs):  # one step per piece, not per document
+            done = ends[cuts[-1] - 1] if cuts[-1] else 0
+            cuts.append(max(bisect_right(ends, done + _PIECE_BYTES), cuts[-1] + 1))
         with self._write("write_documents", index_uid) as conn:
             idx = self._create_or_check(conn, index_uid, primary_key, None, update_settings=False)
-            conn.execute(_SQL["upsert_documents"], (idx, meta, blob))
+            for lo, hi in pairwise(cuts):
+                piece = lengths[lo:hi]
+                # accumulate yields one offset more than there are documents: zip stops at the lengths.
+                offsets = accumulate(piece, initial=0)
+                meta = orjson.dumps(list(zip(keys[lo:hi], shards[lo:hi], offsets, piece, strict=False)))
+                conn.execute(_SQL["upsert_documents"], (idx, meta, b"".join(docs[lo:hi])))
 
     def index_exists(self, index_uid: str) -> bool:
         with self._read("index_exists", index_uid) as conn:

@@ -39,18 +39,18 @@ INSERT INTO indexes (uid, primary_key, settings) VALUES (?, ?, ?) ON CONFLICT (u
 UPDATE indexes SET settings = ? WHERE id = ?;
 
 -- name: upsert_documents
--- A whole batch in one statement, so its rows are written in one sqlite3_step with the GIL
+-- Many documents in one statement, so their rows are written in one sqlite3_step with the GIL
 -- released: row by row (executemany), each row waits for the GIL again, and a writer thread
 -- next to a busy router thread crawls. ?2 is a JSON array of [pk, shard, offset, length] per
--- document, ?3 the documents back to back; rows go in key order (b-tree pages touched in
--- order), and a key sent twice ends with its last version (then by position). "WHERE true"
--- lets SQLite parse ON CONFLICT after a SELECT. An existing primary key is replaced in place.
+-- document, ?3 the documents back to back. Rows are inserted in array order (the caller sorts
+-- by key, so b-tree pages are touched in order and a key sent twice ends with its last
+-- version) and streamed, with no sorter holding them. "WHERE true" lets SQLite parse ON
+-- CONFLICT after a SELECT. An existing primary key is replaced in place.
 INSERT INTO documents (idx, pk, shard, doc)
 SELECT ?1, json_extract(m.value, '$[0]'), json_extract(m.value, '$[1]'),
        substr(?3, json_extract(m.value, '$[2]') + 1, json_extract(m.value, '$[3]'))
 FROM json_each(?2) AS m
 WHERE true
-ORDER BY 2, m.key
 ON CONFLICT (idx, pk) DO UPDATE SET shard = excluded.shard, doc = excluded.doc;
 
 -- name: fetch_shard
