@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
+import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +171,32 @@ def test_concurrent_writers_from_two_processes(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids)) == 2 * 25 * 200 + 20
     assert sum(s.count_by_shard("books").values()) == s.count_documents("books") == len(ids)
     s.close()
+
+
+def test_writer_waits_its_turn_and_gives_up_retryably(tmp_path: Path) -> None:
+    """Writers take turns on the node's lock file: a held turn holds a write back, releasing it
+    lets the write through at once, and a turn held past busy_timeout_s fails retryably."""
+    store = LocalNodeStore("node-0", tmp_path / "node-0", busy_timeout_s=0.3)
+    store.write_documents("books", "id", ndjson([doc(1)]), 1)
+    holder = os.open(tmp_path / "node-0" / local_store.LOCK_FILENAME, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another writer's turn (flock locks are per open file)
+        with pytest.raises(TargetError, match="node node-0: index books: write_documents waited") as caught:
+            store.write_documents("books", "id", ndjson([doc(2)]), 1)
+        assert caught.value.retryable
+        patient = LocalNodeStore("node-0", tmp_path / "node-0", busy_timeout_s=60)
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (patient.write_documents("books", "id", ndjson([doc(3)]), 1), done.set()))
+        writer.start()
+        assert not done.wait(0.05), "the write went through while the turn was held"
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        writer.join(60)
+        assert done.is_set()
+        patient.close()
+    finally:
+        os.close(holder)
+        store.close()
+    assert LocalNodeStore("node-0", tmp_path / "node-0").count_documents("books") == 2
 
 
 def test_factory_opens_a_local_store_per_node(tmp_path: Path) -> None:
