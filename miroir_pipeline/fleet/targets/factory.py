@@ -7,7 +7,6 @@ from typing import Any
 
 from miroir_pipeline.fleet.targets.base import NodeTarget
 from miroir_pipeline.fleet.targets.local_store import LocalNodeStore
-from miroir_pipeline.fleet.targets.meilisearch import MeilisearchNode
 from miroir_pipeline.fleet.topology import Node, Topology
 
 __all__ = ["open_target", "open_targets"]
@@ -18,6 +17,10 @@ def open_target(node: Node, **options: Any) -> NodeTarget:
     :class:`MeilisearchNode` (e.g. ``max_retries`` for a Meilisearch node)."""
     if node.kind == "local":
         return LocalNodeStore(node.id, node.local_path, **options)
+    # Imported on first use: httpx and the client are a good part of a worker's start-up, and
+    # the embedded defaults (local nodes only) never need them.
+    from miroir_pipeline.fleet.targets.meilisearch import MeilisearchNode
+
     return MeilisearchNode.from_node(node, **options)
 
 
