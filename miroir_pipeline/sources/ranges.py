@@ -125,7 +125,9 @@ def iter_line_blocks(
     a line start, so the caller routes ``data[:end]`` in place, with no joining of a carried
     partial line and no copy of the block. The range's last line may lack its newline. A line
     longer than ``block_size`` is read whole in a bigger block; one longer than ``max_line`` is
-    skipped (an ``overlong`` block) up to its newline."""
+    skipped (an ``overlong`` block) up to its newline. The partial line at the end of each read
+    is read again: on average half a document per block, nothing for ~1 KiB documents in 4 MiB
+    reads, about 1/8 more bytes read for 1 MiB documents."""
     _check_range(ref, start, end)
     with ref.filesystem.open_input_file(ref.path) as source:
         pos = start
