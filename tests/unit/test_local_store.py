@@ -199,6 +199,16 @@ def test_writer_waits_its_turn_and_gives_up_retryably(tmp_path: Path) -> None:
     assert LocalNodeStore("node-0", tmp_path / "node-0").count_documents("books") == 2
 
 
+def test_unusable_writer_lock_file_is_a_clear_target_error(tmp_path: Path) -> None:
+    (tmp_path / "node-0" / local_store.LOCK_FILENAME).mkdir(parents=True)  # cannot be opened as a file
+    store = LocalNodeStore("node-0", tmp_path / "node-0")
+    try:
+        with pytest.raises(TargetError, match=r"node node-0: cannot open the writer lock file .*write access"):
+            store.write_documents("books", "id", ndjson([doc(1)]), 1)
+    finally:
+        store.close()
+
+
 def test_factory_opens_a_local_store_per_node(tmp_path: Path) -> None:
     targets = open_targets(default_topology(tmp_path, shards=4))
     try:

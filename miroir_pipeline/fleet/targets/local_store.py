@@ -204,8 +204,16 @@ class LocalNodeStore(NodeTarget):
         tries, so two workers writing one node lost much of their time asleep; this waits in
         1-5 ms steps, within the same ``busy_timeout_s``. Caller holds ``self._lock``."""
         if self._lock_fd is None or self._lock_pid != os.getpid():
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._lock_fd, self._lock_pid = os.open(self.path / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644), os.getpid()
+            lock_file = self.path / LOCK_FILENAME
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._lock_fd, self._lock_pid = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644), os.getpid()
+            except OSError as exc:
+                raise TargetError(
+                    f"node {self.node_id}: cannot open the writer lock file {lock_file} of local node store "
+                    f"{self.db_file}: {exc.strerror}; the worker needs write access to that directory",
+                    node_id=self.node_id,
+                ) from None
         deadline = time.monotonic() + self._busy_timeout_s
         delay = 0.001
         while True:
