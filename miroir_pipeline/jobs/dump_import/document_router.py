@@ -51,6 +51,7 @@ _I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
 _KEY_TYPES = {int, str}
 _KEY_TEXTS = re.compile(r"(?:[A-Za-z0-9_-]{1,511}\n)*")
 _IS_INT = int.__instancecheck__
+_HUGE_NUMBER = re.compile(rb"[0-9]{300}")
 _FIRST_BYTE = itemgetter(0)
 _LAST_BYTE = itemgetter(-1)
 
@@ -370,6 +371,12 @@ class DocumentRouter:
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
+            if b"infinity" in str(exc).encode() and _HUGE_NUMBER.search(line):
+                # Valid JSON that orjson cannot hold: a number too big for a double.
+                return self._invalid(
+                    lines, i, "holds a number of more than 300 digits, which Meilisearch cannot store "
+                    "(an integer primary key must fit in 64 bits)"
+                )
             return self._invalid(lines, i, f"invalid JSON: {exc}")
         if not isinstance(doc, dict):
             return self._invalid(lines, i, f"not a JSON object (a JSON {type(doc).__name__})")
