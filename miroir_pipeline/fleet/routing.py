@@ -36,8 +36,9 @@ _STR_TERMINATOR = b"\xff"
 _U32_MASK = 0xFFFF_FFFF
 _MAX_KEY_BYTES = 511
 _KEY_RE = re.compile(rb"[A-Za-z0-9_-]{1,511}")
-_I64_MIN = -(2**63)
-_U64_MAX = 2**64 - 1
+#: The integer ids Meilisearch accepts: signed or unsigned 64-bit.
+I64_MIN = -(2**63)
+U64_MAX = 2**64 - 1
 
 _xxh64 = xxhash.xxh64_intdigest
 
@@ -92,7 +93,7 @@ def primary_key_text(value: object) -> bytes:
     if isinstance(value, bool):
         raise InvalidPrimaryKey(f"primary key is a boolean ({str(value).lower()}); expected an integer or a string")
     if isinstance(value, int):
-        if value < _I64_MIN or value > _U64_MAX:
+        if value < I64_MIN or value > U64_MAX:
             raise InvalidPrimaryKey(f"primary key integer {value} is outside the 64-bit range")
         return str(value).encode("ascii")
     if isinstance(value, str):

@@ -34,7 +34,14 @@ from miroir_pipeline.fleet.document_rules import (
     depth_exceeds,
     document_problem,
 )
-from miroir_pipeline.fleet.routing import SHARD_FIELD, InvalidPrimaryKey, Router, primary_key_text
+from miroir_pipeline.fleet.routing import (
+    I64_MIN,
+    SHARD_FIELD,
+    U64_MAX,
+    InvalidPrimaryKey,
+    Router,
+    primary_key_text,
+)
 from miroir_pipeline.fleet.shard_tag import shard_prefixes, tag
 
 __all__ = ["BlockResult", "DocumentRouter", "InvalidLine", "RoutedBatch"]
@@ -44,7 +51,6 @@ _BOM = b"\xef\xbb\xbf"
 # the reason for a rejection is worded by routing.primary_key_text on the slow path.
 # (msgspec cannot bound an integer beyond int64: the 64-bit range is checked after decoding.)
 _PrimaryKey = int | Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]+$", max_length=511)]
-_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
 # The whole-block path checks all of a block's keys at once: their types, then their text (an
 # integer's decimal text is within the same characters) with one match over all of them, each
 # followed by a newline (and no newline in any of them).
@@ -261,7 +267,7 @@ class DocumentRouter:
             return -1
         if int in types:  # integer ids must fit in 64 bits (signed or unsigned), as Meilisearch's
             ints = list(compress(pks, map(_IS_INT, pks)))
-            if min(ints) < _I64_MIN or max(ints) > _U64_MAX:
+            if min(ints) < I64_MIN or max(ints) > U64_MAX:
                 return -1
         try:
             texts = list(map(format, pks))
@@ -328,7 +334,7 @@ class DocumentRouter:
             pk = doc.pk
             if type(pk) is str:
                 key = pk.encode()
-            elif _I64_MIN <= pk <= _U64_MAX:
+            elif I64_MIN <= pk <= U64_MAX:
                 key = b"%d" % pk
             else:  # an integer id beyond 64 bits: Meilisearch refuses it
                 ctx, at = (lines, i) if base < 0 else (self._lines_ctx, base)
@@ -371,7 +377,7 @@ class DocumentRouter:
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            if b"infinity" in str(exc).encode() and _HUGE_NUMBER.search(line):
+            if "infinity" in str(exc) and _HUGE_NUMBER.search(line):
                 # Valid JSON that orjson cannot hold: a number too big for a double.
                 return self._invalid(
                     lines, i, "holds a number of more than 300 digits, which Meilisearch cannot store "
