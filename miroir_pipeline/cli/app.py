@@ -1,7 +1,9 @@
 """The ``miroir-pipeline`` parser and entry point: build the parser from the subcommand modules,
 configure logging, export the store flags, run the command and turn an expected failure into
 one line on stderr (exit 2; a usage error too); tracebacks only at ``--log-level DEBUG``.
-Ctrl-C or SIGTERM before a command's workers start is one line too (exit 130 or 143)."""
+Ctrl-C or SIGTERM before a command's workers start is one line too (exit 130 or 143). A reader
+that closes the output early (``status | head``) ends the command quietly with 141, as SIGPIPE
+ends other tools."""
 
 from __future__ import annotations
 
@@ -32,8 +34,16 @@ environment:
   MIROIR_LOG_LEVEL  default of --log-level
 
 exit status: 0 done, 1 the job did not complete (or verification failed), 2 refused or error,
-130/143 interrupted by SIGINT/SIGTERM (resume with import --resume JOB_ID).
+130/143 interrupted by SIGINT/SIGTERM (resume with import --resume JOB_ID), 141 the output was
+closed by its reader (e.g. piped into head).
 """
+
+#: Exit status when standard output was closed under us: 128 + SIGPIPE, as a shell reports a
+#: tool that SIGPIPE ended (Python ignores SIGPIPE, so the write raises instead).
+EXIT_BROKEN_PIPE = 141
+
+#: Commands that may leave work unfinished when they stop; the others only print.
+_STARTS_WORK = ("import", "reshard")
 
 #: Options of subcommands defined elsewhere that must be positive integers.
 _POSITIVE = {"status": ("--limit",)}
@@ -68,7 +78,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; the exit status (0 done, 1 not completed, 2 refused or error)."""
+    """Run one command; the exit status (0 done, 1 not completed, 2 refused or error, 141 the
+    output was closed)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _output_closed(argv)
+
+
+def _output_closed(argv: Sequence[str] | None) -> int:
+    """Standard output was closed by its reader: nothing more can be shown, so stop quietly.
+
+    Output still buffered would raise again when Python flushes it at exit, so the stream is
+    pointed at /dev/null first. A command that starts work says on stderr what was left."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if w in _STARTS_WORK), None)
+    if command is not None:
+        print(
+            f"error: {command} could not write its output (broken pipe) and stopped; "
+            "`miroir-pipeline status` shows whether its job finished, and "
+            f"`miroir-pipeline {command} --resume JOB_ID` carries on an unfinished one",
+            file=sys.stderr,
+        )
+    return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -77,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         runtime.export_flags(args)
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        raise  # an OSError, but not the command's failure: see main
     except (ValueError, OSError, RuntimeError) as exc:  # includes runtime.PlanRefused, CliError
         log.debug("%s failed", args.command, exc_info=True)
         print(f"error: {_one_line(exc)}", file=sys.stderr)

@@ -2,7 +2,8 @@
 traceback; an invalid document under ``--on-invalid fail`` is one line too, Dagster's output going
 to a log file named in the summary; Ctrl-C and SIGTERM hand the running chunks back and say how
 to resume, ``--resume`` finishes with exact counts, an identical re-run is refused unless
-``--new``; a ``.dump``'s index imported under another name; plain progress lines on a pipe.
+``--new``; a ``.dump``'s index imported under another name; plain progress lines on a pipe; a
+pipe closed by its reader ends the command quietly.
 
 Real subprocesses of the CLI on the embedded defaults (SQLite jobs store, local node stores).
 """
@@ -339,6 +340,45 @@ def test_sigterm_hands_chunks_back_and_piped_progress_is_plain_lines(tmp_path: P
     assert f"import {parent_id} into index items: completed" in resumed.stdout
     docs = len((tmp_path / "d.ndjson").read_bytes().splitlines())
     assert f"documents {docs:,}" in resumed.stdout
+
+
+# -- output closed by its reader (``| head``) ---------------------------------------------------
+
+
+def _with_stdout_closed(cwd: Path, *args: str) -> tuple[int, str]:
+    """Run the CLI with its standard output's read end already closed, as ``| head`` leaves it
+    once it has read enough: every write the command makes fails with EPIPE."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "miroir_pipeline.cli", *args],
+        cwd=cwd,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return proc.wait(timeout=240), err
+
+
+@pytest.mark.timeout(300)
+def test_a_closed_output_ends_the_command_quietly_with_141(tmp_path: Path) -> None:
+    _inputs(tmp_path)
+    # A listing stops without a word: no traceback, no "Exception ignored" at exit.
+    assert _with_stdout_closed(tmp_path, "status") == (141, "")
+    assert _with_stdout_closed(tmp_path, "status", "--json") == (141, "")
+    # An import that cannot print says so in one line, and where to look; this one had finished
+    # its work before it printed the summary, and the store says so.
+    code, err = _with_stdout_closed(tmp_path, "import", "d.ndjson", "--index", "x", "--primary-key", "id", "--json")
+    assert code == 141, err[-3000:]
+    assert err.splitlines() == [
+        "error: import could not write its output (broken pipe) and stopped; `miroir-pipeline status` "
+        "shows whether its job finished, and `miroir-pipeline import --resume JOB_ID` carries on an "
+        "unfinished one"
+    ], err[-3000:]
+    [parent] = store_of(tmp_path).list_parents()
+    assert parent.parent.state == JobState.COMPLETED and parent.progress["docs_routed"] == 2
 
 
 # -- a .dump's index under another name --------------------------------------------------------
