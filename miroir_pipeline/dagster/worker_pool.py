@@ -36,7 +36,6 @@ from miroir_pipeline.jobs.registry import JobKind, job_types, kind_for, kinds
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue.contract import (
     Job,
-    JobNotClaimable,
     JobNotFound,
     JobState,
     JobStore,
@@ -206,17 +205,16 @@ class Worker:
         return lease
 
     def _claim_in_parent(self, parent_id: str) -> Lease | None:
-        children = self.store.children(parent_id)
-        if children and parent_id not in self._registered:
+        """The parent's next claimable chunk, in one statement however many chunks it has. Its
+        chunks are registered as partitions once, when this worker first sees them."""
+        if parent_id not in self._registered:
+            children = self.store.children(parent_id)
+            if not children:
+                return None  # not planned (or not split) yet
             self._register_partitions(parent_id, children)
-        for job in children:
-            if job.state not in (JobState.QUEUED, JobState.IN_PROGRESS) or job.type not in self._jobs:
-                continue
-            try:
-                return self.store.claim_by_id(job.id, self.worker_id, self.settings.lease_ttl)
-            except JobNotClaimable:
-                continue
-        return None
+        return self.store.claim(
+            list(self.job_types), self.worker_id, self.settings.lease_ttl, parent_id=parent_id
+        )
 
     def _register_partitions(self, parent_id: str, children: Sequence[Job]) -> None:
         """Every chunk of the parent, and the parent itself, as partitions (idempotent): a

@@ -222,9 +222,15 @@ class JobStore(abc.ABC):
     # -- workers ---------------------------------------------------------------------------
     @abc.abstractmethod
     def claim(
-        self, job_types: Sequence[str], worker_id: str, ttl: float = DEFAULT_LEASE_TTL
+        self,
+        job_types: Sequence[str],
+        worker_id: str,
+        ttl: float = DEFAULT_LEASE_TTL,
+        *,
+        parent_id: str | None = None,
     ) -> Lease | None:
-        """Atomically lease the next claimable chunk of the given types (fair across parents)."""
+        """Atomically lease the next claimable chunk of the given types (fair across parents),
+        or only of ``parent_id`` when given: one statement either way, whatever the queue holds."""
 
     @abc.abstractmethod
     def claim_by_id(self, job_id: str, worker_id: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease:

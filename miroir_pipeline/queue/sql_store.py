@@ -305,7 +305,12 @@ class SqlJobStore(JobStore, Generic[ConnT]):
 
     # -- workers ---------------------------------------------------------------------------
     def claim(
-        self, job_types: Sequence[str], worker_id: str, ttl: float = DEFAULT_LEASE_TTL
+        self,
+        job_types: Sequence[str],
+        worker_id: str,
+        ttl: float = DEFAULT_LEASE_TTL,
+        *,
+        parent_id: str | None = None,
     ) -> Lease | None:
         types = [str(t) for t in job_types]
         if not types:
@@ -320,6 +325,7 @@ class SqlJobStore(JobStore, Generic[ConnT]):
                     "worker_id": worker_id,
                     "token": token,
                     "ttl": check_ttl(ttl),
+                    "parent_id": parent_id,
                 },
             ).fetchone()
         if row is not None:

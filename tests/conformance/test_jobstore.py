@@ -154,6 +154,30 @@ def test_two_parents_queued_together_interleave(store: JobStore) -> None:
     assert pairs == [{(a.id, k), (b.id, k)} for k in range(3)]
 
 
+def test_a_claim_scoped_to_a_parent_takes_only_its_chunks(open_jobs: Callable[..., JobStore]) -> None:
+    # A long backoff, so "not claimable before its backoff" holds however slow the machine is.
+    store = open_jobs(retry_backoff_base=30.0)
+    a, _ = make_parent(store, 3)
+    b, _ = make_parent(store, 2)
+    got = [claim_one(store, parent_id=a.id).job for _ in range(3)]
+    assert [(j.parent_job_id, j.chunk_index) for j in got] == [(a.id, 0), (a.id, 1), (a.id, 2)]
+    assert store.claim([DUMP], "w1", parent_id=a.id) is None  # b's chunks are not a's
+    assert {j.state for j in store.children(b.id)} == {JobState.QUEUED}
+    assert store.claim([RESHARD], "w1", parent_id=b.id) is None  # types still apply
+
+    # Scoped claims keep the rules of any claim: a failed attempt waits out its backoff, and an
+    # expired lease is claimable again with its progress and the next attempt.
+    first = claim_one(store, "w2", ttl=SHORT_TTL, parent_id=b.id)
+    store.fail(claim_one(store, "w2", parent_id=b.id), "node down")
+    store.save_progress(first, {"last_cursor": {"offset": 7}})
+    time.sleep(PAST_SHORT_TTL)
+    again = claim_one(store, "w3", parent_id=b.id)
+    assert again.job_id == first.job_id and again.attempt == 2
+    assert again.job.progress == {"last_cursor": {"offset": 7}}
+    assert store.claim([DUMP], "w3", parent_id=b.id) is None  # the other one is backing off
+    assert store.claim([DUMP], "w3", parent_id="no-such-parent") is None
+
+
 def test_expired_lease_is_reclaimed_with_progress_and_next_attempt(store: JobStore) -> None:
     make_parent(store, 1)
     first = claim_one(store, "w1", ttl=SHORT_TTL)

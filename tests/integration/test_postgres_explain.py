@@ -21,6 +21,7 @@ CLAIM_PARAMS: dict[str, Any] = {
     "worker_id": "explain",
     "token": "0" * 32,
     "ttl": 30.0,
+    "parent_id": None,
 }
 
 
@@ -41,12 +42,13 @@ def _fill(dsn: str, chunks: int, finished: int) -> None:
         conn.execute("ANALYZE miroir.jobs")
 
 
-def _claim_plan(dsn: str, *settings: str) -> str:
+def _claim_plan(dsn: str, *settings: str, parent_id: str | None = None) -> str:
     with psycopg.connect(dsn) as conn:
         conn.execute("SET search_path TO miroir")
         for setting in settings:
             conn.execute(setting)
-        rows = conn.execute("EXPLAIN " + load_queries("postgres")["claim_next"], CLAIM_PARAMS)
+        params = {**CLAIM_PARAMS, "parent_id": parent_id}
+        rows = conn.execute("EXPLAIN " + load_queries("postgres")["claim_next"], params)
         return "\n".join(r[0] for r in rows)
 
 
@@ -64,6 +66,17 @@ def test_planner_picks_the_partial_index_with_many_finished_rows(pg_dsn: str) ->
     plan = _claim_plan(pg_dsn)
     assert "jobs_claimable_idx" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+def test_a_claim_scoped_to_a_parent_uses_an_index_too(pg_dsn: str) -> None:
+    _fill(pg_dsn, chunks=5000, finished=4950)
+    with psycopg.connect(pg_dsn) as conn:
+        parent = conn.execute("SELECT id FROM miroir.jobs WHERE kind = 'parent'").fetchone()
+    assert parent is not None
+    plan = _claim_plan(pg_dsn, parent_id=parent[0])
+    assert "jobs_claimable_idx" in plan or "jobs_unfinished_children_idx" in plan, plan
+    assert "Seq Scan" not in plan, plan
+    assert "LockRows" in plan, plan
 
 
 def test_parent_completion_check_uses_the_unfinished_children_index(pg_dsn: str) -> None:

@@ -52,13 +52,16 @@ RETURNING *;
 -- concurrent claimers never queue up behind each other). UPDATE ... FROM the CTE (not a bare
 -- IN (subquery), which the planner may re-evaluate and so lease more than one row) then
 -- leases exactly that row. Expired leases are claimable; rows out of attempts are not (they
--- are failed for good by fail_expired_exhausted).
+-- are failed for good by fail_expired_exhausted). A parent_id scopes the claim to that parent's
+-- chunks (the import command's own workers), in the same order and under the same backoff; NULL
+-- claims across every parent.
 WITH candidate AS (
     SELECT id
     FROM jobs
     WHERE kind = 'chunk'
       AND state IN ('queued', 'in_progress')
       AND type = ANY(%(types)s::text[])
+      AND (%(parent_id)s::text IS NULL OR parent_job_id = %(parent_id)s::text)
       AND ((state = 'queued' AND available_at <= now())
            OR (state = 'in_progress' AND claim_expires_at < now() AND attempts < max_attempts))
     ORDER BY chunk_index, created_at, id

@@ -42,7 +42,8 @@ RETURNING *;
 -- Why: one statement in a BEGIN IMMEDIATE transaction: the oldest claimable chunk in
 -- (chunk_index, created_at, id) order - interleaving parents queued together - is leased.
 -- The sub-select walks jobs_claimable_idx. Expired leases are claimable; rows out of
--- attempts are not (fail_expired_exhausted fails them for good).
+-- attempts are not (fail_expired_exhausted fails them for good). A parent_id scopes the claim
+-- to that parent's chunks (the import command's own workers); NULL claims across every parent.
 UPDATE jobs
 SET state = 'in_progress',
     claimed_by = :worker_id,
@@ -56,6 +57,7 @@ WHERE id = (
     WHERE kind = 'chunk'
       AND state IN ('queued', 'in_progress')
       AND type IN (SELECT value FROM json_each(:types))
+      AND (:parent_id IS NULL OR parent_job_id = :parent_id)
       AND ((state = 'queued' AND available_at <= (julianday('now') - 2440587.5) * 86400.0)
            OR (state = 'in_progress'
                AND claim_expires_at < (julianday('now') - 2440587.5) * 86400.0
