@@ -342,6 +342,68 @@ def test_sigterm_hands_chunks_back_and_piped_progress_is_plain_lines(tmp_path: P
     assert f"documents {docs:,}" in resumed.stdout
 
 
+@pytest.mark.timeout(900)
+def test_ctrl_c_hands_reshard_chunks_back_then_resume_verifies(tmp_path: Path) -> None:
+    from miroir_pipeline.jobs.reshard_backfill import parse_cursor
+
+    assert cli(tmp_path, "sample-dump", "d.ndjson", "--size", "2MiB").returncode == 0
+    imported = cli(tmp_path, "import", "d.ndjson", "--index", "items", "--primary-key", "id", "--json")
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    docs = json.loads(imported.stdout)["documents"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "miroir_pipeline.cli", "reshard", "--index", "items", "--new-shards", "8", "--workers", "2", "--no-progress"],
+        cwd=tmp_path, env=clean_env(SLOW), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    store = store_of(tmp_path)
+
+    def committed() -> tuple[str, dict[str, tuple[int, int]]] | None:
+        """The reshard parent and the cursors its leased chunks committed, once there is one."""
+        assert proc.poll() is None, proc.communicate()
+        reshards = [p for p in store.list_parents("reshard_backfill")]
+        if not reshards:
+            return None
+        parent_id = reshards[0].parent.id
+        cursors = {  # every chunk starts at "shard_start:0"; past it, a batch was committed
+            c.id: at
+            for c in store.children(parent_id)
+            if c.state == JobState.IN_PROGRESS
+            and (at := parse_cursor(c.progress["last_cursor"])) > (int(c.params["shard_start"]), 0)
+        }
+        return (parent_id, cursors) if cursors else None
+
+    try:
+        parent_id, observed = wait_for("a reshard chunk with a committed cursor", committed, timeout=300)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err[-3000:])
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-3000:]
+    assert re.fullmatch(
+        rf"reshard {parent_id} interrupted \(SIGINT\): \d+ running chunk\(s\) handed back at their "
+        rf"cursors, \d+/\d+ chunks done; resume with `miroir-pipeline reshard --resume {parent_id}`",
+        err.strip(),
+    ), err
+    chunks = {c.id: c for c in store.children(parent_id)}
+    assert {c.state for c in chunks.values()} <= {JobState.QUEUED, JobState.COMPLETED}
+    assert store.get(parent_id).state == JobState.IN_PROGRESS
+    for chunk_id, cursor in observed.items():  # a cursor seen committed is never lost
+        after = chunks[chunk_id]
+        if after.state == JobState.QUEUED:
+            assert parse_cursor(after.progress["last_cursor"]) >= cursor
+            assert after.claim_token is None and after.attempts == 0  # handed back, not failed
+
+    resumed = cli(tmp_path, "reshard", "--resume", parent_id, "--json")
+    assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["job_id"] == parent_id and summary["state"] == "completed"
+    assert summary["documents"] == docs and summary["verification"] == "passed"
+    assert summary["ready_for_cutover"] is True
+    assert sum(summary["per_node"].values()) == docs  # RF 1 in the default topology
+
+
 # -- output closed by its reader (``| head``) ---------------------------------------------------
 
 
