@@ -170,7 +170,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def compile_package(root: Path = REPO_ROOT) -> None:
+    """Byte-compile ``root``'s ``miroir_pipeline`` into its ``__pycache__``, as installing a wheel
+    does. A checkout run under ``PYTHONDONTWRITEBYTECODE=1`` (set on some machines) otherwise
+    compiles every module from source in each fresh process: ~0.3 s per process start on a
+    2-core box, a cost no installed deployment pays."""
+    import compileall
+
+    compileall.compile_dir(str(root / "miroir_pipeline"), quiet=1)
+
+
 def header(title: str, args: Any) -> None:
+    compile_package()
     m = machine()
     print(f"== {title}")
     print(

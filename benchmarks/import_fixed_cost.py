@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--tree", help="run the cli from this checkout (PYTHONPATH) instead of this one")
     args = ap.parse_args()
     c.header("fixed cost of one small import: the CLI against the library alone", args)
+    if args.tree:
+        c.compile_package(Path(args.tree))  # the other checkout starts as an installed one too
     size = c.parse_sizes(args.size)[0]
     dump, docs = c.sample_dump(size)
     res = c.Results("import_fixed_cost", vars(args))
