@@ -3,8 +3,8 @@
 Two layers are exercised, on local nodes and on a real Meilisearch 1.21 fleet, under both
 policies: what every target refuses (a duplicated primary-key field, nesting deeper than 128,
 a non-object ``_vectors``) is caught by the router and fails or dead-letters that one line;
-what only the node knows to refuse (an invalid ``_geo`` once ``_geo`` is filterable) is
-isolated by writing the batch by halves, so every other document of the batch still lands.
+what only the node knows to refuse (an invalid ``_geo`` once ``_geo`` is filterable, a number
+out of the float range in a field the router does not read) is isolated by writing the batch by halves, so every other document of the batch still lands.
 Every case checks exact placement of the good documents and the dead letter's contents.
 """
 
@@ -46,6 +46,9 @@ ROUTER_CATCHES = [
 ]
 #: Refused by a Meilisearch node only once ``_geo`` is filterable (the pipeline cannot know).
 GEO_BAD = b'{"id":"geo_bad","_geo":{"lat":"north","lng":2}}'
+#: A number beyond the 64-bit float range in a field the router does not read: Meilisearch fails
+#: the whole task with code ``internal`` ("number out of range"), which blames the document.
+HUGE_NUMBER = b'{"id":"huge","x":{"y":[1,-1e400]}}'
 
 
 def settings_for(root: Path, **kw: Any) -> PipelineSettings:
@@ -189,20 +192,25 @@ def fleet(tmp_path: Path, meili_fleet: Any, meili_topology: Any, meili_index_uid
 def test_fleet_skip_isolates_refused_documents_and_lands_every_good_one(fleet: Any) -> None:
     root, store, topo, targets, uid = fleet
     good = make_docs(40, seed=5)
-    bad = [GEO_BAD, *(b for b, _ in ROUTER_CATCHES[:3])]
+    bad = [GEO_BAD, HUGE_NUMBER, *(b for b, _ in ROUTER_CATCHES[:3])]
     dead = check_skip(
         root, store, targets, topo, uid, good, bad,
-        ["invalid_document_geo_field", "Could not parse latitude", *(r for _, r in ROUTER_CATCHES)],
+        ["invalid_document_geo_field", "Could not parse latitude", "number out of range",
+         *(r for _, r in ROUTER_CATCHES)],
         settings_for(root, batch_size=20),
-    )
+    )  # fmt: skip
     geo = next(r for r in dead if r["raw"] == GEO_BAD.decode())
     # The node's own words, the node that refused it, and its error code.
     assert geo["code"] == "invalid_document_geo_field"
     assert geo["node"] in {n.id for n in topo.all_nodes()}
     assert "latitude" in geo["reason"].lower()
+    huge = next(r for r in dead if r["raw"] == HUGE_NUMBER.decode())
+    assert huge["code"] == "internal" and "number out of range" in huge["reason"], huge
+    assert huge["node"] in {n.id for n in topo.all_nodes()}
 
 
 @pytest.mark.meilisearch
-def test_fleet_fail_names_the_line_and_the_nodes_message(fleet: Any) -> None:
+@pytest.mark.parametrize(("bad", "reason"), [(GEO_BAD, "latitude"), (HUGE_NUMBER, "number out of range")], ids=["geo", "huge-number"])
+def test_fleet_fail_names_the_line_and_the_nodes_message(fleet: Any, bad: bytes, reason: str) -> None:
     root, store, topo, targets, uid = fleet
-    check_fail(root, store, targets, topo, uid, make_docs(20, seed=6), GEO_BAD, "latitude", settings_for(root))
+    check_fail(root, store, targets, topo, uid, make_docs(20, seed=6), bad, reason, settings_for(root))

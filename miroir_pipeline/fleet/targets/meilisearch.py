@@ -117,8 +117,12 @@ DOCUMENT_ERROR_CODES = frozenset(
         "missing_document_filter",
     }
 )
-#: How serde_json words a document it cannot deserialize (reported with code ``internal``).
-_DOCUMENT_PARSE_ERROR = re.compile(r"(invalid type|recursion limit exceeded|invalid value).* at line \d+ column \d+")
+#: How serde_json words a document it cannot deserialize (reported with code ``internal``), a
+#: number beyond the 64-bit float range anywhere in it included ("number out of range"): the
+#: router does not read fields other than the primary key, so only the node finds that one.
+_DOCUMENT_PARSE_ERROR = re.compile(
+    r"(invalid type|recursion limit exceeded|invalid value|number out of range).* at line \d+ column \d+"
+)
 
 
 def document_refusal(exc: TargetError) -> RefusedDocument | None:
