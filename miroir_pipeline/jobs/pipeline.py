@@ -62,6 +62,9 @@ class Batch:
     final: bool = False
     #: Whatever the kind wants back in its hooks (e.g. the byte range the batch came from).
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Every line already passed the document rules (the dump router's promise): targets that
+    #: apply those rules themselves skip them (``NodeTarget.write_routed(checked=…)``).
+    checked: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +93,9 @@ class _Window:
 
     def send(self, index_uid: str, primary_key: str, batch: Batch) -> None:
         writes = {
-            i: self.senders[i].submit(target.enqueue_routed, index_uid, primary_key, lines, keys, shards)
+            i: self.senders[i].submit(
+                target.enqueue_routed, index_uid, primary_key, lines, keys, shards, checked=batch.checked
+            )
             for i, (target, lines, keys, shards) in enumerate(
                 zip(self.targets, batch.lines, batch.keys, batch.shards, strict=True)
             )
@@ -152,7 +157,7 @@ class _Window:
                 continue
             b = flight.batch
             try:
-                target.write_routed(index_uid, primary_key, b.lines[i], b.keys[i], b.shards[i])
+                target.write_routed(index_uid, primary_key, b.lines[i], b.keys[i], b.shards[i], checked=b.checked)
                 flight.settled[i] = None
             except DocumentsRefused as exc:
                 flight.settled[i] = exc

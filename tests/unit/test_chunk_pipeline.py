@@ -54,7 +54,7 @@ class ScriptedNode(NodeTarget):
         self.polled = polled or threading.Condition()  # shared by the nodes of one test
         self.sent = threading.Condition()
 
-    def enqueue_routed(self, index_uid: str, primary_key: str, lines: Sequence[bytes], keys: Sequence[Any], shards: Sequence[int]) -> PendingWrite:
+    def enqueue_routed(self, index_uid: str, primary_key: str, lines: Sequence[bytes], keys: Sequence[Any], shards: Sequence[int], *, checked: bool = False) -> PendingWrite:
         batch = int(keys[0])
         write = ScriptedWrite(self, batch)
         with self.sent:

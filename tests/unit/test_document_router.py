@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from miroir_pipeline.fleet.document_rules import document_problem
 from miroir_pipeline.fleet.routing import Router, shard_for_key, write_targets
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
@@ -219,6 +220,19 @@ def test_property_block_routed_in_place_matches_the_per_line_path(
     assert dr.buffers == oracle.buffers and dr.keys == oracle.keys and dr.shards == oracle.shards
     assert [type(k) for keys in dr.keys for k in keys] == [type(k) for keys in oracle.keys for k in keys]
     assert dr.buffered_bytes == oracle.buffered_bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_LINE, min_size=1, max_size=25), first=st.booleans(), per_line=st.booleans())
+def test_property_every_routed_line_passes_the_document_rules(lines: list[bytes], first: bool, per_line: bool) -> None:
+    """What a dump-import batch promises its targets (``Batch.checked``): the local store skips
+    its own check of the document rules because every line routed already passes them."""
+    dr = DocumentRouter(Router(TOPO), "id", 1 << 20)
+    if per_line:
+        dr._decode_lines = None
+    dr.route_block(b"\n".join(lines) + b"\n", at_file_start=first, invalid=[])
+    routed = [line for buffer in dr.buffers for line in buffer]
+    assert [line for line in routed if document_problem(line, "id") is not None] == []
 
 
 def test_ordinary_block_takes_the_whole_block_path_in_place() -> None:

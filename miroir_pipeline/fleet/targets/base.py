@@ -148,11 +148,17 @@ class NodeTarget(abc.ABC):
         lines: Sequence[bytes],
         keys: Sequence[str | int],
         shards: Sequence[int],
+        *,
+        checked: bool = False,
     ) -> None:
         """Write documents the router already parsed: each line with its primary key value and
         shard. Same guarantee as :meth:`write_documents`; raises :class:`DocumentsRefused` (after
         writing every other document) when the node refuses some documents for what they are.
-        A target that can use the parsed keys (the local store) skips decoding them again."""
+        A target that can use the parsed keys (the local store) skips decoding them again.
+
+        ``checked``: every line already passed the document rules (``fleet/document_rules``),
+        as the dump router makes sure of every line it routes; a target that applies those
+        rules itself (the local store) need not apply them again."""
         self.write_documents(index_uid, primary_key, b"\n".join(lines) + b"\n", len(lines))
 
     def enqueue_routed(
@@ -162,12 +168,15 @@ class NodeTarget(abc.ABC):
         lines: Sequence[bytes],
         keys: Sequence[str | int],
         shards: Sequence[int],
+        *,
+        checked: bool = False,
     ) -> PendingWrite:
         """Hand a batch to the node without waiting for it to be indexed. Batches enqueued one
         after another on one node are applied in that order. A node that writes synchronously
-        (the local store) writes here and returns an acknowledged write."""
+        (the local store) writes here and returns an acknowledged write. ``checked`` as for
+        :meth:`write_routed`."""
         try:
-            self.write_routed(index_uid, primary_key, lines, keys, shards)
+            self.write_routed(index_uid, primary_key, lines, keys, shards, checked=checked)
         except DocumentsRefused as exc:
             return Acknowledged(exc)
         return Acknowledged()

@@ -499,9 +499,12 @@ class MeilisearchNode(NodeTarget):
         lines: Sequence[bytes],
         keys: Sequence[str | int],
         shards: Sequence[int],
+        *,
+        checked: bool = False,
     ) -> PendingWrite:
         """Enqueue the batch (gzip'd NDJSON pieces under the payload limit) without waiting for
-        the node to index it: the caller keeps a window of such writes and polls them together."""
+        the node to index it: the caller keeps a window of such writes and polls them together.
+        The node applies its own rules, ``checked`` or not."""
         tasks = self._enqueue_documents(index_uid, primary_key, b"\n".join(lines) + b"\n", len(lines))
         return _EnqueuedTasks(self, index_uid, tasks)
 
@@ -574,6 +577,8 @@ class MeilisearchNode(NodeTarget):
         lines: Sequence[bytes],
         keys: Sequence[str | int],
         shards: Sequence[int],
+        *,
+        checked: bool = False,
     ) -> None:
         """Write the batch; when the node refuses documents for what they are, write it again by
         halves until each refused document is alone, so the good ones of the batch still land

@@ -262,6 +262,7 @@ def _batches(
             position=f"byte {pos}",
             final=final,
             extra={"start": batch_start, "end": pos},
+            checked=True,  # the router routes only lines that pass the document rules
         )
         batch_start = pos
         return done
