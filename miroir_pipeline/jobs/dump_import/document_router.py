@@ -57,7 +57,6 @@ _PrimaryKey = int | Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]+$", max_
 _KEY_TYPES = {int, str}
 _KEY_TEXTS = re.compile(r"(?:[A-Za-z0-9_-]{1,511}\n)*")
 _IS_INT = int.__instancecheck__
-_HUGE_NUMBER = re.compile(rb"[0-9]{300}")
 _FIRST_BYTE = itemgetter(0)
 _LAST_BYTE = itemgetter(-1)
 
@@ -377,11 +376,13 @@ class DocumentRouter:
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            if "infinity" in str(exc) and _HUGE_NUMBER.search(line):
-                # Valid JSON that orjson cannot hold: a number too big for a double.
+            if "infinity" in str(exc):
+                # Valid JSON that no double holds (more than 308 digits, or an exponent that big):
+                # Meilisearch refuses it as "number out of range".
                 return self._invalid(
-                    lines, i, "holds a number of more than 300 digits, which Meilisearch cannot store "
-                    "(an integer primary key must fit in 64 bits)"
+                    lines, i, "holds a number beyond the 64-bit float range (a number of more than 300 "
+                    "digits, or an exponent that large), which Meilisearch refuses (an integer primary "
+                    "key must fit in 64 bits)"
                 )
             return self._invalid(lines, i, f"invalid JSON: {exc}")
         if not isinstance(doc, dict):
