@@ -124,8 +124,11 @@ def test_worker_pool_drains_an_import_and_a_sigterm_hands_the_chunk_back(
         pg_dsn,
         topology_path,
         **dagster_pg,
-        MIROIR_BATCH_SIZE="5",  # ~600 small batches per chunk: seconds, so SIGTERM lands mid-chunk
+        MIROIR_BATCH_SIZE="5",  # ~600 small batches per chunk
         MIROIR_READ_BLOCK_BYTES="4096",
+        # The reader runs at most 64 KiB ahead of the committed cursor (the default window would
+        # hold the whole chunk, so a drain could find the last batch already read).
+        MIROIR_MEMORY_BUFFER_BYTES="64KiB",
     )
     store = open_store(pg_dsn)
     workers: list[ServiceProcess] = []
@@ -147,7 +150,18 @@ def test_worker_pool_drains_an_import_and_a_sigterm_hands_the_chunk_back(
             return bool(held)
 
         wait_for("worker-a to be part-way through a chunk", mid_chunk, 60, first)
-        first.signal_group(signal.SIGTERM)
+        # Hold the chunk's row while the signal lands: worker-a's next progress commit waits on
+        # it, so the chunk cannot finish before the drain is requested, however loaded the box.
+        # SIGTERM goes to the worker alone, as the kubelet sends it to a container's main process
+        # (signalling the group would also stop the `tail` that mirrors the run's captured stderr
+        # into this log, and with it the line waited for).
+        with psycopg.connect(pg_dsn) as lock, lock.transaction():
+            state, progress = lock.execute(
+                "SELECT state, progress FROM miroir.jobs WHERE id = %s FOR UPDATE", (held[0].id,)
+            ).fetchone() or (None, {})
+            assert state == "in_progress" and int(progress["bytes_processed"]) < CHUNK_SIZE * 3 // 4, progress
+            first.proc.send_signal(signal.SIGTERM)
+            wait_for("worker-a to log the drain", lambda: "draining" in first.log_path.read_text(errors="replace"), 30, first)
         assert _wait_exit(first, 30) == 0, first.log_tail()
         chunk = store.get(held[0].id)
         cursor = int(chunk.progress["last_cursor"])
