@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from itertools import repeat
+from operator import contains
 from typing import Any
 
 import msgspec
@@ -48,11 +51,18 @@ _TOO_MANY_BRACKETS = re.compile(rb"\n[^\n]{%d}" % (2 * MAX_DEPTH + 2))
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
-def block_may_break_rules(block: bytes, lines: int, quoted_pk: bytes) -> bool:
-    """False when no line of ``block`` (holding ``lines`` non-empty lines) can break a rule:
-    every line holds the primary key's name exactly once, nothing is escaped, no ``_vectors``,
-    and no line has enough brackets to nest too deep."""
-    if (b"\\" in block and b"\\u" in block) or _VECTORS in block or block.count(quoted_pk) != lines:
+def block_may_break_rules(block: bytes, lines: Sequence[bytes], quoted_pk: bytes) -> bool:
+    """False when no line of ``block`` (split into ``lines``) can break a rule: every non-empty
+    line holds the primary key's name exactly once, nothing is escaped, no ``_vectors``, and no
+    line has enough brackets to nest too deep.
+
+    "Exactly once" takes both the block's count and each line holding the name: with the count
+    alone, a line holding it twice (a duplicated key) hides behind a line without it (one the
+    decoder refuses) or behind blank lines counted as lines."""
+    nonempty = len(lines) - lines.count(b"")
+    if (b"\\" in block and b"\\u" in block) or _VECTORS in block or block.count(quoted_pk) != nonempty:
+        return True
+    if not all(map(contains, filter(None, lines), repeat(quoted_pk))):
         return True
     return block_may_nest_too_deep(block)
 

@@ -79,11 +79,24 @@ def test_vectors_must_be_an_object() -> None:
 
 def test_block_prefilter_clears_plain_blocks_and_flags_every_rule() -> None:
     plain = b'{"id":1,"a":[1,2]}\n{"id":2,"b":{"c":3}}\n'
-    assert not block_may_break_rules(plain, 2, b'"id"')
+    assert not block_may_break_rules(plain, plain.split(b"\n"), b'"id"')
     for bad in (
         b'{"id":3,"id":4}',
         b'{"\\u0069d":3}',
         b'{"id":3,"_vectors":5}',
         doc_with_depth(MAX_DEPTH + 1),
     ):
-        assert block_may_break_rules(plain + bad + b"\n", 3, b'"id"'), bad
+        block = plain + bad + b"\n"
+        assert block_may_break_rules(block, block.split(b"\n"), b'"id"'), bad
+
+
+def test_block_prefilter_is_not_fooled_by_lines_that_even_out_the_count() -> None:
+    """A duplicated key is flagged even when the block holds the name as many times as it has
+    lines: blank lines, or a line without the key, make up for it (found by the property test
+    of routed lines)."""
+    dup = b'{"id":"dup","id":"dup2"}'
+    for block in (
+        b'{"id":"0","n":{"id":1}}\n{"id":"0","n":{"id":1}}\n\n\n\n' + dup + b"\n",
+        dup + b'\n{"name":"no key"}\n',
+    ):
+        assert block_may_break_rules(block, block.split(b"\n"), b'"id"'), block

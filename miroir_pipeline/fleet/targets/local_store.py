@@ -369,7 +369,7 @@ class LocalNodeStore(NodeTarget):
         """The documents a Meilisearch node would refuse, so the embedded default never accepts
         what production would not (cheap pre-filters first: almost no line is decoded)."""
         quoted = json.dumps(primary_key).encode()
-        if not block_may_break_rules(b"\n".join(lines), len(lines), quoted):
+        if not block_may_break_rules(b"\n".join(lines), lines, quoted):
             return []
         refused = []
         for i, line in enumerate(lines):

@@ -206,7 +206,7 @@ class DocumentRouter:
             if end < len(block):
                 block = block[:end]  # only the unusual blocks pay for a copy
             plain = valid and b"\r" not in block
-            self._check_rules = block_may_break_rules(block, len(lines), self._quoted_pk)
+            self._check_rules = block_may_break_rules(block, lines, self._quoted_pk)
             if plain:
                 docs = self._route_fast(lines, invalid)
             else:
