@@ -27,8 +27,8 @@ QUIET_RUN_LOG_LEVEL = "ERROR"
 DESCRIPTION = (
     "One member of the worker pool: claim chunks from the jobs table and run each as a Dagster "
     "run in-process against the shared instance, so every chunk shows in the Dagster UI. "
-    "SIGTERM or SIGINT drains it: it stops claiming and hands the running chunk back at its "
-    "next batch."
+    "SIGTERM or SIGINT drains it: it stops claiming and hands the running chunk back at once, "
+    "at the cursor the nodes have acknowledged."
 )
 
 

@@ -3,7 +3,7 @@ shared instance (so it shows in the UI without a process start per chunk), repea
 
 A worker owns a :class:`Shutdown`: SIGTERM/SIGINT (or anyone holding it) requests a drain, the
 worker stops claiming, and the running chunk, which watches the same object through the runtime
-resource of its run, hands itself back at its next batch boundary.
+resource of its run, hands itself back at once at its acknowledged cursor.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class Worker:
             ) from exc
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: stop claiming; the running chunk hands itself back at its next batch."""
+        """SIGTERM/SIGINT: stop claiming; the running chunk hands itself back at its acknowledged cursor."""
 
         def _drain(signum: int, _frame: FrameType | None) -> None:
             log.warning("worker %s: signal %d, draining", self.worker_id, signum)
@@ -292,7 +292,7 @@ class Worker:
         interrupt inside the chunk (mid-write) and never requests the worker's shutdown, so the
         attempt is failed and the worker goes on claiming. Off the main thread Dagster leaves the
         handlers alone: SIGTERM requests the shutdown the run's chunk watches (its runtime
-        resource), and the chunk hands itself back at its next batch boundary.
+        resource), and the chunk hands itself back at its acknowledged cursor.
         """
         box: dict[str, Any] = {}
 

@@ -21,6 +21,7 @@ are sent again, and writes are add-or-replace by primary key, so nothing is lost
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,8 @@ from miroir_pipeline.queue.lease import LeaseKeeper, hand_back
 from miroir_pipeline.queue.shutdown import Shutdown
 
 __all__ = ["Batch", "Refusals", "run_batches"]
+
+log = logging.getLogger(__name__)
 
 #: Per target (its index in the pipeline's targets), the documents it refused in a batch.
 Refusals = dict[int, DocumentsRefused]
@@ -105,9 +108,12 @@ class _Window:
         self.batches.append(_InFlight(batch, nbytes, writes))
         self.nbytes += nbytes
 
-    def settle_oldest(self, index_uid: str, primary_key: str, *, block: bool) -> _InFlight | None:
-        """The oldest batch once every target acknowledged it (None if not yet, unless ``block``).
-        Raises a target's error; a refusal of documents is isolated first (see :meth:`_isolate`)."""
+    def settle_oldest(
+        self, index_uid: str, primary_key: str, *, block: bool, stop: Callable[[], bool] = lambda: False
+    ) -> _InFlight | None:
+        """The oldest batch once every target acknowledged it (None if not yet, unless ``block``;
+        a blocking wait also gives up, returning None, once ``stop()`` is true). Raises a
+        target's error; a refusal of documents is isolated first (see :meth:`_isolate`)."""
         oldest = self.batches[0]
         delay = _FIRST_POLL_S
         while True:
@@ -115,7 +121,7 @@ class _Window:
                 self.batches.popleft()
                 self.nbytes -= oldest.nbytes
                 return oldest
-            if not block:
+            if not block or stop():
                 return None
             time.sleep(delay)
             delay = min(delay * 2, _MAX_POLL_S)
@@ -179,8 +185,10 @@ class _Window:
             delay = min(delay * 2, _MAX_POLL_S)
 
     def close(self) -> None:
+        """Stop the senders: batches not yet handed to their node are dropped (nothing past the
+        committed cursor needs them), the one being sent finishes."""
         for sender in self.senders:
-            sender.shutdown(wait=True)
+            sender.shutdown(wait=True, cancel_futures=True)
 
 
 def run_batches(
@@ -207,8 +215,14 @@ def run_batches(
     raises; without it the first refusal is raised. Otherwise raises the first target error,
     :class:`LeaseLost` as soon as the fence refuses a write, and :class:`ChunkHandedBack` after
     handing the chunk back on a drain request.
+
+    A drain does not wait for the window: it commits what the nodes have acknowledged by then
+    and hands the chunk back at that cursor. Batches still in flight are sent again by the next
+    claimer, after what the nodes already hold (add-or-replace, in order), so a drain takes one
+    poll, not the time a slow or unreachable node needs for the whole window.
     """
     window = _Window(targets, f"send-{keeper.lease.job_id}")
+    committed = ["its resume cursor (nothing committed by this run)"]
 
     def commit(flight: _InFlight) -> None:
         batch = flight.batch
@@ -221,15 +235,16 @@ def run_batches(
             before_commit(batch)
         keeper.check()
         store.save_progress(keeper.lease, batch.progress)
+        committed[0] = batch.position
         if on_commit is not None:
             on_commit(batch)
 
     def settle(*, block: bool, keep_bytes: int = 0) -> None:
         """Commit acknowledged batches, oldest first; with ``block``, wait until at most
-        ``keep_bytes`` stay in flight."""
+        ``keep_bytes`` stay in flight (or a drain is requested)."""
         while window.batches:
             must = block and (window.nbytes > keep_bytes or (len(window.batches) > 1 and keep_bytes == 0))
-            flight = window.settle_oldest(index_uid, primary_key, block=must)
+            flight = window.settle_oldest(index_uid, primary_key, block=must, stop=lambda: shutdown.requested)
             if flight is None:
                 return
             commit(flight)
@@ -237,15 +252,23 @@ def run_batches(
     try:
         for batch in batches:
             keeper.check()
+            if shutdown.requested:
+                break
             window.send(index_uid, primary_key, batch)
             settle(block=False)
-            if batch.final or shutdown.requested:
-                settle(block=True)
-            else:
-                settle(block=True, keep_bytes=window_bytes)
-            if shutdown.requested and not batch.final:
-                raise hand_back(store, keeper, batch.position, shutdown.reason)
-        settle(block=True)
+            settle(block=True, keep_bytes=0 if batch.final else window_bytes)
+        else:
+            settle(block=True)  # gives up early only on a drain
+            if not window.batches:
+                return
+        try:
+            settle(block=False)  # what the nodes acknowledged by now; nothing is waited for
+        except TargetError as exc:  # the next claimer meets it again, with this worker's attempt back
+            log.warning("chunk %s: draining past a node error: %s", keeper.lease.job_id, exc)
+        # Senders stop before the lease ends: a batch of this run still being sent must not
+        # reach a node after the next claimer's writes of the same documents.
+        window.close()
+        raise hand_back(store, keeper, committed[0], shutdown.reason)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:

@@ -4,9 +4,11 @@ waits until a node lists that queue before striking.
 
 1. Worker SIGKILLed: the nodes hold batches past the committed cursor; a second worker resumes
    at that cursor and the placement is exact (latest version wins).
-2. Node SIGKILLed: the tasks it had accepted survive its restart, the import rides the outage
+2. Worker SIGTERMed: it hands the chunk back at the acknowledged cursor at once, without
+   waiting for the nodes to index the window; the rescuer's placement is exact.
+3. Node SIGKILLed: the tasks it had accepted survive its restart, the import rides the outage
    out, nothing it had not acknowledged is committed meanwhile; the placement is exact.
-3. A task failing mid-window: under ``fail`` the cursor stops at the batch holding the refused
+4. A task failing mid-window: under ``fail`` the cursor stops at the batch holding the refused
    document and everything before it is placed; under ``skip`` it is dead-lettered and the
    rest placed exactly.
 
@@ -16,9 +18,11 @@ finished by then: a commit never covers documents a node had not acknowledged.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from bisect import bisect_right
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import accumulate
 from pathlib import Path
@@ -40,8 +44,15 @@ from miroir_pipeline.jobs.dump_import import (
 )
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
-from miroir_pipeline.queue.contract import JobState
-from tests.failure.conftest import Workers, settings_for, wait_for, worker_env, write_topology
+from miroir_pipeline.queue.contract import JobState, JobStore
+from tests.failure.conftest import (
+    WorkerProc,
+    Workers,
+    settings_for,
+    wait_for,
+    worker_env,
+    write_topology,
+)
 from tests.fixtures.meilisearch import MeiliProcess
 from tests.import_helpers import (
     actual_placement,
@@ -202,21 +213,52 @@ def assert_commits_trail_acknowledgements(
             )
 
 
-# -- 1. the worker dies -------------------------------------------------------------------------
+# -- a worker's import with a full window ---------------------------------------------------
 
 
-@pytest.mark.timeout(120)
-def test_worker_sigkilled_with_a_full_window_resumes_at_the_cursor_with_exact_placement(
-    tmp_path: Path, workers: Workers, meili_fleet: Any, meili_topology: Any
-) -> None:
+@dataclass
+class WorkerImport:
+    """One planned single-chunk import into the slow fleet, and the worker environment for it."""
+
+    uid: str
+    procs: list[MeiliProcess]
+    topo: Topology
+    dsn: str
+    store: JobStore
+    docs: list[dict[str, Any]]
+    size: int
+    targets: dict[str, Any]
+    chunk: str
+    env: dict[str, str]
+    args: tuple[str, ...]
+
+    def start(self, workers: Workers, name: str) -> WorkerProc:
+        return workers.start(self.env, name, *self.args)
+
+    def wait_window_full(self, worker: WorkerProc, window: list[int]) -> None:
+        """Until ``worker`` committed a quarter of the dump and meili-0 lists ``FULL`` queued
+        tasks (kept in ``window``); fails if the import ended first."""
+
+        def full() -> bool:
+            row = self.store.get(self.chunk)
+            if not worker.alive() or row.state not in (JobState.QUEUED, JobState.IN_PROGRESS):
+                return True  # over before the window filled: said below
+            if row.claimed_by != worker.name or int(row.progress.get("last_cursor", 0)) < self.size // 4:
+                return False
+            window[:] = queued(self.procs[0], self.uid)
+            return len(window) >= FULL
+
+        wait_for(full, 90, f"{FULL} tasks queued on meili-0, a quarter of the dump committed", interval=0.05)
+        assert worker.alive(), worker.output()[-3000:]
+        assert self.store.get(self.chunk).state == JobState.IN_PROGRESS, "the import ended first"
+
+
+def worker_import(tmp_path: Path, meili_fleet: Any, meili_topology: Any, uid: str, seed: int) -> WorkerImport:
     procs, topo = fleet(meili_fleet, meili_topology)
-    nodes = {f"meili-{i}": p for i, p in enumerate(procs)}
-    uid = "window_kill"
     dsn = f"sqlite:///{tmp_path}/jobs.sqlite3"
     store = open_store(dsn)
-    docs = versioned_docs(12_000, seed=41)
+    docs = versioned_docs(12_000, seed=seed)
     dump = write_dump(tmp_path / "dump.ndjson", docs)
-    size = dump.stat().st_size
     targets = open_targets(topo)
     settings = window_settings(tmp_path)
     request = DumpImportRequest(uri=str(dump), index_uid=uid, primary_key="id")
@@ -232,28 +274,24 @@ def test_worker_sigkilled_with_a_full_window_resumes_at_the_cursor_with_exact_pl
         MIROIR_BATCH_BYTES=str(BATCH_BYTES),
     )
     args = ("--parent", plan.parent.id, "--exit-when-empty")
+    return WorkerImport(uid, procs, topo, dsn, store, docs, dump.stat().st_size, targets, chunk, env, args)
 
-    with CommitWatcher(dsn, chunk) as watcher:
-        first = workers.start(env, "first", *args)
+
+# -- 1. the worker dies -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_worker_sigkilled_with_a_full_window_resumes_at_the_cursor_with_exact_placement(
+    tmp_path: Path, workers: Workers, meili_fleet: Any, meili_topology: Any
+) -> None:
+    imp = worker_import(tmp_path, meili_fleet, meili_topology, "window_kill", seed=41)
+    procs, topo, store, docs, size, chunk, uid = imp.procs, imp.topo, imp.store, imp.docs, imp.size, imp.chunk, imp.uid
+    nodes = {f"meili-{i}": p for i, p in enumerate(procs)}
+
+    with CommitWatcher(imp.dsn, chunk) as watcher:
+        first = imp.start(workers, "first")
         window: list[int] = []
-
-        def window_full() -> bool:
-            row = store.get(chunk)
-            if not first.alive() or row.state not in (JobState.QUEUED, JobState.IN_PROGRESS):
-                return True  # over before the window filled: said below
-            if row.claimed_by != "first" or int(row.progress.get("last_cursor", 0)) < size // 4:
-                return False
-            window[:] = queued(procs[0], uid)
-            return len(window) >= FULL
-
-        wait_for(
-            window_full,
-            90,
-            f"{FULL} tasks queued on meili-0, a quarter of the dump committed",
-            interval=0.05,
-        )
-        assert first.alive(), first.output()[-3000:]
-        assert store.get(chunk).state == JobState.IN_PROGRESS, "the import ended first"
+        imp.wait_window_full(first, window)
         first.kill()
         killed = store.get(chunk)
         assert killed.state == JobState.IN_PROGRESS and killed.attempts == 1
@@ -270,7 +308,7 @@ def test_worker_sigkilled_with_a_full_window_resumes_at_the_cursor_with_exact_pl
                 f"{node} acknowledged nothing past the committed cursor: no window in flight"
             )
 
-        rescuer = workers.start(env, "rescuer", *args)
+        rescuer = imp.start(workers, "rescuer")
         rescuer.proc.wait(timeout=90)
     assert rescuer.proc.returncode == 0, rescuer.output()[-3000:]
 
@@ -286,7 +324,7 @@ def test_worker_sigkilled_with_a_full_window_resumes_at_the_cursor_with_exact_pl
 
     assert row.progress["last_cursor"] == size and row.progress["docs_routed"] == len(docs)
     assert row.progress["per_node"] == routed_per_node(docs, topo)
-    assert_exact_placement(expected_placement(docs, topo), actual_placement(targets, uid))
+    assert_exact_placement(expected_placement(docs, topo), actual_placement(imp.targets, uid))
     assert_commits_trail_acknowledgements(
         watcher.samples, {n: node_tasks(p, uid) for n, p in nodes.items()}
     )
@@ -296,7 +334,61 @@ def test_worker_sigkilled_with_a_full_window_resumes_at_the_cursor_with_exact_pl
     )
 
 
-# -- 2. a node dies ---------------------------------------------------------------------------
+# -- 2. the worker is told to stop -------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_with_a_full_window_hands_back_at_once_and_the_rescuer_places_exactly(
+    tmp_path: Path, workers: Workers, meili_fleet: Any, meili_topology: Any
+) -> None:
+    """A drain does not wait for the nodes to index the window: the chunk is handed back at
+    the acknowledged cursor while meili-0 still holds batches past it, which the rescuer sends
+    again after them, and the run's failure names that cursor (not the last batch sent)."""
+    imp = worker_import(tmp_path, meili_fleet, meili_topology, "window_drain", seed=43)
+    procs, topo, store, docs, size, chunk, uid = imp.procs, imp.topo, imp.store, imp.docs, imp.size, imp.chunk, imp.uid
+
+    with CommitWatcher(imp.dsn, chunk) as watcher:
+        first = imp.start(workers, "first")
+        imp.wait_window_full(first, [])
+        first.proc.send_signal(signal.SIGTERM)  # the worker alone, as the kubelet sends it
+        assert first.proc.wait(timeout=30) == 0, first.output()[-3000:]
+        released = store.get(chunk)
+        assert released.state == JobState.QUEUED and released.claimed_by is None, released
+        assert released.attempts == 0, "a hand-back must not count as an attempt"
+        cursor = int(released.progress["last_cursor"])
+        assert 0 < cursor < size
+
+        # The batches in flight at the drain were not waited for: meili-0 indexes them after
+        # the hand-back, past the cursor the worker committed.
+        wait_for(lambda: not any(queued(p, uid) for p in procs), 60, "the nodes to go idle")
+        assert acknowledged(node_tasks(procs[0], uid)) > released.progress["per_node"]["meili-0"], (
+            "meili-0 acknowledged nothing past the handed-back cursor: the drain waited for the window"
+        )
+
+        rescuer = imp.start(workers, "rescuer")
+        rescuer.proc.wait(timeout=90)
+    assert rescuer.proc.returncode == 0, rescuer.output()[-3000:]
+
+    row = store.get(chunk)
+    assert row.state == JobState.COMPLETED and row.attempts == 1 and row.claimed_by == "rescuer"
+    assert row.progress["last_cursor"] == size and row.progress["docs_routed"] == len(docs)
+    assert row.progress["per_node"] == routed_per_node(docs, topo)
+    assert_exact_placement(expected_placement(docs, topo), actual_placement(imp.targets, uid))
+    assert_commits_trail_acknowledgements(
+        watcher.samples, {f"meili-{i}": node_tasks(p, uid) for i, p in enumerate(procs)}
+    )
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
+        failures = [
+            e.dagster_event.step_failure_data.error.message  # type: ignore[union-attr]
+            for run in instance.get_runs()
+            for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        ]
+    assert len(failures) == 1 and f"handed back at byte {cursor}: worker first received signal 15" in failures[0], (
+        failures
+    )
+
+
+# -- 3. a node dies ---------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -398,7 +490,7 @@ def test_node_sigkilled_with_a_full_window_keeps_its_tasks_and_the_import_rides_
     )
 
 
-# -- 3. a task fails ----------------------------------------------------------------------------
+# -- 4. a task fails ----------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)

@@ -286,11 +286,12 @@ def test_drain_hands_a_dump_chunk_back_at_its_cursor_and_it_resumes(env: dict[st
     lease = store.claim(["dump_import"], "w1", settings.lease_ttl)
     assert lease is not None
     shutdown = Shutdown()
-    with pytest.raises(ChunkHandedBack, match="handed back at byte"):
+    with pytest.raises(ChunkHandedBack, match="handed back at byte") as handed:
         process_dump_chunk(store, lease, targets, settings, shutdown=shutdown, on_batch=lambda _r: shutdown.request())
     row = store.get(lease.job_id)
     assert row.state == JobState.QUEUED and row.claimed_by is None
     cursor = int(row.progress["last_cursor"])
+    assert f"handed back at byte {cursor}:" in str(handed.value)  # the committed cursor, named
     assert 0 < cursor < int(row.params["end"])
     again = store.claim(["dump_import"], "w2", settings.lease_ttl)
     assert again is not None and again.job_id == lease.job_id
