@@ -184,14 +184,19 @@ def test_the_launchers_shutdown_reaches_the_chunk_through_the_runtime_resource(p
             (chunk,) = [c.id for c in store.children(parent_id)]
             chunk_job = defs.resolve_job_def(names.chunk_job("dump_import"))
 
-            # A launcher that is draining: the chunk commits its first batch and hands itself back.
+            # A launcher that starts draining once the chunk committed its first batch: the chunk
+            # sends nothing more and hands itself back at what it committed.
             draining = Shutdown()
-            draining.request("test launcher is draining")
             batches: list[ChunkReport] = []
+
+            def first_batch_then_drain(report: ChunkReport) -> None:
+                batches.append(report)
+                draining.request("test launcher is draining")
+
             handed = chunk_job.execute_in_process(
                 partition_key=chunk,
                 instance=instance,
-                resources={names.runtime_resource: runtime_resource(draining, on_batch=batches.append)},
+                resources={names.runtime_resource: runtime_resource(draining, on_batch=first_batch_then_drain)},
                 raise_on_error=False,
             )
             assert not handed.success
@@ -202,7 +207,8 @@ def test_the_launchers_shutdown_reaches_the_chunk_through_the_runtime_resource(p
             row = store.get(chunk)
             cursor = int(row.progress["last_cursor"])
             assert (row.state, row.attempts, row.claimed_by) == (JobState.QUEUED, 0, None)
-            assert len(batches) == 1 and 0 < cursor < planned["dump"].stat().st_size
+            assert batches and 0 < cursor < planned["dump"].stat().st_size
+            assert f"handed back at byte {cursor}:" in str(failure.step_failure_data.user_failure_data.description)
 
             # The default runtime (what UI, sensor and GraphQL runs get) is never drained.
             done = chunk_job.execute_in_process(partition_key=chunk, instance=instance)

@@ -22,9 +22,9 @@ import pytest
 from miroir_pipeline.fleet.targets.base import NodeTarget, PendingWrite, TargetError
 from miroir_pipeline.jobs.pipeline import Batch, run_batches
 from miroir_pipeline.queue import JobStore, open_store
-from miroir_pipeline.queue.contract import Lease, NewChunk
+from miroir_pipeline.queue.contract import JobState, Lease, NewChunk
 from miroir_pipeline.queue.lease import LeaseKeeper
-from miroir_pipeline.queue.shutdown import Shutdown
+from miroir_pipeline.queue.shutdown import ChunkHandedBack, Shutdown
 
 BATCHES = 12
 
@@ -209,3 +209,37 @@ def test_without_a_window_one_batch_is_in_flight_while_the_next_is_routed(leased
     thread.join(timeout=30)
     assert max(in_flight_at_send) <= 1, in_flight_at_send
     assert store.get(keeper.lease.job_id).progress["last_cursor"] == BATCHES
+
+
+@pytest.mark.timeout(60)
+def test_a_drain_stops_waiting_on_the_window_and_hands_back_at_the_acknowledged_prefix(
+    leased: tuple[JobStore, LeaseKeeper],
+) -> None:
+    """A node that does not acknowledge (here: batch 3, never) cannot hold a drain: the wait on
+    the window gives up, nothing more is sent, and the chunk is handed back at the prefix every
+    node acknowledged, named in the message."""
+    store, keeper = leased
+    node = ScriptedNode("a")
+    shutdown = Shutdown()
+
+    def ack_three_then_drain() -> None:
+        for b in range(3):
+            with node.sent:
+                node.sent.wait_for(lambda b=b: b in node.writes, timeout=30)
+            node.writes[b].acked.set()
+        with node.sent:
+            node.sent.wait_for(lambda: 3 in node.writes, timeout=30)
+        polls = node.polls
+        with node.polled:  # the pipeline is waiting on batch 3: it polled it since
+            node.polled.wait_for(lambda: node.polls > polls + 1, timeout=30)
+        shutdown.request("test drain")
+
+    thread = threading.Thread(target=ack_three_then_drain, daemon=True)
+    thread.start()
+    with pytest.raises(ChunkHandedBack, match="handed back at batch 3: test drain"):
+        run_batches(store, keeper, [node], "idx", "id", batches(BATCHES, 1), shutdown, window_bytes=0)
+    thread.join(timeout=30)
+    row = store.get(keeper.lease.job_id)
+    assert (row.state, row.attempts, row.claimed_by) == (JobState.QUEUED, 0, None)
+    assert row.progress["last_cursor"] == 3
+    assert sorted(node.writes) == [0, 1, 2, 3], "nothing is sent after the drain"
