@@ -125,6 +125,10 @@ def planned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         "batch_size": 50,
         # small reads make small batches: a chunk of this dump commits in a dozen or more
         "read_block_bytes": dg.EnvVar.int("COMPOSITION_READ_BLOCK"),
+        # no window (the whole buffer is one batch): one batch in flight while the next is
+        # routed, so a drain requested at the first commit finds most batches unsent
+        "memory_buffer_bytes": 64 * 1024,
+        "batch_bytes": 64 * 1024,
     }
     defs = _user_definitions(settings=settings, topology=str(topology_path))
     return {"root": tmp_path, "dsn": dsn, "topology": load_topology(topology_path), "docs": docs, "dump": dump, "defs": defs}
