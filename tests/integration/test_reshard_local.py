@@ -292,7 +292,9 @@ def test_drain_hands_the_chunk_back_at_a_batch_boundary_and_it_resumes(
     planned = plan_reshard(
         store, ReshardRequest(index_uid="books", new_shards=3, shards_per_chunk=4), topo, live, SETTINGS
     )
-    settings = PipelineSettings(allowed_roots=["/"], batch_size=300)
+    # No window (the buffer is one batch wide): the drain requested at the first commit always
+    # finds the chunk's last batch unsent, whatever the timing of the reads.
+    settings = PipelineSettings(allowed_roots=["/"], batch_size=300, memory_buffer_bytes=64 * 1024, batch_bytes=64 * 1024)
     lease = store.claim(["reshard_backfill"], "w1", settings.lease_ttl)
     assert lease is not None
     shutdown = Shutdown()
