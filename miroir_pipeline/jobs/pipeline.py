@@ -222,9 +222,10 @@ def run_batches(
     poll, not the time a slow or unreachable node needs for the whole window.
     """
     window = _Window(targets, f"send-{keeper.lease.job_id}")
-    committed = ["its resume cursor (nothing committed by this run)"]
+    committed = "its resume cursor (nothing committed by this run)"  # where a hand-back leaves it
 
     def commit(flight: _InFlight) -> None:
+        nonlocal committed
         batch = flight.batch
         refusals: Refusals = {i: exc for i, exc in flight.settled.items() if exc is not None}
         if refusals:
@@ -235,7 +236,7 @@ def run_batches(
             before_commit(batch)
         keeper.check()
         store.save_progress(keeper.lease, batch.progress)
-        committed[0] = batch.position
+        committed = batch.position
         if on_commit is not None:
             on_commit(batch)
 
@@ -268,7 +269,7 @@ def run_batches(
         # Senders stop before the lease ends: a batch of this run still being sent must not
         # reach a node after the next claimer's writes of the same documents.
         window.close()
-        raise hand_back(store, keeper, committed[0], shutdown.reason)
+        raise hand_back(store, keeper, committed, shutdown.reason)
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
