@@ -133,8 +133,8 @@ RETURNING *;
 -- sibling. A completed chunk's entry stays in that partial index until VACUUM; a plain scan
 -- marks such entries dead as it passes them, so each is read about once. The anti-join the
 -- planner chose for NOT EXISTS used a bitmap scan, which never marks them: it read every
--- completed sibling's entry on every completion (O(n^2) per parent between vacuums; 9,700
--- entries per check halfway through a 20,000-chunk parent).
+-- completed sibling's entry on every completion (O(n^2) per parent between vacuums; 9,687
+-- entries per check halfway through a 10,000-chunk parent: a claimed chunk leaves one too).
 UPDATE jobs AS p
 SET state = 'completed', finished_at = now(), updated_at = now()
 WHERE p.id = %(id)s
