@@ -6,11 +6,21 @@ each with its own store (Postgres: its own pool of 1-2 connections), start toget
 (first start to last finish). Checked after each run: every row completed exactly once (the
 per-claimer counts sum to the row count and the parent completed).
 
+Baseline on Postgres, in the same run and the same database: the least a work queue can spend
+per job on this machine, as the lean Postgres queues (procrastinate, River) do it. A table with
+only what a lease needs (id, queue, status, token) and one partial index on the waiting rows;
+each claimer process on one raw psycopg connection, autocommit, no pool, no row objects: claim is
+one ``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED LIMIT 1)``, complete one fenced
+``UPDATE``. No parents, no attempts or expiry, no resume cursor. The ratio store / baseline
+says how much of the machine's ceiling the store reaches; the goal is an absolute rate, so
+where the baseline itself stays below it, the machine cannot meet the goal with a lease per
+row.
+
 Backends: Postgres on a throwaway cluster (tests/fixtures/postgres.py: fsync, full_page_writes
 and synchronous_commit off, as the test suite runs it) and again with those switched back on
 (same cluster restarted without those flags: "pg-durable"); SQLite (WAL, synchronous=NORMAL) for comparison.
-Baseline: 1 claimer on the same backend; ratios printed. Goal: >= 3,000/s with 8 claimers on
-Postgres.
+Also printed: each rate against 1 claimer on the same backend. Goal: >= 3,000/s with 8
+claimers on Postgres.
 
     .venv/bin/python benchmarks/claim_throughput.py [--quick] [--rows 20000] [--claimers 1,4,8]
         [--backends pg,pg-durable,sqlite] [--repeat 1]
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import time
+import uuid
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
@@ -32,6 +43,36 @@ from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import JobState, NewChunk
 
 GOAL = 3000.0
+
+# The baseline queue (see the module docstring): created in its own schema of the benchmark's
+# fresh database, so it never meets the store's tables.
+MINIMAL_SCHEMA = """
+CREATE SCHEMA minimal;
+CREATE TABLE minimal.jobs (
+    id     bigint PRIMARY KEY,
+    queue  text   NOT NULL,
+    status text   NOT NULL DEFAULT 'todo',
+    worker text,
+    token  text
+);
+-- the claim walks only waiting rows, in id order
+CREATE INDEX jobs_todo_idx ON minimal.jobs (id) WHERE status = 'todo';
+"""
+MINIMAL_FILL = "INSERT INTO minimal.jobs (id, queue) SELECT g, 'dump_import' FROM generate_series(1, %(rows)s) AS g"
+# One statement: the scalar subquery runs once (an InitPlan), locks the first waiting row no one
+# else holds, and the UPDATE leases it.
+MINIMAL_CLAIM = """
+UPDATE minimal.jobs SET status = 'doing', worker = %(worker)s, token = %(token)s
+WHERE id = (SELECT id FROM minimal.jobs
+            WHERE status = 'todo' AND queue = %(queue)s
+            ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+# Fenced by the token, as any lease must be.
+MINIMAL_COMPLETE = """
+UPDATE minimal.jobs SET status = 'done', token = NULL
+WHERE id = %(id)s AND status = 'doing' AND token = %(token)s
+"""
 
 
 def claimer(dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
@@ -52,6 +93,62 @@ def claimer(dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
         store.close()
 
 
+def minimal_claimer(dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
+    """The baseline's loop: one raw autocommit connection, two statements per job."""
+    conn = psycopg.connect(dsn, autocommit=True)
+    try:
+        conn.execute("SELECT 1")  # connection set-up is not timed
+        barrier.wait()
+        t0 = time.monotonic()
+        n = 0
+        while True:
+            token = uuid.uuid4().hex
+            row = conn.execute(
+                MINIMAL_CLAIM, {"worker": worker, "token": token, "queue": "dump_import"}
+            ).fetchone()
+            if row is None:
+                break
+            done = conn.execute(MINIMAL_COMPLETE, {"id": row[0], "token": token})
+            if done.rowcount != 1:
+                raise SystemExit(f"baseline claimer {worker}: lost the lease of row {row[0]}")
+            n += 1
+        out.put((worker, n, t0, time.monotonic()))
+    finally:
+        conn.close()
+
+
+def run_minimal_once(dsn: str, rows: int, k: int) -> float:
+    """The baseline queue over ``rows`` rows with ``k`` claimers; cycles per second."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(MINIMAL_SCHEMA)
+        conn.execute(MINIMAL_FILL, {"rows": rows})
+        conn.execute("ANALYZE minimal.jobs")
+    wall, done = _race(minimal_claimer, dsn, k)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        got = conn.execute("SELECT count(*) FROM minimal.jobs WHERE status = 'done'").fetchone()
+    if done != rows or not got or got[0] != rows:
+        raise SystemExit(f"baseline, {k} claimers: {done} completions, {got} rows done, of {rows}")
+    return rows / wall
+
+
+def _race(target: Any, dsn: str, k: int) -> tuple[float, int]:
+    """Start ``k`` claimer processes together; (wall seconds first start to last finish, jobs done)."""
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(k)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(dsn, f"w{i}", barrier, out)) for i in range(k)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join(60)
+        if p.exitcode != 0:
+            raise SystemExit(f"claimer {p.name} exited with {p.exitcode}")
+    done = sum(n for _, n, _, _ in results)
+    wall = max(t1 for *_, t1 in results) - min(t0 for _, _, t0, _ in results)
+    return float(wall), done
+
+
 def enqueue(dsn: str, rows: int) -> str:
     store = open_store(dsn)
     try:
@@ -67,19 +164,7 @@ def enqueue(dsn: str, rows: int) -> str:
 
 def run_once(dsn: str, rows: int, k: int) -> float:
     parent_id = enqueue(dsn, rows)
-    ctx = mp.get_context("fork")
-    barrier = ctx.Barrier(k)
-    out = ctx.Queue()
-    procs = [ctx.Process(target=claimer, args=(dsn, f"w{i}", barrier, out)) for i in range(k)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=900) for _ in procs]
-    for p in procs:
-        p.join(60)
-        if p.exitcode != 0:
-            raise SystemExit(f"claimer {p.name} exited with {p.exitcode}")
-    done = sum(n for _, n, _, _ in results)
-    wall = max(t1 for *_, t1 in results) - min(t0 for _, _, t0, _ in results)
+    wall, done = _race(claimer, dsn, k)
     store = open_store(dsn, migrate=False)
     try:
         summary = store.parent_summary(parent_id)
@@ -89,7 +174,7 @@ def run_once(dsn: str, rows: int, k: int) -> float:
         raise SystemExit(
             f"{k} claimers: {done} completions for {rows} rows; parent {summary.parent.state}, {summary.chunks_by_state}"
         )
-    return rows / float(wall)
+    return rows / wall
 
 
 def check_fsync(server: Any, want: str) -> None:
@@ -120,28 +205,42 @@ def main() -> None:
 
     def measure(backend: str, dsn_for: Any) -> None:
         base = None
+        with_baseline = backend.startswith("pg")
         for k in ks:
-            rates = []
+            rates, minimal = [], []
             for _ in range(args.repeat):
-                dsn, cleanup = dsn_for()
-                try:
-                    rates.append(run_once(dsn, args.rows, k))
-                finally:
-                    cleanup()
+                # store, then baseline, each on a fresh database: interleaved per repeat
+                for runner, into in ((run_once, rates), (run_minimal_once, minimal)):
+                    if runner is run_minimal_once and not with_baseline:
+                        continue
+                    dsn, cleanup = dsn_for()
+                    try:
+                        into.append(runner(dsn, args.rows, k))
+                    finally:
+                        cleanup()
             rate = c.median(rates)
             base = base if base is not None else rate
-            row = {
+            row: dict[str, Any] = {
                 "backend": backend,
                 "claimers": k,
                 "cycles_s": round(rate),
                 "vs_1_claimer": round(rate / base, 2),
                 "all": [round(r) for r in rates],
             }
-            if backend.startswith("pg") and k == 8:
+            note = ""
+            if with_baseline:
+                floor = c.median(minimal)
+                row |= {
+                    "baseline_s": round(floor),
+                    "vs_baseline": round(rate / floor, 2),
+                    "baseline_all": [round(r) for r in minimal],
+                }
+                note = f"; baseline {floor:8.0f} cycles/s, store/baseline {rate / floor:.2f}"
+            if with_baseline and k == 8:
                 row["goal_3000"] = rate >= GOAL
             res.add(**row)
             print(
-                f"  {backend:10s} {k} claimer(s): {rate:8.0f} cycles/s (load {c.loadavg()[0]:.2f})"
+                f"  {backend:10s} {k} claimer(s): {rate:8.0f} cycles/s{note} (load {c.loadavg()[0]:.2f})"
             )
 
     if any(b.startswith("pg") for b in backends):
@@ -178,7 +277,18 @@ def main() -> None:
         measure("sqlite", sqlite_dsn)
     print()
     c.print_table(
-        res.rows, ["backend", "claimers", "cycles_s", "vs_1_claimer", "goal_3000", "all", "load1"]
+        res.rows,
+        [
+            "backend",
+            "claimers",
+            "cycles_s",
+            "baseline_s",
+            "vs_baseline",
+            "vs_1_claimer",
+            "goal_3000",
+            "all",
+            "load1",
+        ],
     )
     res.save()
 
