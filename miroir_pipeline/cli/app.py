@@ -12,12 +12,21 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-from miroir_pipeline.cli import admin_cmd, import_cmd, reshard_cmd, runtime, sample_cmd, worker_cmd
+from miroir_pipeline.cli import (
+    admin_cmd,
+    collector,
+    import_cmd,
+    reshard_cmd,
+    runtime,
+    sample_cmd,
+    worker_cmd,
+)
 from miroir_pipeline.cli.errors import format_validation_error
 from miroir_pipeline.cli.options import Parser, log_level, positive_int
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "program"]
 
 log = logging.getLogger("miroir_pipeline")
 
@@ -75,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
             if set(action.option_strings) & set(options):
                 action.type = positive_int
     return parser
+
+
+def program(argv: Sequence[str] | None = None) -> NoReturn:
+    """The console script and ``python -m miroir_pipeline.cli``: run :func:`main` as the
+    process's program (the collector's phases, see ``cli.collector``), then exit with its status."""
+    collector.starting()
+    code = main(argv)
+    collector.exiting()
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

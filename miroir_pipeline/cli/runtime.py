@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, Generic, TypeVar
 
+from miroir_pipeline.cli import collector
 from miroir_pipeline.cli.errors import CliError
 from miroir_pipeline.cli.options import is_debug
 
@@ -467,6 +468,7 @@ def run_workers_for(
     its running chunk back at its committed cursor and exits; they get
     :data:`DRAIN_TIMEOUT_S` (less on a second signal) before they are killed.
     """
+    collector.started()  # the command is loaded; from here on it waits for its workers
     level = logs.level if logs is not None else "INFO"
     with StopSignal() as stop, (logs.for_workers() if logs is not None else _no_stream()) as out:
         procs = [

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 
-from miroir_pipeline.cli import runtime
+from miroir_pipeline.cli import collector, runtime
 from miroir_pipeline.cli.options import Subparsers, add_store_options, positive_int
 
 __all__ = ["add_parser", "run"]
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         plan_wait_s=args.wait_for_plan,
     )
     worker.install_signal_handlers()
+    collector.started()  # Dagster and the definitions are loaded
     stats = worker.run()
     log.info(
         "worker %s: %d chunk run(s), %d failed",

@@ -116,6 +116,43 @@ def test_the_command_line_starts_without_dagster() -> None:
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
+#: Run the program as the console script does, and say on stderr how it left the collector.
+_GC_AT_EXIT = (
+    "import atexit, gc, sys\n"
+    "atexit.register(lambda: print(f'gc enabled={gc.isenabled()} frozen={gc.get_freeze_count()}', file=sys.stderr))\n"
+    "from miroir_pipeline.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def _gc_at_exit(cwd: Path, *args: str) -> tuple[bool, int]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
+    out = subprocess.run([sys.executable, "-c", _GC_AT_EXIT, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    found = re.search(r"gc enabled=(True|False) frozen=(\d+)", out.stderr)
+    assert found, out.stderr
+    return found.group(1) == "True", int(found.group(2))
+
+
+@pytest.mark.timeout(300)
+def test_the_program_collects_again_once_a_command_starts_its_work(tmp_path: Path) -> None:
+    """The program loads without the cyclic collector and freezes the heap at exit (a faster
+    start and exit); a worker turns the collector back on before it runs chunks, while a short
+    command like ``status`` never needs it. ``cli.app.main`` called in-process changes nothing."""
+    enabled, frozen = _gc_at_exit(tmp_path, "worker", "--exit-when-empty")
+    assert enabled and frozen > 0
+    enabled, frozen = _gc_at_exit(tmp_path, "status")
+    assert not enabled and frozen > 0
+    code = (
+        "import gc, sys\n"
+        "from miroir_pipeline.cli.app import main\n"
+        "assert main(['status']) == 0\n"
+        "sys.exit(0 if gc.isenabled() and gc.get_freeze_count() == 0 else 3)\n"
+    )
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=full, timeout=120).returncode == 0
+
+
 @pytest.mark.timeout(300)
 def test_sample_dump_then_import_on_embedded_defaults(tmp_path: Path) -> None:
     made = cli(tmp_path, "sample-dump", "dump.ndjson", "--size", "3MiB", "--seed", "7")
