@@ -128,37 +128,46 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, run and summarize one dump import (or resume one)."""
+    """Plan, run and summarize one dump import (or resume one).
+
+    The workers start as soon as the job has an id: their Dagster start-up is most of a small
+    import's time. The request is validated and planned here while they load (a refusal stops
+    them, leaves no job, and is printed as raised)."""
     if args.resume:
         return _resume(args)
-    request = _request(args)
+    _require_uri_and_index(args)
 
-    from miroir_pipeline.jobs.dump_import.plan import unfinished_identical_import
     from miroir_pipeline.jobs.ids import new_parent_id
-    from miroir_pipeline.jobs.settings import PipelineSettings
     from miroir_pipeline.queue import open_store
 
-    settings = PipelineSettings.from_env()
+    try:
+        parent_id = new_parent_id("import", args.index)
+    except ValueError as exc:
+        raise CliError(f"--index {exc}") from None
     store = open_store()
-    if not args.new:
-        earlier = unfinished_identical_import(store, request, settings)
-        if earlier is not None:
-            job = earlier.parent.id
-            raise CliError(
-                f"an identical import {job} is unfinished ({earlier.chunks_done}/"
-                f"{earlier.chunks_total} chunks done); resume it with --resume {job}, or pass "
-                "--new to start another"
-            )
-    parent_id = new_parent_id("import", request.index_uid)
     logs = runtime.DagsterLogs.of_job(parent_id, args.log_level)
 
     def plan() -> None:
         """Planned here with the library, while the workers load Dagster: the plan needs no
         Dagster run, and each worker registers the chunks as partitions when it sees them."""
         from miroir_pipeline.fleet.targets.factory import open_targets
-        from miroir_pipeline.jobs.dump_import.plan import plan_dump_import
-        from miroir_pipeline.jobs.settings import resolve_topology
+        from miroir_pipeline.jobs.dump_import.plan import (
+            plan_dump_import,
+            unfinished_identical_import,
+        )
+        from miroir_pipeline.jobs.settings import PipelineSettings, resolve_topology
 
+        request = _request(args)
+        settings = PipelineSettings.from_env()
+        if not args.new:
+            earlier = unfinished_identical_import(store, request, settings)
+            if earlier is not None:
+                job = earlier.parent.id
+                raise CliError(
+                    f"an identical import {job} is unfinished ({earlier.chunks_done}/"
+                    f"{earlier.chunks_total} chunks done); resume it with --resume {job}, or pass "
+                    "--new to start another"
+                )
         topology = resolve_topology()
         plan_dump_import(
             store, request, topology, open_targets(topology), settings, parent_id=parent_id
@@ -172,17 +181,21 @@ def run(args: argparse.Namespace) -> int:
         raise (exc.__cause__ or exc) from None  # the refusal itself, worded as raised
 
 
+def _require_uri_and_index(args: argparse.Namespace) -> None:
+    """A new import names its dump and its index."""
+    missing = [name for name, value in (("URI", args.uri), ("--index", args.index)) if not value]
+    if missing:
+        raise CliError(
+            f"import needs {' and '.join(missing)} (or --resume JOB_ID to continue an unfinished import)"
+        )
+
+
 def _request(args: argparse.Namespace) -> DumpImportRequest:
     """The request the flags make, validated here so a mistake is one line naming the flag."""
     from pydantic import ValidationError
 
     from miroir_pipeline.jobs.dump_import.params import INDEX_UID_RULE, DumpImportRequest
 
-    missing = [name for name, value in (("URI", args.uri), ("--index", args.index)) if not value]
-    if missing:
-        raise CliError(
-            f"import needs {' and '.join(missing)} (or --resume JOB_ID to continue an unfinished import)"
-        )
     try:
         chunk_size = parse_size(args.chunk_size) if args.chunk_size is not None else None
     except ValueError as exc:
@@ -256,7 +269,6 @@ def _run_and_report(
     With ``plan``, the parent does not exist yet: the workers start first, and ``plan`` makes
     the parent while they load (a refusal raises :class:`runtime.PlanRefused` once they are
     stopped)."""
-    from miroir_pipeline.jobs.dump_import.params import is_invalid_document_error
     from miroir_pipeline.queue.contract import JobState
 
     mode = "none" if args.json or args.no_progress else "bar" if stdout_is_terminal() else "plain"
@@ -286,6 +298,9 @@ def _run_and_report(
     summary = store.parent_summary(parent_id)
     prog = summary.progress
     failed = runtime.failed_chunks(store, parent_id)
+    # imported once the workers run: the package is most of what planning loads
+    from miroir_pipeline.jobs.dump_import.params import is_invalid_document_error
+
     stopped_at_invalid = sum(1 for f in failed if is_invalid_document_error(f["error"]))
     moved = int(prog.get("bytes_processed", 0)) - int(before.progress.get("bytes_processed", 0))
     result: dict[str, Any] = {

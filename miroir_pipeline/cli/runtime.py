@@ -218,7 +218,7 @@ class DagsterLogs:
 
     @staticmethod
     def _folder() -> Path:
-        from miroir_pipeline.jobs.settings import default_home
+        from miroir_pipeline.util.home import default_home  # light: runs before the workers start
 
         folder = (default_home() / "logs").resolve()
         folder.mkdir(parents=True, exist_ok=True)

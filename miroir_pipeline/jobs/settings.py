@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,15 +14,11 @@ from miroir_pipeline.queue.contract import (
     DEFAULT_LEASE_TTL,
     DEFAULT_MAX_ATTEMPTS,
 )
+from miroir_pipeline.util.home import default_home
 from miroir_pipeline.util.sizes import parse_size
 
 __all__ = ["PipelineSettings", "default_home", "resolve_topology"]
 
-
-def default_home() -> Path:
-    """Where the embedded defaults live (jobs database, local node stores, Dagster home, staging):
-    ``$MIROIR_HOME``, else ``./.miroir``. Read when asked, never at import."""
-    return Path(os.environ.get("MIROIR_HOME", ".miroir"))
 
 OnInvalid = Literal["fail", "skip"]
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from miroir_pipeline.jobs.ids import INDEX_UID_PATTERN, INDEX_UID_RULE
 from miroir_pipeline.queue.contract import Job
 
 __all__ = [
@@ -24,9 +25,6 @@ __all__ = [
 
 #: The ``type`` of dump-import rows.
 DUMP_IMPORT = "dump_import"
-#: Meilisearch's rule for an index uid, and how to say it to an operator.
-INDEX_UID_PATTERN = r"^[A-Za-z0-9_-]{1,400}$"
-INDEX_UID_RULE = "index uid may use only letters, digits, - and _ (1-400 characters)"
 
 
 class DumpImportRequest(BaseModel):
