@@ -101,15 +101,30 @@ def run_bare(dump: Path, docs: int, workers: int, chunk_size: int) -> dict[str, 
         raise SystemExit(
             f"bare import routed {summary.progress.get('docs_routed')} of {docs} documents"
         )
+    return _row(dump, wall, before, after, load, cli_mb_s=None, chunks=summary.chunks_total)
+
+
+def _row(
+    dump: Path,
+    wall: float,
+    before: resource.struct_rusage,
+    after: resource.struct_rusage,
+    load: float,
+    *,
+    cli_mb_s: float | None,
+    chunks: int,
+) -> dict[str, Any]:
+    """One run's figures. CPU is that of every child waited for between ``before`` and
+    ``after``: how many of the box's cores the import kept busy (a second worker can only add
+    what the first left idle)."""
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    size = dump.stat().st_size
     return {
         "wall_s": wall,
-        "mb_s": size / 1e6 / wall,
+        "mb_s": dump.stat().st_size / 1e6 / wall,
         "cpu_s": round(cpu, 1),
         "cores_busy": round(cpu / wall, 2),
-        "cli_mb_s": None,
-        "chunks": summary.chunks_total,
+        "cli_mb_s": cli_mb_s,
+        "chunks": chunks,
         "load": load,
     }
 
@@ -143,9 +158,6 @@ def run_import(
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        # CPU of the command and every worker it waited for: how many of the box's cores the
-        # import kept busy (a second worker can only add what the first left idle).
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         if proc.returncode != 0:
             raise SystemExit(
                 f"import exited {proc.returncode}: {proc.stderr[-2000:]}{proc.stdout[-2000:]}"
@@ -159,16 +171,7 @@ def run_import(
         raise SystemExit(
             f"import routed {out['documents']} documents (per node {out['per_node']}), dump has {docs}"
         )
-    size = dump.stat().st_size
-    return {
-        "wall_s": wall,
-        "mb_s": size / 1e6 / wall,
-        "cpu_s": round(cpu, 1),
-        "cores_busy": round(cpu / wall, 2),
-        "cli_mb_s": out["mb_per_s"],
-        "chunks": out["chunks"],
-        "load": load,
-    }
+    return _row(dump, wall, before, after, load, cli_mb_s=out["mb_per_s"], chunks=out["chunks"])
 
 
 def warm(dump: Path) -> float:
