@@ -22,8 +22,15 @@ and synchronous_commit off, as the test suite runs it) and again with those swit
 Also printed: each rate against 1 claimer on the same backend. Goal: >= 3,000/s with 8
 claimers on Postgres.
 
+``--breakdown`` measures instead where the store's cycle goes on Postgres (fsync off): the
+store's own named statements on one raw autocommit connection per claimer, in variants that each
+leave one thing out (the post-commit parent check; the whole row returned as a dict), and the
+remaining-chunks counter on the parent (a prototype: a column added to the benchmark's table,
+the chunk's completion and the parent's countdown in one statement). Variants run interleaved,
+each on a fresh database; the ratios are to the statements as the store runs them.
+
     .venv/bin/python benchmarks/claim_throughput.py [--quick] [--rows 20000] [--claimers 1,4,8]
-        [--backends pg,pg-durable,sqlite] [--repeat 1]
+        [--backends pg,pg-durable,sqlite] [--repeat 1] [--breakdown]
 """
 
 from __future__ import annotations
@@ -32,15 +39,18 @@ import argparse
 import multiprocessing as mp
 import time
 import uuid
+from functools import partial
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
 import _common as c
 import _services as svc
 import psycopg
+from psycopg.rows import dict_row
 
 from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import JobState, NewChunk
+from miroir_pipeline.queue.sql import load_queries
 
 GOAL = 3000.0
 
@@ -115,6 +125,129 @@ def minimal_claimer(dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
         out.put((worker, n, t0, time.monotonic()))
     finally:
         conn.close()
+
+
+# --breakdown: the prototype of a remaining-chunks counter (not the store's SQL). The chunk's
+# completion and the parent's countdown are one statement, so the parent row is locked only
+# for the end of that statement; it locks the chunk before the parent, against the store's
+# lock order (a parent before its chunks), so a concurrent cancel could deadlock with it.
+COUNTER_COLUMN = """
+ALTER TABLE jobs ADD COLUMN remaining integer;
+UPDATE jobs SET remaining = total_chunks WHERE kind = 'parent';
+"""
+COUNTER_COMPLETE = """
+WITH done AS (
+    UPDATE jobs
+    SET state = 'completed', progress = COALESCE(%(progress)s::jsonb, progress),
+        claim_token = NULL, claim_expires_at = NULL, error = NULL,
+        finished_at = now(), updated_at = now()
+    WHERE id = %(id)s AND state = 'in_progress' AND claim_token = %(token)s
+    RETURNING parent_job_id
+)
+UPDATE jobs AS p
+SET remaining = p.remaining - 1,
+    state = CASE WHEN p.remaining = 1 THEN 'completed' ELSE p.state END,
+    finished_at = CASE WHEN p.remaining = 1 THEN now() ELSE p.finished_at END,
+    updated_at = now()
+FROM done
+WHERE p.id = done.parent_job_id
+RETURNING p.id
+"""
+#: variant -> (claim returns the row as a dict, complete returns the row, parent check after
+#: commit, parent counter); otherwise a statement returns the ids only, as a tuple
+BREAKDOWN = {
+    "as the store runs them": (True, True, True, False),
+    "no parent check": (True, True, False, False),
+    "no check, complete ids only": (True, False, False, False),
+    "no check, both ids only": (False, False, False, False),
+    "parent counter": (True, True, False, True),
+}
+
+
+def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
+    """The store's own statements on one raw autocommit connection, as ``variant`` says."""
+    whole, complete_whole, check, counter = BREAKDOWN[variant]
+    q = load_queries("postgres")
+    claim, complete, parent_check = (
+        q["claim_next"],
+        q["complete_chunk"],
+        q["complete_parent_if_done"],
+    )
+    if not whole:
+        claim = claim.replace("RETURNING j.*", "RETURNING j.id, j.parent_job_id")
+    if not complete_whole:
+        complete = complete.replace("RETURNING *", "RETURNING id")
+    if counter:
+        complete = COUNTER_COMPLETE
+    conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row if whole else None)
+    try:
+        conn.execute("SET search_path TO miroir")
+        conn.execute("SET TIME ZONE 'UTC'")
+        barrier.wait()
+        t0 = time.monotonic()
+        n = 0
+        while True:
+            token = uuid.uuid4().hex
+            args = {"types": ["dump_import"], "worker_id": worker, "token": token, "ttl": 60.0}
+            row = conn.execute(claim, args | {"parent_id": None}).fetchone()
+            if row is None:
+                break
+            job_id, parent_id = (row["id"], row["parent_job_id"]) if whole else row
+            done = conn.execute(complete, {"id": job_id, "token": token, "progress": '{"b": 1}'})
+            if done.fetchone() is None:
+                raise SystemExit(f"{variant}, claimer {worker}: lost the lease of {job_id}")
+            if check:
+                conn.execute(parent_check, {"id": parent_id}).fetchall()
+            n += 1
+        out.put((worker, n, t0, time.monotonic()))
+    finally:
+        conn.close()
+
+
+def run_statements_once(variant: str, dsn: str, rows: int, k: int) -> float:
+    """One ``--breakdown`` variant over ``rows`` chunks of one parent; cycles per second."""
+    parent_id = enqueue(dsn, rows)
+    if BREAKDOWN[variant][3]:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SET search_path TO miroir")
+            conn.execute(COUNTER_COLUMN)
+    wall, done = _race(partial(statements_claimer, variant), dsn, k)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        got = conn.execute(
+            "SELECT count(*) FILTER (WHERE state = 'completed' AND kind = 'chunk'),"
+            " bool_or(state = 'completed' AND kind = 'parent') FROM miroir.jobs"
+        ).fetchone()
+    *_, check, counter = BREAKDOWN[variant]
+    # the parent completes through the check or the counter; a variant with neither leaves it
+    if done != rows or not got or got[0] != rows or bool(got[1]) != (check or counter):
+        raise SystemExit(
+            f"{variant}, {k} claimers: {done} completions, {got} of {rows} ({parent_id})"
+        )
+    return rows / wall
+
+
+def breakdown(server: Any, args: argparse.Namespace, res: Any) -> None:
+    """``--breakdown``: every variant at each claimer count, interleaved per repeat."""
+    for k in [int(x) for x in args.claimers.split(",")]:
+        rates: dict[str, list[float]] = {v: [] for v in BREAKDOWN}
+        for _ in range(args.repeat):
+            for variant in BREAKDOWN:
+                name, dsn = svc.fresh_database(server)
+                try:
+                    rates[variant].append(run_statements_once(variant, dsn, args.rows, k))
+                finally:
+                    server.drop_database(name)
+        first = c.median(rates[next(iter(BREAKDOWN))])
+        for variant, got in rates.items():
+            rate = c.median(got)
+            res.add(
+                variant=variant,
+                claimers=k,
+                cycles_s=round(rate),
+                vs_store_statements=round(rate / first, 2),
+                all=[round(r) for r in got],
+            )
+            print(f"  {k} claimer(s) {variant:28s} {rate:8.0f} cycles/s ({rate / first:.2f})")
 
 
 def run_minimal_once(dsn: str, rows: int, k: int) -> float:
@@ -195,6 +328,11 @@ def main() -> None:
         "--repeat", type=int, default=1, help="runs per configuration; the median counts"
     )
     ap.add_argument("--quick", action="store_true", help="2,000 rows, 1 and 4 claimers")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="Postgres only: the store's statements in variants (see the module docstring)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.rows, args.claimers = 2000, "1,4"
@@ -202,6 +340,17 @@ def main() -> None:
     ks = [int(x) for x in args.claimers.split(",")]
     backends = [b.strip() for b in args.backends.split(",")]
     res = c.Results("claim_throughput", vars(args))
+    if args.breakdown:
+        with svc.postgres() as server:
+            if not server.external:
+                check_fsync(server, "off")
+            breakdown(server, args, res)
+        print()
+        c.print_table(
+            res.rows, ["variant", "claimers", "cycles_s", "vs_store_statements", "all", "load1"]
+        )
+        res.save()
+        return
 
     def measure(backend: str, dsn_for: Any) -> None:
         base = None
