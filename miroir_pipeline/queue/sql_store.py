@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -374,7 +374,19 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         # repaired by complete_finished_parents. With one writer at a time (SQLite) both run
         # in one transaction.
         with self._statement() as conn:
-            job = self._job(self._fenced(conn, "complete_chunk", lease, progress=encoded))
+            row = self._fenced(conn, "complete_chunk", lease, progress=encoded)
+            updated = self._ts(row["updated_at"])
+            assert updated is not None  # a NOT NULL column
+            job = replace(
+                lease.job,
+                state=JobState.COMPLETED.value,
+                progress=load_json(row["progress"]),
+                claim_token=None,
+                claim_expires_at=None,
+                error=None,
+                finished_at=self._ts(row["finished_at"]),
+                updated_at=updated,
+            )
             if parent_id is not None:
                 self._rows(conn, "complete_parent_if_done", {"id": parent_id})
         return job

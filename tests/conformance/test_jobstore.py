@@ -305,6 +305,23 @@ def test_parent_rolls_up_children_and_completes_with_the_last(store: JobStore) -
     assert summary.chunks_done == 3 and summary.progress["docs_routed"] == 10 + 20 + 35
 
 
+def test_complete_returns_the_row_as_stored(store: JobStore) -> None:
+    """complete() builds its result from the lease and what the statement returns: it must be
+    the stored row, also after the lease was renewed and progress saved through it."""
+    make_parent(store, 2)
+    first, second = claim_one(store), claim_one(store, "w2")
+    store.renew(first, ttl=60)  # the lease's own copy of the row is now behind the table
+    store.save_progress(first, {"last_cursor": {"offset": 7}, "docs_routed": 3})
+    done = store.complete(first)  # no progress given: the saved progress stays
+    assert done == store.get(first.job_id)
+    assert done.progress == {"last_cursor": {"offset": 7}, "docs_routed": 3}
+    assert done.state == JobState.COMPLETED and done.claimed_by == "w1"
+    assert done.claim_token is None and done.claim_expires_at is None
+    assert done.finished_at is not None and done.attempts == 1
+    done = store.complete(second, {"last_cursor": {"offset": 20}})
+    assert done == store.get(second.job_id) and done.progress == {"last_cursor": {"offset": 20}}
+
+
 def test_parent_fails_when_a_child_fails_for_good(store: JobStore) -> None:
     parent, _ = make_parent(store, 2)
     lease = claim_one(store)
