@@ -24,9 +24,9 @@ claimers on Postgres.
 
 ``--breakdown`` measures instead where the store's cycle goes on Postgres (fsync off): the
 store's own named statements on one raw autocommit connection per claimer, in variants that each
-leave one thing out (the post-commit parent check; the whole row returned as a dict), and the
-remaining-chunks counter on the parent (a prototype: a column added to the benchmark's table,
-the chunk's completion and the parent's countdown in one statement). Variants run interleaved,
+leave one thing out (the post-commit parent check; the claimed row returned whole, as a dict),
+and the remaining-chunks counter on the parent (a prototype: a column added to the benchmark's
+table, the chunk's completion and the parent's countdown in one statement). Variants run interleaved,
 each on a fresh database; the ratios are to the statements as the store runs them.
 
     .venv/bin/python benchmarks/claim_throughput.py [--quick] [--rows 20000] [--claimers 1,4,8]
@@ -153,20 +153,19 @@ FROM done
 WHERE p.id = done.parent_job_id
 RETURNING p.id
 """
-#: variant -> (claim returns the row as a dict, complete returns the row, parent check after
-#: commit, parent counter); otherwise a statement returns the ids only, as a tuple
+#: variant -> (the claim returns the whole row as a dict, parent check after commit, parent
+#: counter); without the whole row, the claim returns the ids only, as a tuple
 BREAKDOWN = {
-    "as the store runs them": (True, True, True, False),
-    "no parent check": (True, True, False, False),
-    "no check, complete ids only": (True, False, False, False),
-    "no check, both ids only": (False, False, False, False),
-    "parent counter": (True, True, False, True),
+    "as the store runs them": (True, True, False),
+    "no parent check": (True, False, False),
+    "no check, claim ids only": (False, False, False),
+    "parent counter": (True, False, True),
 }
 
 
 def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
     """The store's own statements on one raw autocommit connection, as ``variant`` says."""
-    whole, complete_whole, check, counter = BREAKDOWN[variant]
+    whole, check, counter = BREAKDOWN[variant]
     q = load_queries("postgres")
     claim, complete, parent_check = (
         q["claim_next"],
@@ -175,8 +174,6 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
     )
     if not whole:
         claim = claim.replace("RETURNING j.*", "RETURNING j.id, j.parent_job_id")
-    if not complete_whole:
-        complete = complete.replace("RETURNING *", "RETURNING id")
     if counter:
         complete = COUNTER_COMPLETE
     conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row if whole else None)
@@ -207,7 +204,7 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
 def run_statements_once(variant: str, dsn: str, rows: int, k: int) -> float:
     """One ``--breakdown`` variant over ``rows`` chunks of one parent; cycles per second."""
     parent_id = enqueue(dsn, rows)
-    if BREAKDOWN[variant][3]:
+    if BREAKDOWN[variant][2]:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SET search_path TO miroir")
             conn.execute(COUNTER_COLUMN)
