@@ -234,3 +234,15 @@ def plan_local_import(root: Path, dump: Path, chunk_size: int) -> tuple[Any, Any
     request = DumpImportRequest(uri=str(dump), index_uid="bench", primary_key="id")
     planned = plan_dump_import(store, request, topo, targets, settings)
     return topo, store, targets, settings, planned
+
+
+def run_dump_chunks(store: Any, targets: Any, settings: Any, worker: str) -> int:
+    """The library's own worker loop, with no Dagster: claim a dump-import chunk, process it,
+    until none is left. Chunks run."""
+    from miroir_pipeline.jobs.dump_import import process_dump_chunk
+
+    chunks = 0
+    while (lease := store.claim(["dump_import"], worker, settings.lease_ttl)) is not None:
+        process_dump_chunk(store, lease, targets, settings)
+        chunks += 1
+    return chunks

@@ -46,17 +46,17 @@ import sys
 from pathlib import Path
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.fleet.topology import default_topology
-from miroir_pipeline.jobs.dump_import import process_dump_chunk
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
 root, dump, chunk_size, name = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, sys.argv[5])
+import _common as c
 store = open_store(f"sqlite:///{root}/jobs.sqlite3", migrate=False)
 targets = open_targets(default_topology(root))
 settings = PipelineSettings(
     allowed_roots=[str(dump.parent)], staging_dir=str(root / "staging"), chunk_size_bytes=chunk_size
 )
-while (lease := store.claim(["dump_import"], name, settings.lease_ttl)) is not None:
-    process_dump_chunk(store, lease, targets, settings)
+c.run_dump_chunks(store, targets, settings, name)
 for t in targets.values():
     t.close()
 store.close()
@@ -85,6 +85,7 @@ def run_bare(dump: Path, docs: int, workers: int, chunk_size: int) -> dict[str, 
                     str(dump),
                     str(chunk_size),
                     f"bare-{i}",
+                    str(Path(__file__).resolve().parent),
                 ],
                 env=env,
             )

@@ -38,11 +38,9 @@ t0 = time.monotonic()
 sys.path.insert(0, {bench!r})
 import _common as c
 from pathlib import Path
-from miroir_pipeline.jobs.dump_import import process_dump_chunk
 root, dump = Path({root!r}), Path({dump!r})
 topo, store, targets, settings, planned = c.plan_local_import(root, dump, {chunk})
-while (lease := store.claim(["dump_import"], "bare", settings.lease_ttl)) is not None:
-    process_dump_chunk(store, lease, targets, settings)
+c.run_dump_chunks(store, targets, settings, "bare")
 assert store.get(planned.parent.id).state == "completed"
 print(time.monotonic() - t0)
 """

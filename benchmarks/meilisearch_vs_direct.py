@@ -43,7 +43,7 @@ import httpx
 from miroir_pipeline.fleet.routing import SHARD_FIELD, Router
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.fleet.topology import Group, Node, Topology
-from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
+from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
 from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
@@ -142,8 +142,7 @@ def _pipeline_worker(dsn: str, topo_data: dict[str, Any], settings_data: dict[st
     targets = open_targets(Topology.parse(topo_data))
     settings = PipelineSettings(**settings_data)
     try:
-        while (lease := store.claim(["dump_import"], "w0", settings.lease_ttl)) is not None:
-            process_dump_chunk(store, lease, targets, settings)
+        c.run_dump_chunks(store, targets, settings, "w0")
     finally:
         for t in targets.values():
             t.close()
