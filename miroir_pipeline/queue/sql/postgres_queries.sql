@@ -112,9 +112,11 @@ RETURNING id;
 
 -- complete_chunk --
 -- Why: fenced; keeps claimed_by as a record of who finished it, drops the lease. Returns only
--- what it may change that the caller cannot know: the lease holds the rest of the row, and
--- nothing else writes a leased row (fenced). The whole row cost about a tenth of a claim +
--- complete cycle on Postgres (benchmarks/claim_throughput.py --breakdown).
+-- what it may change that the caller cannot know: the lease holds the rest of the row. A
+-- token that still matches means the row was written since the claim only through this lease
+-- (renewals and progress, returned here); a cancel or requeue clears the token and the fence
+-- fails. The whole row cost 8-20 % of a claim + complete cycle on Postgres
+-- (benchmarks/claim_throughput.py --breakdown).
 UPDATE jobs
 SET state = 'completed',
     progress = COALESCE(%(progress)s::jsonb, progress),
