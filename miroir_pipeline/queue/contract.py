@@ -14,6 +14,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from miroir_pipeline.queue.shutdown import Shutdown
+
 __all__ = [
     "DEFAULT_LEASE_TTL",
     "DEFAULT_MAX_ATTEMPTS",
@@ -30,6 +32,7 @@ __all__ = [
     "ParentSummary",
     "Pruned",
     "SplitRefused",
+    "WorkSignal",
     "rollup_progress",
 ]
 
@@ -185,6 +188,29 @@ def chunk_id(parent_id: str, index: int, total: int) -> str:
     return f"{parent_id}-c{index:0{width}d}"
 
 
+class WorkSignal:
+    """What an idle worker waits on between claims: woken when a chunk may have become
+    claimable or a parent finished, instead of re-trying its claim on a timer.
+
+    Created before the worker's first claim, so a change committed between a claim that found
+    nothing and the next wait is not missed. Wake-ups may be spurious (the claim then finds
+    nothing and the worker waits again). An expired lease signals nothing, so a worker waits at
+    most ``timeout`` before it claims again. This base class signals nothing: it only sleeps.
+    """
+
+    def wait(self, timeout: float, shutdown: Shutdown | None = None) -> bool:
+        """Block until signalled (True), ``timeout`` seconds passed or ``shutdown`` was
+        requested (False)."""
+        if shutdown is None:
+            Shutdown().wait(timeout)
+        else:
+            shutdown.wait(timeout)
+        return False
+
+    def close(self) -> None:
+        """Release what the signal holds (a listening connection)."""
+
+
 class JobStore(abc.ABC):
     """Operations every backend provides with identical semantics (see the conformance suite)."""
 
@@ -273,6 +299,10 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def reclaim_expired(self) -> int:
         """Re-queue chunks whose lease expired (fail those out of attempts); return how many."""
+
+    def work_signal(self) -> WorkSignal:
+        """A new :class:`WorkSignal` on this store, for one waiting thread; close it when done."""
+        return WorkSignal()
 
     # -- observers / operators -------------------------------------------------------------
     @abc.abstractmethod

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import select
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
@@ -31,14 +33,18 @@ from miroir_pipeline.queue.contract import (
     RETRY_BACKOFF_CAP,
     Job,
     JobStoreError,
+    WorkSignal,
 )
 from miroir_pipeline.queue.dsn import redact_dsn, validate_schema
+from miroir_pipeline.queue.shutdown import Shutdown
 from miroir_pipeline.queue.sql_store import EncodedChunk, Row, SqlJobStore
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresJobStore"]
 
 DEFAULT_SCHEMA = "miroir"
 Conn = psycopg.Connection[DictRow]
+#: Longest a waiting worker goes without looking at its shutdown request.
+WORK_WAIT_SLICE_S = 0.25
 
 
 def _check_connection(conn: Conn) -> None:
@@ -82,6 +88,10 @@ class PostgresJobStore(SqlJobStore[Conn]):
         self.schema = validate_schema(schema or DEFAULT_SCHEMA)
         super().__init__(retry_backoff_base=retry_backoff_base, retry_backoff_cap=retry_backoff_cap)
         self._where = redact_dsn(conninfo)
+        self._conninfo = conninfo
+        self._connect_timeout = max(1, int(connect_timeout))
+        self._signals: list[_PostgresWorkSignal] = []
+        self._signals_lock = threading.Lock()
         # Connect once up front: a wrong host or password fails here with libpq's reason
         # (which never contains the password) instead of as a pool timeout later.
         try:
@@ -182,6 +192,71 @@ class PostgresJobStore(SqlJobStore[Conn]):
                 f"Postgres migration {name} failed in schema {self.schema} on {self._where}: {exc}"
             ) from exc
 
+    def work_signal(self) -> WorkSignal:
+        signal = _PostgresWorkSignal(self)
+        with self._signals_lock:
+            self._signals.append(signal)
+        return signal
+
+    def _listen(self) -> psycopg.Connection[tuple[object, ...]]:
+        """A connection of its own, outside the pool, listening on the work channel: it
+        stays idle in LISTEN, and a pooled one would be lent to other statements meanwhile."""
+        conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=self._connect_timeout)
+        try:
+            conn.execute(self._q["listen_work"])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
+        with self._signals_lock:
+            for signal in self._signals:
+                signal.close()
+            self._signals.clear()
         self._pool.close()
+
+
+class _PostgresWorkSignal(WorkSignal):
+    """LISTENs on the work channel (migration 0003's trigger notifies it) on a connection of
+    its own; notifications of other schemas sharing the database are ignored."""
+
+    def __init__(self, store: PostgresJobStore) -> None:
+        self._store = store
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = store._listen()
+
+    def wait(self, timeout: float, shutdown: Shutdown | None = None) -> bool:
+        pause = shutdown if shutdown is not None else Shutdown()
+        if self._conn is None or self._conn.closed:
+            # Lost with the database (restart, failover): listen again. What was notified in
+            # between is gone, so wake once and let the worker claim.
+            try:
+                self._conn = self._store._listen()
+            except psycopg.Error:
+                self._conn = None
+                pause.wait(timeout)
+            return not pause.requested
+        deadline = time.monotonic() + timeout
+        while not pause.requested:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                got = [
+                    n.payload
+                    for n in self._conn.notifies(timeout=min(WORK_WAIT_SLICE_S, left), stop_after=1)
+                ]
+                if got:  # take whatever else already arrived, so it does not wake us again
+                    got += [n.payload for n in self._conn.notifies(timeout=0)]
+            except psycopg.Error:
+                self.close()
+                return not pause.requested  # wake: the claim reports the database's state
+            if self._store.schema in got:
+                return True
+        return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

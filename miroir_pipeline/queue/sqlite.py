@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -23,11 +24,16 @@ from miroir_pipeline.queue.contract import (
     RETRY_BACKOFF_CAP,
     Job,
     JobStoreError,
+    WorkSignal,
 )
+from miroir_pipeline.queue.shutdown import Shutdown
 from miroir_pipeline.queue.sql_store import EncodedChunk, Row, SqlJobStore
 from miroir_pipeline.util.sqlite_wal import set_wal
 
 __all__ = ["SqliteJobStore"]
+
+#: Seconds between two reads of the work counter by an idle worker.
+WORK_POLL_S = 0.05
 
 
 def split_script(script: str) -> list[str]:
@@ -173,6 +179,14 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
         except (sqlite3.Error, ValueError) as exc:
             raise JobStoreError(f"SQLite migration {name} failed on {self.path}: {exc}") from exc
 
+    def work_signal(self) -> WorkSignal:
+        return _SqliteWorkSignal(self)
+
+    def _work_seq(self) -> int:
+        with self._read() as conn:
+            row = self._run(conn, "work_signal").fetchone()
+        return int(row[0]) if row is not None else 0
+
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
@@ -180,3 +194,30 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+
+
+class _SqliteWorkSignal(WorkSignal):
+    """Polls the counter the triggers of migration 0003 bump: a one-row read every
+    :data:`WORK_POLL_S`, woken when it moved since the last wake-up (or since creation)."""
+
+    def __init__(self, store: SqliteJobStore) -> None:
+        self._store = store
+        self._seen = store._work_seq()
+
+    def wait(self, timeout: float, shutdown: Shutdown | None = None) -> bool:
+        pause = shutdown if shutdown is not None else Shutdown()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                seq = self._store._work_seq()
+            except (sqlite3.Error, JobStoreError):
+                # The file is locked out or gone: sleep the interval, then let the claim
+                # report what is wrong.
+                pause.wait(max(0.0, deadline - time.monotonic()))
+                return not pause.requested
+            if seq != self._seen:
+                self._seen = seq
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or pause.wait(min(WORK_POLL_S, left)):
+                return False

@@ -384,6 +384,89 @@ def test_release_requeues_at_once_without_counting_an_attempt(store: JobStore) -
         store.release(lease)
 
 
+# -- waking idle workers -----------------------------------------------------------------------
+
+#: Long enough that a wake-up can only come from the signal, never from the timeout running out
+#: (the test would then fail on the False it returns, not pass on luck).
+WAKE_TIMEOUT = 60.0
+#: How long a wait that must find nothing waits.
+QUIET_WAIT = 0.3
+
+
+def test_work_signal_wakes_on_claimable_chunks_and_finished_parents(
+    open_jobs: Callable[..., JobStore],
+) -> None:
+    waiting, other = open_jobs(), open_jobs()  # the waiter and another process's store
+    signal = waiting.work_signal()
+    try:
+        assert signal.wait(QUIET_WAIT) is False
+        parent = other.enqueue(DUMP, {"uri": "x"})
+        assert signal.wait(QUIET_WAIT) is False, "a parent waiting to be split is no work"
+        other.split(parent.id, [NewChunk(i, {"start": i}) for i in range(50)])
+        assert signal.wait(WAKE_TIMEOUT) is True
+        assert signal.wait(QUIET_WAIT) is False, "one split of 50 chunks wakes a waiter once"
+        lease = claim_one(other)
+        other.save_progress(lease, {"docs_routed": 1})
+        other.renew(lease)
+        assert signal.wait(QUIET_WAIT) is False, "claims, progress and renewals are no work"
+        other.release(lease)
+        assert signal.wait(WAKE_TIMEOUT) is True, "a chunk handed back is work"
+        lease = claim_one(other)
+        other.fail(lease, "boom")
+        assert signal.wait(WAKE_TIMEOUT) is True, "a chunk queued for a retry is work"
+        assert other.cancel(parent.id) > 0
+        assert signal.wait(WAKE_TIMEOUT) is True, "a parent that finished ends its scoped workers"
+    finally:
+        signal.close()
+
+
+def test_work_signal_keeps_a_change_made_between_claim_and_wait(
+    open_jobs: Callable[..., JobStore],
+) -> None:
+    """The signal is taken before the claim: a chunk queued after a claim found nothing but
+    before the wait began still wakes the wait at once."""
+    waiting, other = open_jobs(), open_jobs()
+    signal = waiting.work_signal()
+    try:
+        assert waiting.claim([DUMP], "idle") is None
+        make_parent(other, 1)
+        assert signal.wait(WAKE_TIMEOUT) is True
+        assert waiting.claim([DUMP], "idle") is not None
+    finally:
+        signal.close()
+
+
+def test_work_signal_wait_ends_on_shutdown(store: JobStore) -> None:
+    from miroir_pipeline.queue.shutdown import Shutdown
+
+    shutdown = Shutdown()
+    signal = store.work_signal()
+    try:
+        woke: list[bool] = []
+        waiter = threading.Thread(target=lambda: woke.append(signal.wait(WAKE_TIMEOUT, shutdown)))
+        waiter.start()
+        shutdown.request("test")
+        waiter.join(WAKE_TIMEOUT / 2)  # a wait that ignored the request would run the full minute
+        assert not waiter.is_alive() and woke == [False]
+    finally:
+        signal.close()
+
+
+@pytest.mark.postgres
+def test_postgres_work_signal_ignores_other_schemas(pg_dsn: str) -> None:
+    mine, theirs = open_store(pg_dsn, schema="miroir_a"), open_store(pg_dsn, schema="miroir_b")
+    signal = mine.work_signal()
+    try:
+        make_parent(theirs, 1)
+        assert signal.wait(QUIET_WAIT) is False
+        make_parent(mine, 1)
+        assert signal.wait(WAKE_TIMEOUT) is True
+    finally:
+        signal.close()
+        mine.close()
+        theirs.close()
+
+
 # -- claim by id -------------------------------------------------------------------------------
 
 
@@ -646,12 +729,18 @@ def test_postgres_store_carries_on_after_a_database_restart(pg_server: Any, pg_d
         make_parent(store, 2)
         lease = claim_one(store, ttl=60)
         store.save_progress(lease, {"docs_routed": 1})
-        pg_server.stop(mode="fast")  # every pooled connection dies
+        signal = store.work_signal()
+        pg_server.stop(mode="fast")  # every pooled connection dies, and the listening one
         pg_server.start()
         store.save_progress(lease, {"docs_routed": 2})  # the lease survived; the pool healed
         store.complete(lease)
         assert store.queue_depth([DUMP])[DUMP] == 1
         assert store.get(lease.job_id).progress == {"docs_routed": 2}
+        # The signal listens again: one wake for what it may have missed, then real ones.
+        while signal.wait(QUIET_WAIT):
+            pass
+        make_parent(store, 1)
+        assert signal.wait(WAKE_TIMEOUT) is True
     finally:
         store.close()
 

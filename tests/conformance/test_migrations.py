@@ -23,7 +23,7 @@ JOBS_COLUMNS = {
     "total_chunks", "available_at", "created_at", "updated_at", "finished_at",
 }  # fmt: skip
 #: The migrations the project ships, in order (test-only migrations are numbered 9xxx).
-SHIPPED = ["0001_jobs", "0002_unfinished_children_index"]
+SHIPPED = ["0001_jobs", "0002_unfinished_children_index", "0003_work_signal"]
 
 JOBS_INDEXES = {
     "jobs_claimable_idx", "jobs_parent_job_id_idx", "jobs_lease_expiry_idx",

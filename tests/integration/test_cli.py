@@ -220,7 +220,7 @@ def test_failing_import_exits_nonzero_with_the_reason(tmp_path: Path) -> None:
 def test_migrate_twice_is_a_noop(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     dsn = f"sqlite:///{tmp_path}/jobs.sqlite3" if backend == "sqlite" else request.getfixturevalue("pg_dsn")
     first = cli(tmp_path, "migrate", "--jobs-dsn", dsn)
-    assert first.returncode == 0 and "applied: 0001_jobs, 0002_unfinished_children_index" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied: 0001_jobs, 0002_unfinished_children_index, 0003_work_signal" in first.stdout, first.stderr
     second = cli(tmp_path, "migrate", "--jobs-dsn", dsn)
     assert second.returncode == 0 and "schema up to date" in second.stdout, second.stderr
     if backend == "postgres":

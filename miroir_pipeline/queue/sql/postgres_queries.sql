@@ -396,3 +396,9 @@ WHERE kind = 'chunk'
        OR (state = 'in_progress' AND claim_expires_at < now() AND attempts < max_attempts))
 ORDER BY chunk_index, created_at, id
 LIMIT %(limit)s;
+
+-- listen_work --
+-- Why: an idle worker waits on this channel instead of polling its claim. The trigger of
+-- migration 0003 notifies it, with the schema as payload, whenever a chunk becomes claimable
+-- or a parent finishes; the listener ignores other schemas' notifications.
+LISTEN miroir_jobs_work;

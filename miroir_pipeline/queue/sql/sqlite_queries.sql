@@ -359,3 +359,9 @@ WHERE kind = 'chunk'
            AND attempts < max_attempts))
 ORDER BY chunk_index, created_at, id
 LIMIT :limit;
+
+-- work_signal --
+-- Why: what an idle worker polls instead of its claim. Triggers (migration 0003) bump the
+-- counter whenever a chunk becomes claimable or a parent finishes; reading one row never waits
+-- for the writer in WAL mode, where a claim that finds nothing still takes the write lock.
+SELECT seq FROM jobs_work_signal WHERE id = 1;
