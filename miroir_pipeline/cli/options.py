@@ -14,6 +14,8 @@ __all__ = [
     "add_store_options",
     "is_debug",
     "log_level",
+    "non_negative_int",
+    "positive_float",
     "positive_int",
     "stdout_is_terminal",
 ]
@@ -65,6 +67,28 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), not {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number of seconds above 0 (intervals)."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number of at least 0 (``import --workers 0``: leave the chunks to a running pool)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number (0 or more), not {text!r}")
     return value
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 
 from miroir_pipeline.cli import collector, runtime
-from miroir_pipeline.cli.options import Subparsers, add_store_options, positive_int
+from miroir_pipeline.cli.options import Subparsers, add_store_options, positive_float, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -54,6 +54,14 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         default=0.0,
         metavar="SECONDS",
         help="with --parent: wait up to SECONDS for that parent to be planned (import starts its workers while it plans); default 0, a missing parent ends the worker",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="an idle worker is woken as soon as a chunk is queued (or its parent finishes) and "
+        "otherwise claims again every SECONDS, for leases that expired (default 5)",
     )
     p.add_argument(
         "--metrics-port",
@@ -97,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         max_chunks=args.max_chunks,
         run_log_level=_run_log_level(args),
         plan_wait_s=args.wait_for_plan,
+        idle_max_sleep=args.poll_interval,
     )
     worker.install_signal_handlers()
     collector.started()  # Dagster and the definitions are loaded

@@ -40,6 +40,7 @@ from miroir_pipeline.queue.contract import (
     JobState,
     JobStore,
     Lease,
+    WorkSignal,
 )
 from miroir_pipeline.queue.lease import default_worker_id, lease_outcome, settle_abandoned
 from miroir_pipeline.queue.shutdown import Shutdown
@@ -142,8 +143,24 @@ class Worker:
         signal.signal(signal.SIGINT, _drain)
 
     def run(self) -> WorkerStats:
-        idle = 0.05
+        """Claim and run chunks until drained, out of work (``exit_when_empty``) or
+        ``max_chunks``. An idle worker waits on the store's work signal, taken before its first
+        claim: a chunk queued anywhere (or its parent finishing) wakes it at once, and it
+        claims again at least every ``idle_max_sleep`` seconds for leases that expired."""
+        try:
+            signal = self.store.work_signal()
+        except Exception:  # the database is down at start: poll until it is back
+            log.exception("worker %s: cannot listen for work; polling every %.1f s", self.worker_id, self.idle_max_sleep)
+            signal = WorkSignal()
+        try:
+            self._loop(signal)
+        finally:
+            signal.close()
+        return self.stats
+
+    def _loop(self, signal: WorkSignal) -> None:
         published = float("-inf")
+        idle = False
         while not self.shutdown.requested:
             if self.max_chunks is not None and self.stats.chunks_run >= self.max_chunks:
                 break
@@ -156,35 +173,40 @@ class Worker:
             except Exception:
                 # The jobs database is unreachable (restart, failover, network): a worker is a
                 # long-running process and waits it out; its chunks' leases expire meanwhile.
-                log.exception("worker %s: job store unavailable; retrying in %.1f s", self.worker_id, idle)
+                log.exception("worker %s: job store unavailable; retrying", self.worker_id)
                 lease, done = None, False
             if done:
-                self._record_parent()
+                if self.parent_id is not None:
+                    self._record_parent(self.parent_id)
                 break
             if lease is None:
-                self.shutdown.wait(idle)
-                idle = min(idle * 2, self.idle_max_sleep)
+                if not idle:
+                    log.info("worker %s: waiting for work (claims again at least every %g s)", self.worker_id, self.idle_max_sleep)
+                    idle = True
+                signal.wait(self.idle_max_sleep, self.shutdown)
                 continue
-            idle = 0.05
+            idle = False
             self._run_chunk(lease)
-        return self.stats
 
-    def _record_parent(self) -> None:
-        """A worker scoped to a parent that has finished records it as its partition of the
-        parent-level asset (it has Dagster loaded; the command that started it need not load
-        it again). Under a file lock in a local Dagster home, so workers finishing together
-        record it once; a failure is left to the parent-report sensor."""
-        if self.parent_id is None:
-            return
+    def _record_parent(self, parent_id: str) -> None:
+        """Record a parent that has finished as its partition of the parent-level asset (the
+        worker has Dagster loaded; whoever submitted the job need not load it). A worker scoped
+        to the parent does it when it runs out of chunks; a pool worker after each chunk whose
+        parent it finished, so imports served by a running pool show at once, without waiting
+        for the parent-report sensor (or with no daemon at all). Under a file lock in a local
+        Dagster home, so workers finishing together record it once; a parent still running is
+        not recorded, and a failure is left to the sensor."""
         from miroir_pipeline.dagster.parent_reports import record_parent
 
         try:
+            if self.store.get(parent_id).state not in (JobState.COMPLETED, JobState.FAILED):
+                return  # still running: recorded by whoever finishes it
             with _report_lock(self.instance):
                 record_parent(
-                    self.defs, self.instance, self.parent_id, key_prefix=self.names.key_prefix, store=self.store
+                    self.defs, self.instance, parent_id, key_prefix=self.names.key_prefix, store=self.store
                 )
         except Exception as exc:  # the import's outcome stands; the sensor records it later
-            log.warning("worker %s: could not record %s in Dagster (%s)", self.worker_id, self.parent_id, exc)
+            log.warning("worker %s: could not record %s in Dagster (%s)", self.worker_id, parent_id, exc)
 
     def _publish_queue_depth(self) -> None:
         """Refresh this worker's ``miroir_background_queue_depth`` on its /metrics (every
@@ -282,6 +304,8 @@ class Worker:
             log.exception("worker %s: could not record how chunk %s ended", self.worker_id, chunk_id)
             outcome = "failed"
         metrics.CHUNK_DURATION.labels(job_type=lease.job.type, outcome=outcome).observe(elapsed)
+        if self.parent_id is None and lease.job.parent_job_id is not None:
+            self._record_parent(lease.job.parent_job_id)
 
     def _execute_off_main_thread(
         self, job_def: dg.JobDefinition, chunk_id: str, tags: dict[str, Any]

@@ -89,6 +89,8 @@ REFUSED = [
     (("reshard", "--index", "x", "--new-shards", "-2"), "argument --new-shards: must be a positive integer"),
     (("status", "--limit", "0"), "argument --limit: must be a positive integer"),
     (("worker", "--max-chunks", "0"), "argument --max-chunks: must be a positive integer"),
+    (("worker", "--poll-interval", "0"), "argument --poll-interval: must be a number of seconds above 0, not '0'"),
+    (("worker", "--poll-interval", "nan"), "argument --poll-interval: must be a number of seconds above 0, not 'nan'"),
     (
         ("import", "d.ndjson", "--index", "bad index!"),
         "--index 'bad index!': index uid may use only letters, digits, - and _ (1-400 characters)",
