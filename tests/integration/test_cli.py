@@ -5,9 +5,11 @@ cancel and prune; and the parser itself: every subcommand and option explains it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -278,3 +280,101 @@ def test_workers_started_together_on_a_fresh_dagster_home_all_start(tmp_path: Pa
     ]
     outcomes = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err[-1500:] for _, err in outcomes]
+
+
+def _background(cwd: Path, name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """A CLI process of its own group, its output in ``name.log``; stopped by the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}
+    log = cwd / f"{name}.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "miroir_pipeline.cli", *args],
+            cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    return proc, log
+
+
+def _wait_log(proc: subprocess.Popen[bytes], log: Path, text: str, timeout: float) -> None:
+    """Until ``text`` shows in the process's log; fails if it exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} in {log.name} (exit {proc.poll()}):\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(420)
+def test_import_with_no_workers_is_served_by_a_running_pool(tmp_path: Path) -> None:
+    """``import --workers 0`` on the embedded defaults: with no pool it says so and Ctrl-C leaves
+    the import queued; a worker started later runs it; and once that worker is idle, a second
+    import wakes it at once (its poll interval is ten minutes, so only the wake-up can make the
+    second import finish within the test's bound) and it records both imports in Dagster."""
+    assert cli(tmp_path, "sample-dump", "a.ndjson", "--size", "256KiB", "--seed", "1").returncode == 0
+    assert cli(tmp_path, "sample-dump", "b.ndjson", "--size", "256KiB", "--seed", "2").returncode == 0
+    names = MiroirNames()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        # -- no pool: the command says so, and Ctrl-C leaves the import to a pool to come -----
+        lonely, lonely_log = _background(
+            tmp_path, "lonely", "import", "a.ndjson", "--index", "a", "--primary-key", "id", "--workers", "0", "--no-progress"
+        )
+        procs.append(lonely)
+        _wait_log(lonely, lonely_log, "no worker has claimed a chunk of import", 120)
+        lonely.send_signal(signal.SIGINT)
+        assert lonely.wait(timeout=60) == 130, lonely_log.read_text()
+        said = lonely_log.read_text()
+        first_id = re.search(r"stopped following import (\S+) \(SIGINT\); the worker pool carries on", said)
+        assert first_id, said
+        from miroir_pipeline.queue import open_store
+
+        store = open_store(f"sqlite:///{tmp_path}/.miroir/jobs.sqlite3")
+        summary = store.parent_summary(first_id.group(1))
+        assert summary.chunks_total > 0 and summary.chunks_by_state["queued"] == summary.chunks_total
+
+        # -- a pool member starts, runs the queued import, then waits for work --------------
+        worker, worker_log = _background(
+            tmp_path, "worker", "--log-level", "INFO", "worker", "--poll-interval", "600"
+        )
+        procs.append(worker)
+        _wait_log(worker, worker_log, "waiting for work", 180)
+        assert store.get(first_id.group(1)).state == "completed"
+
+        # -- a second import is claimed by the idle worker, woken by the queued chunks ------
+        run = cli(tmp_path, "import", "b.ndjson", "--index", "b", "--primary-key", "id", "--workers", "0", "--json", timeout=240)
+        assert run.returncode == 0, run.stderr
+        summary_b = json.loads(run.stdout)
+        assert summary_b["state"] == "completed" and summary_b["log_file"] is None
+        lines = (tmp_path / "b.ndjson").read_bytes().splitlines()
+        assert summary_b["documents"] == len(lines)
+        topo = default_topology(tmp_path / ".miroir")
+        targets = {n.id: LocalNodeStore(n.id, n.local_path) for n in topo.all_nodes()}
+        for index, dump in (("a", "a.ndjson"), ("b", "b.ndjson")):
+            docs = [orjson.loads(x) for x in (tmp_path / dump).read_bytes().splitlines()]
+            assert_exact_placement(expected_placement(docs, topo), actual_placement(targets, index))
+
+        # -- the pool member records each import it finished as the parent-level partition --
+        parents = {first_id.group(1), summary_b["job_id"]}
+        with dg.DagsterInstance.from_config(str(tmp_path / ".miroir" / "dagster")) as instance:
+            def recorded() -> set[str]:
+                runs = instance.get_run_records(dg.RunsFilter(job_name=names.parent_report_job("dump_import")))
+                return {r.dagster_run.tags["dagster/partition"] for r in runs if r.dagster_run.status == dg.DagsterRunStatus.SUCCESS}
+
+            deadline = time.monotonic() + 120
+            while recorded() != parents and time.monotonic() < deadline and worker.poll() is None:
+                time.sleep(0.25)
+            assert recorded() == parents, worker_log.read_text()[-3000:]
+        store.close()
+
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0, worker_log.read_text()[-3000:]
+    finally:
+        for proc in procs:
+            _stop_group(proc)
