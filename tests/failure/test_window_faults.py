@@ -10,7 +10,9 @@ waits until a node lists that queue before striking.
    out, nothing it had not acknowledged is committed meanwhile; the placement is exact.
 4. A task failing mid-window: under ``fail`` the cursor stops at the batch holding the refused
    document and everything before it is placed; under ``skip`` it is dead-lettered and the
-   rest placed exactly.
+   rest placed exactly. The refusing node is held busy by a large task of another index while
+   the window fills, so the refused batch is enqueued behind it with later batches after it,
+   whatever the machine's load (a bare node indexes small batches about as fast as they come).
 
 Every commit sampled from the jobs table is also checked against the tasks each node had
 finished by then: a commit never covers documents a node had not acknowledged.
@@ -151,6 +153,28 @@ def at(stamp: str) -> float:
 
 def acknowledged(tasks: list[dict[str, Any]]) -> int:
     return sum(int(t["details"]["receivedDocuments"]) for t in tasks if t["status"] == "succeeded")
+
+
+def occupy(proc: MeiliProcess, documents: int) -> int:
+    """Enqueue one large addition to an index of its own on ``proc`` and return its task uid
+    once the node is processing it: tasks enqueued meanwhile queue up behind it."""
+    headers = {"Authorization": f"Bearer {proc.master_key}", "Content-Type": "application/x-ndjson"}
+    body = b"".join(
+        orjson.dumps({"id": i, "text": f"blocker {i} " + "lorem ipsum dolor sit amet " * 8}) + b"\n"
+        for i in range(documents)
+    )
+    with httpx.Client(base_url=proc.url, headers=headers, timeout=30.0) as client:
+        resp = client.post("/indexes/window_blocker/documents", params={"primaryKey": "id"}, content=body)
+        resp.raise_for_status()
+        uid = int(resp.json()["taskUid"])
+
+        def processing() -> bool:
+            task = client.get(f"/tasks/{uid}")
+            task.raise_for_status()
+            return str(task.json()["status"]) != "enqueued"
+
+        wait_for(processing, 60, f"the blocker task {uid} to start on {proc.url}", interval=0.01)
+    return uid
 
 
 # -- what the jobs table says -----------------------------------------------------------------
@@ -507,8 +531,10 @@ def test_task_failing_mid_window_is_never_passed_by_the_cursor(
     dsn = f"sqlite:///{tmp_path}/jobs.sqlite3"
     store = open_store(dsn)
     good = make_docs(12_000, seed=43)
-    bad_at = 9_000  # lines before the refused document
     lines = [orjson.dumps(d) for d in good]
+    # The refused document sits in the third block: two acknowledged batches come before it,
+    # and the rest of the window (about 14 batches) is enqueued behind it.
+    bad_at = next(i for i, end in enumerate(accumulate(len(x) + 1 for x in lines)) if end >= 2 * BLOCK + BLOCK // 2)
     lines.insert(bad_at, GEO_BAD)
     data = b"\n".join(lines) + b"\n"
     dump = tmp_path / "dump.ndjson"
@@ -524,6 +550,7 @@ def test_task_failing_mid_window_is_never_passed_by_the_cursor(
     lease = store.claim(["dump_import"], "w", settings.lease_ttl)
     assert lease is not None
 
+    occupy(nodes["meili-0"], 40_000)
     with CommitWatcher(dsn, chunk) as watcher:
         if policy == "fail":
             with pytest.raises(InvalidDocumentError) as caught:
