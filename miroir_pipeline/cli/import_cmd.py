@@ -383,8 +383,9 @@ def _left_to_pool(
     name = signal.Signals(stop.signum).name
     line = (
         f"stopped following import {parent_id} ({name}); the worker pool carries on with it, "
-        f"{summary.chunks_done}/{summary.chunks_total} chunks done: `miroir-pipeline status "
-        f"{parent_id}` follows it, `miroir-pipeline cancel {parent_id}` stops it"
+        f"{summary.chunks_done}/{summary.chunks_total} chunks done: `miroir-pipeline import "
+        f"--resume {parent_id} --workers 0` follows it again, `miroir-pipeline status` lists it, "
+        f"`miroir-pipeline cancel {parent_id}` stops it"
     )
     if args.json:
         print(json.dumps({"job_id": parent_id, "state": summary.parent.state, "left_to_pool": True,

@@ -344,8 +344,13 @@ def test_import_with_no_workers_is_served_by_a_running_pool(tmp_path: Path) -> N
             tmp_path, "worker", "--log-level", "INFO", "worker", "--poll-interval", "600"
         )
         procs.append(worker)
-        _wait_log(worker, worker_log, "waiting for work", 180)
+        # the command the interrupted one named follows the import again, to its end
+        assert f"`miroir-pipeline import --resume {first_id.group(1)} --workers 0` follows it again" in said, said
+        again = cli(tmp_path, "import", "--resume", first_id.group(1), "--workers", "0", "--json", timeout=240)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["state"] == "completed"
         assert store.get(first_id.group(1)).state == "completed"
+        _wait_log(worker, worker_log, "waiting for work", 180)
 
         # -- a second import is claimed by the idle worker, woken by the queued chunks ------
         run = cli(tmp_path, "import", "b.ndjson", "--index", "b", "--primary-key", "id", "--workers", "0", "--json", timeout=240)
