@@ -14,6 +14,10 @@ waits until a node lists that queue before striking.
    the window fills, so the refused batch is enqueued behind it with later batches after it,
    whatever the machine's load (a bare node indexes small batches about as fast as they come).
 
+In 1-3 the window waits on meili-0 behind a large task of another index, enqueued once a quarter
+of the dump is committed; only tasks queued behind it count towards a full window. Without it a
+busy machine slows the worker more than the node, which then never falls ``FULL`` tasks behind.
+
 Every commit sampled from the jobs table is also checked against the tasks each node had
 finished by then: a commit never covers documents a node had not acknowledged.
 """
@@ -155,9 +159,10 @@ def acknowledged(tasks: list[dict[str, Any]]) -> int:
     return sum(int(t["details"]["receivedDocuments"]) for t in tasks if t["status"] == "succeeded")
 
 
-def occupy(proc: MeiliProcess, documents: int) -> int:
+def occupy(proc: MeiliProcess, documents: int, *, started: bool = True) -> int:
     """Enqueue one large addition to an index of its own on ``proc`` and return its task uid
-    once the node is processing it: tasks enqueued meanwhile queue up behind it."""
+    (with ``started``, once the node is processing it): tasks enqueued after it queue up
+    behind it until it is done."""
     headers = {"Authorization": f"Bearer {proc.master_key}", "Content-Type": "application/x-ndjson"}
     body = b"".join(
         orjson.dumps({"id": i, "text": f"blocker {i} " + "lorem ipsum dolor sit amet " * 8}) + b"\n"
@@ -173,8 +178,10 @@ def occupy(proc: MeiliProcess, documents: int) -> int:
             task.raise_for_status()
             return str(task.json()["status"]) != "enqueued"
 
-        wait_for(processing, 60, f"the blocker task {uid} to start on {proc.url}", interval=0.01)
+        if started:
+            wait_for(processing, 60, f"the blocker task {uid} to start on {proc.url}", interval=0.01)
     return uid
+
 
 
 # -- what the jobs table says -----------------------------------------------------------------
@@ -259,9 +266,13 @@ class WorkerImport:
     def start(self, workers: Workers, name: str) -> WorkerProc:
         return workers.start(self.env, name, *self.args)
 
-    def wait_window_full(self, worker: WorkerProc, window: list[int]) -> None:
+    def wait_window_full(self, worker: WorkerProc, window: list[int], *, hold: bool = False) -> None:
         """Until ``worker`` committed a quarter of the dump and meili-0 lists ``FULL`` queued
-        tasks (kept in ``window``); fails if the import ended first."""
+        tasks (kept in ``window``); fails if the import ended first. With ``hold``, a large
+        task of another index is enqueued on meili-0 once a quarter is committed, and only
+        tasks queued behind it count: they stay unacknowledged for as long as it runs, however
+        fast the node indexes small batches and however slowly the test's next step comes."""
+        blocker: list[int] = []
 
         def full() -> bool:
             row = self.store.get(self.chunk)
@@ -269,7 +280,9 @@ class WorkerImport:
                 return True  # over before the window filled: said below
             if row.claimed_by != worker.name or int(row.progress.get("last_cursor", 0)) < self.size // 4:
                 return False
-            window[:] = queued(self.procs[0], self.uid)
+            if hold and not blocker:
+                blocker.append(occupy(self.procs[0], 40_000, started=False))
+            window[:] = [u for u in queued(self.procs[0], self.uid) if not blocker or u > blocker[0]]
             return len(window) >= FULL
 
         wait_for(full, 90, f"{FULL} tasks queued on meili-0, a quarter of the dump committed", interval=0.05)
@@ -315,7 +328,7 @@ def test_worker_sigkilled_with_a_full_window_resumes_at_the_cursor_with_exact_pl
     with CommitWatcher(imp.dsn, chunk) as watcher:
         first = imp.start(workers, "first")
         window: list[int] = []
-        imp.wait_window_full(first, window)
+        imp.wait_window_full(first, window, hold=True)
         first.kill()
         killed = store.get(chunk)
         assert killed.state == JobState.IN_PROGRESS and killed.attempts == 1
@@ -373,7 +386,7 @@ def test_sigterm_with_a_full_window_hands_back_at_once_and_the_rescuer_places_ex
 
     with CommitWatcher(imp.dsn, chunk) as watcher:
         first = imp.start(workers, "first")
-        imp.wait_window_full(first, [])
+        imp.wait_window_full(first, [], hold=True)
         first.proc.send_signal(signal.SIGTERM)  # the worker alone, as the kubelet sends it
         assert first.proc.wait(timeout=30) == 0, first.output()[-3000:]
         released = store.get(chunk)
@@ -450,13 +463,16 @@ def test_node_sigkilled_with_a_full_window_keeps_its_tasks_and_the_import_rides_
     with CommitWatcher(dsn, chunk) as watcher:
         rider.start()
         window: list[int] = []
+        blocker: list[int] = []
 
         def window_full() -> bool:
             if not rider.is_alive():
                 return True
             if int(store.get(chunk).progress.get("last_cursor", 0)) < size // 4:
                 return False
-            window[:] = queued(victim, uid)
+            if not blocker:  # the window queues up behind it (see wait_window_full)
+                blocker.append(occupy(victim, 40_000, started=False))
+            window[:] = [u for u in queued(victim, uid) if u > blocker[0]]
             return len(window) >= FULL
 
         wait_for(
