@@ -392,13 +392,20 @@ with dg.instance_for_test() as instance:
     print("worker", stats.chunks_succeeded, stats.chunks_failed)
     mats = instance.fetch_materializations(names.chunk_asset_key("echo_job"), limit=10).records
     print("documents", sorted(int(m.asset_materialization.metadata["documents"].value) for m in mats))
-    report = defs.resolve_sensor_def(names.parent_report_sensor)(
+    pmats = instance.fetch_materializations(names.parent_asset_key("echo_job"), limit=10).records
+    print("by the worker", [m.partition_key == parent.id for m in pmats], instance.get_dynamic_partitions("miroir_echo_jobs") == [parent.id])
+    # A second job finished outside any worker (its chunk completed by hand): the sensor reports it.
+    other = store.enqueue("echo_job", {})
+    store.split(other.id, [NewChunk(0, {"word": "y"})])
+    store.complete(store.claim(["echo_job"], "by-hand", 30))
+    report_sensor = defs.resolve_sensor_def(names.parent_report_sensor)
+    report = report_sensor(
         dg.build_sensor_context(instance=instance, resources={names.jobs_resource: JobStoreResource(dsn=dsn)})
     )
-    print("report", [(r.job_name, r.partition_key == parent.id) for r in report.run_requests])
-    record = record_parent(defs, instance, parent.id)
-    print("recorded", record.materialized, instance.get_dynamic_partitions("miroir_echo_jobs") == [parent.id])
-print("rows", [store.get(c.id).state for c in chunks], store.get(parent.id).state)
+    print("report", [(r.job_name, r.partition_key == other.id) for r in report.run_requests])
+    record = record_parent(defs, instance, other.id)
+    print("recorded", record.materialized, sorted(instance.get_dynamic_partitions("miroir_echo_jobs")) == sorted([parent.id, other.id]))
+print("rows", [store.get(c.id).state for c in chunks], store.get(parent.id).state, store.get(other.id).state)
 """
 
 
@@ -420,6 +427,8 @@ def test_a_kind_registered_in_the_registry_gets_its_whole_dagster_surface(tmp_pa
     assert "partitions ['miroir_echo_chunks']" in out
     assert "worker 3 0" in out
     assert "documents [1, 2, 3]" in out
+    # the pool worker recorded the parent it finished; the sensor reports one finished elsewhere
+    assert "by the worker [True] True" in out
     assert "report [('miroir_echo_job_report_job', True)]" in out
     assert "recorded True True" in out
-    assert "rows ['completed', 'completed', 'completed'] completed" in out
+    assert "rows ['completed', 'completed', 'completed'] completed completed" in out
