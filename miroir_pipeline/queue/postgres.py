@@ -198,6 +198,13 @@ class PostgresJobStore(SqlJobStore[Conn]):
             self._signals.append(signal)
         return signal
 
+    def _forget(self, signal: _PostgresWorkSignal) -> None:
+        """A closed signal leaves the list ``close()`` walks, so a long-lived store does not keep
+        one per worker run."""
+        with self._signals_lock:
+            if signal in self._signals:
+                self._signals.remove(signal)
+
     def _listen(self) -> psycopg.Connection[tuple[object, ...]]:
         """A connection of its own, outside the pool, listening on the work channel: it
         stays idle in LISTEN, and a pooled one would be lent to other statements meanwhile."""
@@ -212,9 +219,9 @@ class PostgresJobStore(SqlJobStore[Conn]):
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         with self._signals_lock:
-            for signal in self._signals:
-                signal.close()
-            self._signals.clear()
+            signals, self._signals = self._signals, []
+        for signal in signals:
+            signal.close()
         self._pool.close()
 
 
@@ -260,3 +267,4 @@ class _PostgresWorkSignal(WorkSignal):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._store._forget(self)
