@@ -26,7 +26,9 @@ claimers on Postgres.
 store's own named statements on one raw autocommit connection per claimer, in variants that each
 leave one thing out (the post-commit parent check; the claimed row returned whole, as a dict),
 and the remaining-chunks counter on the parent (a prototype: a column added to the benchmark's
-table, the chunk's completion and the parent's countdown in one statement). Variants run interleaved,
+table, the chunk's completion and the parent's countdown in one statement), and the parent check
+folded into the next claim (a prototype: a data-modifying CTE on the claim statement, which starts
+after the completion committed, so it is as exact as the separate check). Variants run interleaved,
 each on a fresh database; the ratios are to the statements as the store runs them.
 
     .venv/bin/python benchmarks/claim_throughput.py [--quick] [--rows 20000] [--claimers 1,4,8]
@@ -153,19 +155,36 @@ FROM done
 WHERE p.id = done.parent_job_id
 RETURNING p.id
 """
+#: A prototype: the previous chunk's parent check rides on the next claim, as a data-modifying
+#: CTE. The claim statement starts after that chunk's completion committed, so the check sees
+#: what the separate post-commit statement sees (and is as exact); a cycle is two statements.
+FOLDED_CHECK = """
+WITH parent_done AS (
+    UPDATE jobs AS p
+    SET state = 'completed', finished_at = now(), updated_at = now()
+    WHERE p.id = %(prev_parent)s
+      AND p.state = 'in_progress'
+      AND (SELECT c.id FROM jobs AS c
+           WHERE c.parent_job_id = p.id AND c.state <> 'completed'
+           LIMIT 1) IS NULL
+    RETURNING p.id
+),
+"""
 #: variant -> (the claim returns the whole row as a dict, parent check after commit, parent
-#: counter); without the whole row, the claim returns the ids only, as a tuple
+#: counter, parent check folded into the next claim); without the whole row, the claim returns
+#: the ids only, as a tuple
 BREAKDOWN = {
-    "as the store runs them": (True, True, False),
-    "no parent check": (True, False, False),
-    "no check, claim ids only": (False, False, False),
-    "parent counter": (True, False, True),
+    "as the store runs them": (True, True, False, False),
+    "no parent check": (True, False, False, False),
+    "no check, claim ids only": (False, False, False, False),
+    "parent counter": (True, False, True, False),
+    "check folded into next claim": (True, False, False, True),
 }
 
 
 def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, out: Any) -> None:
     """The store's own statements on one raw autocommit connection, as ``variant`` says."""
-    whole, check, counter = BREAKDOWN[variant]
+    whole, check, counter, folded = BREAKDOWN[variant]
     q = load_queries("postgres")
     claim, complete, parent_check = (
         q["claim_next"],
@@ -176,6 +195,9 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
         claim = claim.replace("RETURNING j.*", "RETURNING j.id, j.parent_job_id")
     if counter:
         complete = COUNTER_COMPLETE
+    if folded:
+        claim = claim.replace("WITH candidate AS (", FOLDED_CHECK + "candidate AS (", 1)
+        assert "parent_done" in claim
     conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row if whole else None)
     try:
         conn.execute("SET search_path TO miroir")
@@ -183,9 +205,12 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
         barrier.wait()
         t0 = time.monotonic()
         n = 0
+        prev_parent: str | None = None
         while True:
             token = uuid.uuid4().hex
             args = {"types": ["dump_import"], "worker_id": worker, "token": token, "ttl": 60.0}
+            if folded:
+                args["prev_parent"] = prev_parent
             row = conn.execute(claim, args | {"parent_id": None}).fetchone()
             if row is None:
                 break
@@ -195,6 +220,7 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
                 raise SystemExit(f"{variant}, claimer {worker}: lost the lease of {job_id}")
             if check:
                 conn.execute(parent_check, {"id": parent_id}).fetchall()
+            prev_parent = parent_id
             n += 1
         out.put((worker, n, t0, time.monotonic()))
     finally:
@@ -214,9 +240,10 @@ def run_statements_once(variant: str, dsn: str, rows: int, k: int) -> float:
             "SELECT count(*) FILTER (WHERE state = 'completed' AND kind = 'chunk'),"
             " bool_or(state = 'completed' AND kind = 'parent') FROM miroir.jobs"
         ).fetchone()
-    *_, check, counter = BREAKDOWN[variant]
-    # the parent completes through the check or the counter; a variant with neither leaves it
-    if done != rows or not got or got[0] != rows or bool(got[1]) != (check or counter):
+    _, check, counter, folded = BREAKDOWN[variant]
+    # the parent completes through the check (separate or folded; a folded check runs in the
+    # claim that finds the queue empty) or the counter; a variant with none leaves it
+    if done != rows or not got or got[0] != rows or bool(got[1]) != (check or counter or folded):
         raise SystemExit(
             f"{variant}, {k} claimers: {done} completions, {got} of {rows} ({parent_id})"
         )
