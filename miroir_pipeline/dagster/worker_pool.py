@@ -148,17 +148,17 @@ class Worker:
         claim: a chunk queued anywhere (or its parent finishing) wakes it at once, and it
         claims again at least every ``idle_max_sleep`` seconds for leases that expired."""
         try:
-            signal = self.store.work_signal()
+            work = self.store.work_signal()
         except Exception:  # the database is down at start: poll until it is back
             log.exception("worker %s: cannot listen for work; polling every %.1f s", self.worker_id, self.idle_max_sleep)
-            signal = WorkSignal()
+            work = WorkSignal()
         try:
-            self._loop(signal)
+            self._loop(work)
         finally:
-            signal.close()
+            work.close()
         return self.stats
 
-    def _loop(self, signal: WorkSignal) -> None:
+    def _loop(self, work: WorkSignal) -> None:
         published = float("-inf")
         idle = False
         while not self.shutdown.requested:
@@ -183,7 +183,7 @@ class Worker:
                 if not idle:
                     log.info("worker %s: waiting for work (claims again at least every %g s)", self.worker_id, self.idle_max_sleep)
                     idle = True
-                signal.wait(self.idle_max_sleep, self.shutdown)
+                work.wait(self.idle_max_sleep, self.shutdown)
                 continue
             idle = False
             self._run_chunk(lease)
@@ -194,13 +194,11 @@ class Worker:
         to the parent does it when it runs out of chunks; a pool worker after each chunk whose
         parent it finished, so imports served by a running pool show at once, without waiting
         for the parent-report sensor (or with no daemon at all). Under a file lock in a local
-        Dagster home, so workers finishing together record it once; a parent still running is
-        not recorded, and a failure is left to the sensor."""
+        Dagster home, so workers finishing together record it once; ``record_parent`` leaves a
+        parent still running alone, and a failure is left to the sensor."""
         from miroir_pipeline.dagster.parent_reports import record_parent
 
         try:
-            if self.store.get(parent_id).state not in (JobState.COMPLETED, JobState.FAILED):
-                return  # still running: recorded by whoever finishes it
             with _report_lock(self.instance):
                 record_parent(
                     self.defs, self.instance, parent_id, key_prefix=self.names.key_prefix, store=self.store
