@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
-from typing import NoReturn, TypeAlias
+from collections.abc import Callable
+from typing import NoReturn, TypeAlias, TypeVar
 
 __all__ = [
     "Parser",
@@ -20,6 +22,8 @@ __all__ = [
     "stdout_is_terminal",
 ]
 
+
+N = TypeVar("N", int, float)
 
 _DSN_HELP = "jobs store DSN: sqlite:///PATH or postgresql://... (default $MIROIR_JOBS_DSN, else a SQLite file under ./.miroir)"
 _TOPOLOGY_HELP = (
@@ -59,37 +63,30 @@ def log_level(text: str) -> str:
     return name
 
 
+def _number(text: str, parse: Callable[[str], N], accept: Callable[[N], bool], wanted: str) -> N:
+    """``text`` parsed by ``parse`` if ``accept`` takes it; else the one-line usage error."""
+    try:
+        value = parse(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """A whole number of at least 1 (worker counts, shard counts, limits)."""
-    try:
-        value = int(text.strip())
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), not {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "a positive integer (1 or more)")
 
 
 def positive_float(text: str) -> float:
     """A number of seconds above 0 (intervals)."""
-    try:
-        value = float(text.strip())
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 < v < math.inf, "a number of seconds above 0")
 
 
 def non_negative_int(text: str) -> int:
     """A whole number of at least 0 (``import --workers 0``: leave the chunks to a running pool)."""
-    try:
-        value = int(text.strip())
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number (0 or more), not {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "a whole number (0 or more)")
 
 
 def is_debug(level: str) -> bool:
