@@ -155,21 +155,17 @@ FROM done
 WHERE p.id = done.parent_job_id
 RETURNING p.id
 """
-#: A prototype: the previous chunk's parent check rides on the next claim, as a data-modifying
-#: CTE. The claim statement starts after that chunk's completion committed, so the check sees
-#: what the separate post-commit statement sees (and is as exact); a cycle is two statements.
-FOLDED_CHECK = """
-WITH parent_done AS (
-    UPDATE jobs AS p
-    SET state = 'completed', finished_at = now(), updated_at = now()
-    WHERE p.id = %(prev_parent)s
-      AND p.state = 'in_progress'
-      AND (SELECT c.id FROM jobs AS c
-           WHERE c.parent_job_id = p.id AND c.state <> 'completed'
-           LIMIT 1) IS NULL
-    RETURNING p.id
-),
-"""
+
+
+def folded_check(parent_check: str) -> str:
+    """The store's ``complete_parent_if_done`` as a CTE on the previous chunk's parent, for the
+    prototype that has the next claim carry it: the claim statement starts after that chunk's
+    completion committed, so the check sees what the separate post-commit statement sees (and
+    is as exact); a cycle is two statements."""
+    body = parent_check.replace("%(id)s", "%(prev_parent)s").replace("RETURNING *", "RETURNING p.id")
+    return f"WITH parent_done AS (\n{body.strip().rstrip(';')}\n),\n"
+
+
 #: variant -> (the claim returns the whole row as a dict, parent check after commit, parent
 #: counter, parent check folded into the next claim); without the whole row, the claim returns
 #: the ids only, as a tuple
@@ -196,7 +192,7 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
     if counter:
         complete = COUNTER_COMPLETE
     if folded:
-        claim = claim.replace("WITH candidate AS (", FOLDED_CHECK + "candidate AS (", 1)
+        claim = claim.replace("WITH candidate AS (", folded_check(parent_check) + "candidate AS (", 1)
         assert "parent_done" in claim
     conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row if whole else None)
     try:
