@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from miroir_pipeline.cli import runtime
+from miroir_pipeline.cli import pool, runtime
 from miroir_pipeline.cli.errors import CliError, format_validation_error
 from miroir_pipeline.cli.options import (
     Subparsers,
@@ -48,10 +47,6 @@ MANY_CHUNKS = 200
 TINY_CHUNK_BYTES = 1 << 20
 #: The largest chunk size the warning suggests (the default chunk size).
 SUGGESTED_MAX_BYTES = 256 << 20
-
-#: With ``--workers 0``: seconds without any chunk claimed before the command says it sees no
-#: worker pool (it keeps waiting).
-POOL_HINT_AFTER_S = 10.0
 
 #: Request fields and the flags that set them, for one-line validation errors.
 FLAGS = {
@@ -292,17 +287,17 @@ def _run_and_report(
         return _watch(store, planned[0], procs, stop, mode=mode)
 
     finished = store.parent_summary(parent_id) if plan is None else None
-    pool = args.workers == 0
+    from_pool = args.workers == 0
     if finished is not None and finished.parent.state == JobState.COMPLETED:
         planned.append(finished)
         outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(finished, None, 0)
-    elif pool:
+    elif from_pool:
         logs.discard()  # this command runs no Dagster; the pool's workers log where they run
         logs = runtime.DagsterLogs(None, logs.level)
         with runtime.StopSignal() as stop:
             outcome = runtime.WorkersOutcome(watch([], stop), None, 0)
         if stop.requested:
-            return _left_to_pool(args, store, parent_id, stop)
+            return pool.left_to_pool("import", store, parent_id, stop, as_json=args.json)
     else:
         outcome = runtime.run_workers_for(
             parent_id, args.workers, watch, store=store, logs=logs, planning=plan is not None
@@ -373,27 +368,6 @@ def _run_and_report(
     return 0 if ok and not empty else 1
 
 
-def _left_to_pool(
-    args: argparse.Namespace, store: JobStore, parent_id: str, stop: runtime.StopSignal
-) -> int:
-    """Ctrl-C or SIGTERM while a worker pool runs the import: this command only stops following
-    it; the pool carries on. One line says so and how to follow or stop it."""
-    assert stop.signum is not None
-    summary = store.parent_summary(parent_id)
-    name = signal.Signals(stop.signum).name
-    line = (
-        f"stopped following import {parent_id} ({name}); the worker pool carries on with it, "
-        f"{summary.chunks_done}/{summary.chunks_total} chunks done: `miroir-pipeline import "
-        f"--resume {parent_id} --workers 0` follows it again, `miroir-pipeline status` lists it, "
-        f"`miroir-pipeline cancel {parent_id}` stops it"
-    )
-    if args.json:
-        print(json.dumps({"job_id": parent_id, "state": summary.parent.state, "left_to_pool": True,
-                          "interrupted": name}, indent=2))  # fmt: skip
-    print(line, file=sys.stderr)
-    return 128 + stop.signum
-
-
 def _failure_line(r: dict[str, Any], stopped_at_invalid: int) -> str:
     """The one line on stderr for an import whose chunks failed for good."""
     failed = r["failed_chunks"]
@@ -446,7 +420,7 @@ def _watch(
     from miroir_pipeline.queue.contract import JobState
 
     parent_id = before.parent.id
-    unclaimed_since: float | None = time.monotonic() if not procs else None
+    hint = pool.NoPoolHint("import", parent_id, "bytes_processed", enabled=not procs)
     total = int(before.parent.params.get("bytes_total", 0)) or 1
     bytes0 = int(before.progress.get("bytes_processed", 0))
     docs0 = int(before.progress.get("docs_routed", 0))
@@ -489,35 +463,13 @@ def _watch(
             done = summary.parent.state in finished or (
                 bool(procs) and all(p.poll() is not None for p in procs)
             )
-            if unclaimed_since is not None and _unclaimed(summary):
-                if time.monotonic() - unclaimed_since >= POOL_HINT_AFTER_S:
-                    print(_no_pool_line(parent_id), file=sys.stderr, flush=True)
-                    unclaimed_since = None  # said once
-            elif unclaimed_since is not None:
-                unclaimed_since = None  # a worker of the pool took a chunk
+            hint.observe(summary)
             if mode == "plain" and not stop.requested:
                 plain.tick(line(summary), force=done)
             if done or stop.requested:
                 break
             time.sleep(0.25)
     return store.parent_summary(parent_id)
-
-
-def _unclaimed(summary: ParentSummary) -> bool:
-    """No chunk of the parent has been claimed yet."""
-    from miroir_pipeline.queue.contract import JobState
-
-    queued = summary.chunks_by_state.get(JobState.QUEUED, 0)
-    return summary.chunks_total > 0 and queued == summary.chunks_total and not summary.progress.get("bytes_processed")
-
-
-def _no_pool_line(parent_id: str) -> str:
-    """The hint ``--workers 0`` prints when no worker takes a chunk: the pool may not be there."""
-    return (
-        f"warning: no worker has claimed a chunk of import {parent_id} after "
-        f"{POOL_HINT_AFTER_S:.0f} s with --workers 0; is a worker pool (`miroir-pipeline worker`) "
-        "running against this jobs store? Still waiting; Ctrl-C leaves the import queued."
-    )
 
 
 def _print_summary(r: dict[str, Any]) -> None:

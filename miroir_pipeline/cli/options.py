@@ -85,7 +85,7 @@ def positive_float(text: str) -> float:
 
 
 def non_negative_int(text: str) -> int:
-    """A whole number of at least 0 (``import --workers 0``: leave the chunks to a running pool)."""
+    """A whole number of at least 0 (``--workers 0``: leave the chunks to a running pool)."""
     return _number(text, int, lambda v: v >= 0, "a whole number (0 or more)")
 
 

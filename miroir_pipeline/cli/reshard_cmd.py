@@ -17,11 +17,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from miroir_pipeline.cli import runtime
+from miroir_pipeline.cli import pool, runtime
 from miroir_pipeline.cli.errors import CliError, format_validation_error
 from miroir_pipeline.cli.options import (
     Subparsers,
     add_store_options,
+    non_negative_int,
     positive_int,
     stdout_is_terminal,
 )
@@ -37,7 +38,8 @@ __all__ = ["add_parser", "run"]
 
 DESCRIPTION = (
     "Re-hash every document of a live index under a new shard count into the shadow index "
-    "{uid}__reshard_{N}, through worker processes started for it; then verify that the shadow "
+    "{uid}__reshard_{N}, through worker processes started for it (or, with --workers 0, a worker "
+    "pool already running); then verify that the shadow "
     "holds exactly the live documents and mark it ready for cutover. Exits 0 only when every "
     "chunk completed and the verification passed. Ctrl-C or SIGTERM hands the running chunks "
     "back at their cursors; --resume JOB_ID carries on from there."
@@ -81,10 +83,12 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=positive_int,
+        type=non_negative_int,
         default=2,
         metavar="N",
-        help="worker processes to start (default 2)",
+        help="worker processes to start (default 2); 0 starts none and leaves the chunks to a "
+        "worker pool already running against the same jobs store (`miroir-pipeline worker`), "
+        "then verifies once the pool has run them",
     )
     p.add_argument(
         "--replace-shadow",
@@ -200,6 +204,12 @@ def _run_and_report(
     docs0 = int(before.progress.get("documents_backfilled", 0))
     if parent.state == JobState.COMPLETED:
         outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(before, None, 0)
+    elif args.workers == 0:
+        with runtime.StopSignal() as stop:
+            followed = _watch(store, parent_id, old_shards, [], stop, mode=mode)
+        if stop.requested:
+            return pool.left_to_pool("reshard", store, parent_id, stop, as_json=args.json)
+        outcome = runtime.WorkersOutcome(followed, None, 0)
     else:
         outcome = runtime.run_workers_for(
             parent_id,
@@ -314,7 +324,8 @@ def _watch(
     mode: str,
 ) -> ParentSummary:
     """Follow the backfill until it finishes, every worker exited or a signal came: a progress
-    bar on a terminal, a plain line every few seconds on a pipe (``mode`` ``plain``), or nothing."""
+    bar on a terminal, a plain line every few seconds on a pipe (``mode`` ``plain``), or nothing.
+    With no ``procs`` a worker pool serves it, and a hint says so if none claims a chunk."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from miroir_pipeline.queue.contract import JobState
@@ -323,6 +334,7 @@ def _watch(
     t0 = time.monotonic()
     docs0 = int(store.parent_summary(parent_id).progress.get("documents_backfilled", 0))
     plain = runtime.PlainProgress()
+    hint = pool.NoPoolHint("reshard", parent_id, "documents_backfilled", enabled=not procs)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -339,7 +351,10 @@ def _watch(
             shards = int(summary.progress.get("shards_done", 0))
             rate = (docs - docs0) / max(time.monotonic() - t0, 1e-6)
             bar.update(task, completed=shards, docs=docs, docs_s=rate)
-            done = summary.parent.state in finished or all(p.poll() is not None for p in procs)
+            done = summary.parent.state in finished or (
+                bool(procs) and all(p.poll() is not None for p in procs)
+            )
+            hint.observe(summary)
             if mode == "plain" and not stop.requested:
                 plain.tick(
                     f"reshard {parent_id}: shards {shards}/{old_shards} {docs:,} docs "

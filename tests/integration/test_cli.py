@@ -383,3 +383,51 @@ def test_import_with_no_workers_is_served_by_a_running_pool(tmp_path: Path) -> N
     finally:
         for proc in procs:
             _stop_group(proc)
+
+
+@pytest.mark.timeout(420)
+def test_reshard_with_no_workers_is_served_by_a_running_pool(tmp_path: Path) -> None:
+    """``reshard --workers 0``: with no pool it says so and Ctrl-C leaves the backfill queued;
+    the command it names follows the backfill again once a pool worker runs it, and verifies the
+    shadow."""
+    assert cli(tmp_path, "sample-dump", "dump.ndjson", "--size", "512KiB", "--seed", "3").returncode == 0
+    imported = cli(tmp_path, "import", "dump.ndjson", "--index", "items", "--primary-key", "id", "--workers", "1", "--json")
+    assert imported.returncode == 0, imported.stderr
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        lonely, lonely_log = _background(
+            tmp_path, "lonely", "reshard", "--index", "items", "--new-shards", "16", "--shards-per-chunk", "16",
+            "--workers", "0", "--no-progress",
+        )  # fmt: skip
+        procs.append(lonely)
+        _wait_log(lonely, lonely_log, "no worker has claimed a chunk of reshard", 180)
+        lonely.send_signal(signal.SIGINT)
+        assert lonely.wait(timeout=60) == 130, lonely_log.read_text()
+        said = lonely_log.read_text()
+        found = re.search(r"stopped following reshard (\S+) \(SIGINT\); the worker pool carries on", said)
+        assert found, said
+        parent_id = found.group(1)
+        from miroir_pipeline.queue import open_store
+
+        store = open_store(f"sqlite:///{tmp_path}/.miroir/jobs.sqlite3")
+        summary = store.parent_summary(parent_id)
+        assert summary.chunks_total == 4 and summary.chunks_by_state["queued"] == 4  # 64 live shards / 16
+        store.close()
+
+        worker, worker_log = _background(tmp_path, "worker", "--log-level", "INFO", "worker")
+        procs.append(worker)
+        assert f"`miroir-pipeline reshard --resume {parent_id} --workers 0` follows it again" in said, said
+        run = cli(tmp_path, "reshard", "--resume", parent_id, "--workers", "0", "--json", timeout=300)
+        assert run.returncode == 0, run.stderr + worker_log.read_text()[-3000:]
+        out = json.loads(run.stdout)
+        lines = (tmp_path / "dump.ndjson").read_bytes().splitlines()
+        assert out["state"] == "completed" and out["verification"] == "passed", out
+        assert out["shadow_index"] == "items__reshard_16" and out["chunks_completed"] == 4
+        assert out["documents"] == len(lines) == sum(out["per_node"].values())
+        assert "claimed" not in run.stderr  # the pool took the chunks: no hint this time
+
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0, worker_log.read_text()[-3000:]
+    finally:
+        for proc in procs:
+            _stop_group(proc)

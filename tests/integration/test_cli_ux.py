@@ -84,7 +84,7 @@ def _inputs(root: Path) -> None:
 REFUSED = [
     (("import", "d.ndjson", "--index", "x", "--workers", "two"), "argument --workers: must be a whole number (0 or more)"),
     (("import", "d.ndjson", "--index", "x", "--workers", "-3"), "argument --workers: must be a whole number (0 or more)"),
-    (("reshard", "--index", "x", "--new-shards", "8", "--workers", "0"), "argument --workers: must be a positive integer"),
+    (("reshard", "--index", "x", "--new-shards", "8", "--workers", "-1"), "argument --workers: must be a whole number (0 or more)"),
     (("reshard", "--index", "x", "--new-shards", "8", "--shards-per-chunk", "0"), "argument --shards-per-chunk: must be a positive integer"),
     (("reshard", "--index", "x", "--new-shards", "-2"), "argument --new-shards: must be a positive integer"),
     (("status", "--limit", "0"), "argument --limit: must be a positive integer"),
