@@ -28,7 +28,9 @@ leave one thing out (the post-commit parent check; the claimed row returned whol
 and the remaining-chunks counter on the parent (a prototype: a column added to the benchmark's
 table, the chunk's completion and the parent's countdown in one statement), and the parent check
 folded into the next claim (a prototype: a data-modifying CTE on the claim statement, which starts
-after the completion committed, so it is as exact as the separate check). Variants run interleaved,
+after the completion committed, so it is as exact as the separate check), and the check skipped
+when the completion holds a queued sibling (a prototype: that sibling, locked until the completion
+commits, is skipped by claimers, so it completes later and its own completion sees this one). Variants run interleaved,
 each on a fresh database; the ratios are to the statements as the store runs them.
 
     .venv/bin/python benchmarks/claim_throughput.py [--quick] [--rows 20000] [--claimers 1,4,8]
@@ -166,6 +168,25 @@ def folded_check(parent_check: str) -> str:
     return f"WITH parent_done AS (\n{body.strip().rstrip(';')}\n),\n"
 
 
+def held_successor(complete: str) -> str:
+    """PROTOTYPE: the completion also locks one queued sibling (SKIP LOCKED) until it commits;
+    the post-commit check then runs only when it holds none."""
+    head = """WITH held AS (
+    SELECT c.id FROM jobs AS c
+    WHERE c.parent_job_id = %(parent_id)s AND c.state = 'queued'
+    LIMIT 1
+    FOR NO KEY UPDATE SKIP LOCKED
+)
+"""
+    body = complete.strip().rstrip(";")
+    body = body.replace(
+        "RETURNING progress, finished_at, updated_at",
+        "RETURNING progress, finished_at, updated_at, EXISTS (SELECT 1 FROM held) AS held",
+    )
+    assert "AS held" in body
+    return head + body
+
+
 #: variant -> (the claim returns the whole row as a dict, parent check after commit, parent
 #: counter, parent check folded into the next claim); without the whole row, the claim returns
 #: the ids only, as a tuple
@@ -175,6 +196,7 @@ BREAKDOWN = {
     "no check, claim ids only": (False, False, False, False),
     "parent counter": (True, False, True, False),
     "check folded into next claim": (True, False, False, True),
+    "check unless a sibling held": (True, True, False, False),
 }
 
 
@@ -191,6 +213,9 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
         claim = claim.replace("RETURNING j.*", "RETURNING j.id, j.parent_job_id")
     if counter:
         complete = COUNTER_COMPLETE
+    held = variant == "check unless a sibling held"
+    if held:
+        complete = held_successor(complete)
     if folded:
         claim = claim.replace("WITH candidate AS (", folded_check(parent_check) + "candidate AS (", 1)
         assert "parent_done" in claim
@@ -211,10 +236,13 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
             if row is None:
                 break
             job_id, parent_id = (row["id"], row["parent_job_id"]) if whole else row
-            done = conn.execute(complete, {"id": job_id, "token": token, "progress": '{"b": 1}'})
-            if done.fetchone() is None:
+            done = conn.execute(
+                complete,
+                {"id": job_id, "token": token, "progress": '{"b": 1}', "parent_id": parent_id},
+            ).fetchone()
+            if done is None:
                 raise SystemExit(f"{variant}, claimer {worker}: lost the lease of {job_id}")
-            if check:
+            if check and not (held and done["held"]):
                 conn.execute(parent_check, {"id": parent_id}).fetchall()
             prev_parent = parent_id
             n += 1
