@@ -36,6 +36,12 @@ class Node(BaseModel):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
+        if not url.startswith("local://") and "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+            # Said without echoing the URL: the part before '@' is a password.
+            raise ValueError(
+                "URL carries credentials (user:password@host); Meilisearch takes its key in a "
+                "header: drop them from the URL and name the key's environment variable in api_key_env"
+            )
         if not url.startswith(_SCHEMES):
             raise ValueError(
                 f"unknown URL scheme in {url!r}; use http://, https:// (Meilisearch) or local://PATH"

@@ -307,6 +307,53 @@ def test_missing_key_env_is_reported_by_name(
         open_target(node_cfg)
 
 
+def test_key_mounted_from_a_file_with_its_newline_is_used(
+    proc: MeiliProcess, meili_topology: MeiliTopology, monkeypatch: pytest.MonkeyPatch, meili_index_uid: str
+) -> None:
+    node_cfg = meili_topology([proc]).all_nodes()[0]
+    monkeypatch.setenv(key_env_name(proc), proc.master_key + "\n")  # as a Kubernetes secret file
+    target = open_target(node_cfg)
+    try:
+        assert not target.index_exists(meili_index_uid)  # answered, so the key was accepted
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("value", ["", "  \n", "two words", "ctl\x01char", "caf\u00e9"])
+def test_key_a_header_cannot_carry_is_refused_by_name_without_its_value(
+    proc: MeiliProcess, meili_topology: MeiliTopology, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    node_cfg = meili_topology([proc]).all_nodes()[0]
+    monkeypatch.setenv(key_env_name(proc), value)
+    with pytest.raises(TargetError) as refused:
+        open_target(node_cfg)
+    text = str(refused.value)
+    assert f"node {node_cfg.id}: environment variable {key_env_name(proc)}" in text
+    assert not refused.value.retryable
+    if value.strip():
+        assert value.strip() not in text
+
+
+def test_malformed_request_is_not_retried_and_does_not_quote_the_key(
+    proc: MeiliProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Built directly, past from_node's check, to reach the transport's own refusal.
+    secret = "s3cret-\n-zq9x"
+    node = MeilisearchNode("meili-x", proc.url, api_key=secret, api_key_env="X_KEY", max_retries=8)
+    backoffs: list[int] = []
+    monkeypatch.setattr(node, "_backoff", lambda attempt, _after: backoffs.append(attempt) or 0.0)
+    try:
+        with pytest.raises(TargetError) as refused:
+            node.index_exists("anything")
+    finally:
+        node.close()
+    assert backoffs == [], "refused at once, not retried"
+    text = str(refused.value) + repr(refused.value)
+    assert "s3cret" not in text and "zq9x" not in text
+    assert "could not be sent" in text and "X_KEY" in text
+    assert not refused.value.retryable
+
+
 def test_wait_healthy(proc: MeiliProcess) -> None:
     wait_healthy(proc.url, timeout=5)
     dead = f"http://127.0.0.1:{free_port()}"

@@ -111,6 +111,21 @@ def test_invalid_topology_names_the_field(
         assert fragment.lower() in message.lower(), (fragment, message)
 
 
+@pytest.mark.parametrize("url", ["http://admin:hunter2@h:7700", "https://hunter2@h", "ftp://u:hunter2@h"])
+def test_url_with_credentials_is_refused_without_echoing_them(url: str) -> None:
+    data = _broken(["groups", 0, "nodes", 1, "url"], url)
+    with pytest.raises(TopologyError) as info:
+        Topology.parse(data, source="fleet.yaml")
+    message = str(info.value)
+    assert "groups[0].nodes[1].url" in message and "api_key_env" in message
+    assert "hunter2" not in message
+
+
+def test_at_sign_in_a_path_is_not_credentials() -> None:
+    data = _broken(["groups", 0, "nodes", 1, "url"], "http://h:7700/proxy/@team")
+    assert Topology.parse(data).node("b").url == "http://h:7700/proxy/@team"
+
+
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(TopologyError, match="cannot read topology file"):
         load_topology(tmp_path / "missing.yaml")

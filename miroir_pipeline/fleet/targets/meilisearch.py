@@ -238,6 +238,17 @@ class MeilisearchNode(NodeTarget):
                 f"export it with the node's Meilisearch API key",
                 node_id=node.id,
             )
+        if key is not None:
+            # A key mounted from a file often ends in a newline; anything else that cannot go
+            # in a header is refused here, by name, before a request could echo it.
+            key = key.strip()
+            if not key or not (key.isascii() and key.isprintable()) or " " in key:
+                raise TargetError(
+                    f"node {node.id}: environment variable {node.api_key_env} (api_key_env) "
+                    + ("is empty" if not key else "holds spaces, control or non-ASCII characters")
+                    + "; set it to the node's Meilisearch API key alone",
+                    node_id=node.id,
+                )
         return cls(
             node.id,
             node.url,
@@ -274,6 +285,9 @@ class MeilisearchNode(NodeTarget):
     def _where(self, index_uid: str | None) -> str:
         return f"node {self.node_id} ({self.url})" + (f", index {index_uid}" if index_uid else "")
 
+    def _key_source(self) -> str:
+        return f"environment variable {self._api_key_env}" if self._api_key_env else "no key"
+
     def _backoff(self, attempt: int, retry_after: str | None) -> float:
         delay = min(self.backoff_cap, self.backoff_base * 2.0**attempt)
         if retry_after:
@@ -290,6 +304,16 @@ class MeilisearchNode(NodeTarget):
             retry_after: str | None = None
             try:
                 resp = self._http().request(method, path, **kw)
+            except httpx.LocalProtocolError:
+                # The request itself is malformed (a header value, most likely the key); its
+                # text may quote the Authorization header, so it is not repeated, and a retry
+                # would fail the same way.
+                raise TargetError(
+                    f"{self._where(index_uid)}: {what} could not be sent: the request is malformed "
+                    f"(details withheld, they may quote the API key); check the node's API key "
+                    f"({self._key_source()}) and URL",
+                    node_id=self.node_id,
+                ) from None
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}: {exc}"
             else:
@@ -318,8 +342,7 @@ class MeilisearchNode(NodeTarget):
         if code == "index_not_found" or (status == 404 and index_uid and code is None):
             return IndexNotFound(text, node_id=self.node_id)
         if status in (401, 403):
-            source = f"environment variable {self._api_key_env}" if self._api_key_env else "no key"
-            text += f"; check the node's API key ({source})"
+            text += f"; check the node's API key ({self._key_source()})"
         elif code == "payload_too_large":
             text += "; lower payload_limit_bytes of this node in the topology"
         return TargetError(text, node_id=self.node_id)
