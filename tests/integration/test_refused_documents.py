@@ -214,3 +214,16 @@ def test_fleet_skip_isolates_refused_documents_and_lands_every_good_one(fleet: A
 def test_fleet_fail_names_the_line_and_the_nodes_message(fleet: Any, bad: bytes, reason: str) -> None:
     root, store, topo, targets, uid = fleet
     check_fail(root, store, targets, topo, uid, make_docs(20, seed=6), bad, reason, settings_for(root))
+
+
+@pytest.mark.meilisearch
+def test_fleet_skip_counts_identical_refused_lines_each_at_its_own_line(fleet: Any) -> None:
+    """The same bad line twice in one batch is two documents: two dead letters at two lines,
+    and the counts (routed, invalid, per node) agree with them."""
+    root, store, topo, targets, uid = fleet
+    dead = check_skip(
+        root, store, targets, topo, uid, make_docs(30, seed=8), [GEO_BAD, GEO_BAD, HUGE_NUMBER, HUGE_NUMBER],
+        ["invalid_document_geo_field", "Could not parse latitude", "number out of range"],
+        settings_for(root, batch_size=64),
+    )  # fmt: skip
+    assert len({r["line"] for r in dead}) == 4

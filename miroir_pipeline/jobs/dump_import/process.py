@@ -147,42 +147,53 @@ class _RefusedByNodes:
         self.per_node: dict[str, int] = {}
 
     def record(self, batch: Batch, refusals: Refusals) -> None:
-        found: dict[bytes, list[tuple[str, RefusedDocument]]] = {}
+        # One document goes to a node of every replica group, so its refusals are grouped by
+        # its bytes; identical dump lines are separate documents, counted by how often each
+        # node refused them, each placed at its own line.
+        found: dict[bytes, dict[str, list[RefusedDocument]]] = {}
         for target_index, exc in sorted(refusals.items()):
             node = self.node_ids[target_index]
             for refused in exc.refused:
-                found.setdefault(bytes(batch.lines[target_index][refused.position]), []).append((node, refused))
+                doc = bytes(batch.lines[target_index][refused.position])
+                found.setdefault(doc, {}).setdefault(node, []).append(refused)
         start, end = int(batch.extra["start"]), int(batch.extra["end"])
         data = _read(self.params, start, end)
-        for doc, by_nodes in found.items():
-            node, refused = by_nodes[0]
-            line_no, offset = self._locate(doc, data, start)
-            where = (
-                f"{self.params.source_uri}: line {line_no}, byte offset {offset}"
-                if line_no
-                else f"{self.params.source_uri}: a line between byte offsets {start} and {end}"
+        for doc, by_node in found.items():
+            search_from = 0
+            for copy in range(max(len(r) for r in by_node.values())):
+                node, refused = next((n, r[copy]) for n, r in by_node.items() if copy < len(r))
+                line_no, offset, search_from = self._locate(doc, data, start, search_from)
+                self._refuse(doc, node, refused, line_no, offset, start, end)
+            for n, r in by_node.items():
+                self.per_node[n] = self.per_node.get(n, 0) + len(r)
+
+    def _refuse(
+        self, doc: bytes, node: str, refused: RefusedDocument, line_no: int, offset: int, start: int, end: int
+    ) -> None:
+        where = (
+            f"{self.params.source_uri}: line {line_no}, byte offset {offset}"
+            if line_no
+            else f"{self.params.source_uri}: a line between byte offsets {start} and {end}"
+        )
+        if self.dead is None:
+            raise InvalidDocumentError(
+                f"{where}: node {node} refused the document: {refused.message}. Fix the line, or "
+                "rerun with --on-invalid skip (on_invalid_document: skip in Dagster run config) to "
+                "send such documents to a dead-letter file"
             )
-            if self.dead is None:
-                raise InvalidDocumentError(
-                    f"{where}: node {node} refused the document: {refused.message}. Fix the line, or "
-                    "rerun with --on-invalid skip (on_invalid_document: skip in Dagster run config) to "
-                    "send such documents to a dead-letter file"
-                )
-            self.dead.write(
-                {
-                    "dump": self.params.source_uri,
-                    "line": line_no,
-                    "byte_offset": offset,
-                    "reason": f"node {node} refused the document: {refused.message}",
-                    "node": node,
-                    "code": refused.code,
-                    "raw": untag(doc).decode("utf-8", "backslashreplace"),
-                }
-            )
-            self.documents += 1
-            for n, _ in by_nodes:
-                self.per_node[n] = self.per_node.get(n, 0) + 1
-            metrics.INVALID_DOCUMENTS.labels(job_type=DUMP_IMPORT, policy="skip").inc()
+        self.dead.write(
+            {
+                "dump": self.params.source_uri,
+                "line": line_no,
+                "byte_offset": offset,
+                "reason": f"node {node} refused the document: {refused.message}",
+                "node": node,
+                "code": refused.code,
+                "raw": untag(doc).decode("utf-8", "backslashreplace"),
+            }
+        )
+        self.documents += 1
+        metrics.INVALID_DOCUMENTS.labels(job_type=DUMP_IMPORT, policy="skip").inc()
 
     def amend(self, batch: Batch, dead: DeadLetter | None) -> None:
         """Before a commit: make the dead letters durable and take the refusals out of the
@@ -205,14 +216,21 @@ class _RefusedByNodes:
         self.report.invalid_documents += self.documents
         self.report.per_node = {n: c - self.per_node.get(n, 0) for n, c in self.report.per_node.items()}
 
-    def _locate(self, doc: bytes, data: bytes, start: int) -> tuple[int, int]:
-        """(line number, byte offset) of the dump line a refused document came from; (0, 0) when
-        it cannot be found (a document whose ``_miroir_shard`` the router replaced)."""
-        at = data.find(untag(doc)[1:])
+    def _locate(self, doc: bytes, data: bytes, start: int, search_from: int) -> tuple[int, int, int]:
+        """(line number, byte offset) of the first dump line at or after ``search_from`` that a
+        refused document came from, and where to look for its next copy; line 0 when it cannot
+        be found (a document whose ``_miroir_shard`` the router replaced)."""
+        at = data.find(untag(doc)[1:], search_from)
         if at < 0:
-            return 0, 0
+            return 0, 0, search_from
         line_start = data.rfind(b"\n", 0, at) + 1
-        return self.line_counter.line_at(start) + data.count(b"\n", 0, line_start), start + line_start
+        line_end = data.find(b"\n", at)
+        next_from = len(data) if line_end < 0 else line_end + 1
+        return (
+            self.line_counter.line_at(start) + data.count(b"\n", 0, line_start),
+            start + line_start,
+            next_from,
+        )
 
 
 def _read(params: DumpChunkParams, start: int, end: int) -> bytes:
