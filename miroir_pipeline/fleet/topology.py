@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = ["Group", "Node", "Topology", "TopologyError", "default_topology", "load_topology"]
 
 _SCHEMES = ("http://", "https://", "local://")
-DEFAULT_PAYLOAD_LIMIT = 100 * 1024 * 1024
+#: Meilisearch's default ``--http-payload-size-limit`` is "100 MB", decimal: 1.21 refuses a body
+#: of 100,006,010 bytes with ``payload_too_large``, gzip'd or not (the limit is on what it reads
+#: after decompressing).
+DEFAULT_PAYLOAD_LIMIT = 100_000_000
 
 
 class TopologyError(ValueError):

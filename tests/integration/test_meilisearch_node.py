@@ -138,6 +138,19 @@ def test_batch_is_split_under_payload_limit(
         target.close()
 
 
+def test_default_payload_limit_is_what_a_default_node_takes(
+    node: MeilisearchNode, proc: MeiliProcess, meili_index_uid: str
+) -> None:
+    """A batch between 100 MB and 100 MiB: over a default node's limit, so it is split."""
+    docs = routed([f"k{i}" for i in range(1000)], 8, body="x" * 100_250)
+    body = ndjson(docs)
+    assert 100_000_000 < len(body) < 100 * 1024 * 1024
+    node.write_documents(meili_index_uid, "id", body, len(docs))
+    additions = tasks_of(proc, meili_index_uid, "documentAdditionOrUpdate")
+    assert len(additions) == 2 and all(t["status"] == "succeeded" for t in additions)
+    assert node.count_documents(meili_index_uid) == 1000
+
+
 @pytest.mark.parametrize("limit", [1025, 2048, 5000])
 def test_split_ndjson_keeps_lines_whole_and_under_limit(limit: int) -> None:
     body = b"".join(
