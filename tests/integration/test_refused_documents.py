@@ -227,3 +227,42 @@ def test_fleet_skip_counts_identical_refused_lines_each_at_its_own_line(fleet: A
         settings_for(root, batch_size=64),
     )  # fmt: skip
     assert len({r["line"] for r in dead}) == 4
+
+
+# -- a document larger than a node's payload limit -------------------------------------------
+
+
+@pytest.fixture
+def small_payload_fleet(tmp_path: Path, meili_fleet: Any, meili_topology: Any, meili_index_uid: str) -> Any:
+    """Two Meilisearch nodes whose topology says they take payloads of at most 4,096 bytes."""
+    procs = meili_fleet(2)
+    topo = meili_topology(procs, shards=8, replication_factor=1, groups=[[0, 1]], payload_limit_bytes=4096)
+    targets = open_targets(topo)
+    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    yield tmp_path, store, topo, targets, meili_index_uid
+    store.close()
+
+
+#: 4,090 bytes as it stands in the dump: under max_document_bytes, but once tagged with its
+#: shard and ended by a newline it is more than a 4,096-byte payload.
+TOO_BIG_FOR_THE_NODE = b'{"id":"big","t":"' + b"x" * 4071 + b'"}'
+PAYLOAD_REASON = "payload_limit_bytes"
+
+
+@pytest.mark.meilisearch
+def test_fleet_skip_dead_letters_a_document_over_a_nodes_payload_limit(small_payload_fleet: Any) -> None:
+    """Such a document can never be sent: it is an invalid document at its own line (not a
+    node failure retried until the chunk gives up), and every other document lands."""
+    assert len(TOO_BIG_FOR_THE_NODE) == 4090
+    root, store, topo, targets, uid = small_payload_fleet
+    (dead,) = check_skip(
+        root, store, targets, topo, uid, make_docs(30, seed=9), [TOO_BIG_FOR_THE_NODE], [PAYLOAD_REASON],
+        settings_for(root, batch_size=8),
+    )  # fmt: skip
+    assert "4090 bytes" in dead["reason"] and "4096" in dead["reason"], dead["reason"]
+
+
+@pytest.mark.meilisearch
+def test_fleet_fail_names_the_line_of_a_document_over_a_nodes_payload_limit(small_payload_fleet: Any) -> None:
+    root, store, topo, targets, uid = small_payload_fleet
+    check_fail(root, store, targets, topo, uid, make_docs(20, seed=10), TOO_BIG_FOR_THE_NODE, PAYLOAD_REASON, settings_for(root))

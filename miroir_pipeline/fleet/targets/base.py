@@ -125,6 +125,10 @@ class NodeTarget(abc.ABC):
     """One node of the fleet."""
 
     node_id: str
+    #: The largest request body the node takes, in bytes (a Meilisearch node's payload limit),
+    #: or None when it takes any size. A document that cannot fit in it is refused before it is
+    #: sent, as an invalid document.
+    payload_limit_bytes: int | None = None
 
     @abc.abstractmethod
     def ensure_index(

@@ -199,6 +199,8 @@ def wait_healthy(url: str, timeout: float = 30.0) -> None:
 class MeilisearchNode(NodeTarget):
     """One Meilisearch server of the fleet."""
 
+    payload_limit_bytes: int
+
     def __init__(
         self,
         node_id: str,

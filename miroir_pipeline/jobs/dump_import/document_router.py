@@ -100,10 +100,14 @@ class BlockResult:
 class DocumentRouter:
     """Routes blocks of complete NDJSON lines into one buffer per node of the topology."""
 
-    def __init__(self, router: Router, primary_key: str, max_document_bytes: int) -> None:
+    def __init__(
+        self, router: Router, primary_key: str, max_document_bytes: int, limit_name: str = "max_document_bytes"
+    ) -> None:
         self.router = router
         self.primary_key = primary_key
         self.max_document_bytes = max_document_bytes
+        #: Where the document limit comes from, for the reason a longer line is refused.
+        self.limit_name = limit_name
         strict: Any = msgspec.defstruct(
             "PrimaryKeyOnly",
             [("pk", _PrimaryKey), ("shard", Any, msgspec.UNSET)],
@@ -357,9 +361,8 @@ class DocumentRouter:
             self._blank += 1
             return 0
         if len(line) > self.max_document_bytes:
-            invalid.append(
-                self._invalid(lines, i, f"document is {len(line)} bytes, over the {self.max_document_bytes}-byte limit")
-            )
+            too_long = f"document is {len(line)} bytes, over the {self.max_document_bytes}-byte limit ({self.limit_name})"
+            invalid.append(self._invalid(lines, i, too_long))
             return 0
         try:
             line.decode("utf-8")

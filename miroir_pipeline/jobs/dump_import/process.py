@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from miroir_pipeline import metrics
 from miroir_pipeline.fleet.routing import Router
-from miroir_pipeline.fleet.shard_tag import untag
+from miroir_pipeline.fleet.shard_tag import shard_prefixes, untag
 from miroir_pipeline.fleet.targets.base import NodeTarget, RefusedDocument, TargetError
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetter
@@ -106,7 +106,7 @@ def _run_chunk(
             node_targets,
             params.index_uid,
             params.primary_key,
-            _batches(params, router, settings, cursor, int(prog.get("blank_lines", 0)), report, dead, line_counter),
+            _batches(params, router, node_targets, settings, cursor, int(prog.get("blank_lines", 0)), report, dead, line_counter),
             shutdown,
             window_bytes=settings.window_bytes,
             before_commit=lambda batch: refusals.amend(batch, dead),
@@ -241,9 +241,29 @@ def _read(params: DumpChunkParams, start: int, end: int) -> bytes:
         reader.close()
 
 
+def document_limit(max_document_bytes: int, router: Router, targets: Sequence[NodeTarget]) -> tuple[int, str]:
+    """The longest line a chunk routes, and where that limit comes from: ``max_document_bytes``,
+    or less when a target node takes smaller request bodies. A document that cannot fit in one
+    body once tagged with its shard can never be sent, so it is an invalid document at its own
+    line (failed or dead-lettered by the policy), not a node error retried until the chunk
+    gives up."""
+    limit, name = max_document_bytes, "max_document_bytes"
+    tag_and_newline = max(map(len, shard_prefixes(router.shards))) - 1 + 1
+    for node_id, target in zip(router.node_ids, targets, strict=True):
+        body = target.payload_limit_bytes
+        if body is not None and body - tag_and_newline < limit:
+            limit = body - tag_and_newline
+            name = (
+                f"what fits in node {node_id}'s {body}-byte payload limit with the shard tag; "
+                "payload_limit_bytes in the topology"
+            )
+    return limit, name
+
+
 def _batches(
     params: DumpChunkParams,
     router: Router,
+    node_targets: Sequence[NodeTarget],
     settings: PipelineSettings,
     cursor: int,
     blank_lines: int,
@@ -253,7 +273,8 @@ def _batches(
 ) -> Iterator[Batch]:
     """Route the chunk's lines from ``cursor`` and yield a batch whenever the buffers fill (by
     documents or by bytes, so memory stays bounded whatever the chunk size), then a final one."""
-    doc_router = DocumentRouter(router, params.primary_key, settings.max_document_bytes)
+    doc_limit, limit_name = document_limit(settings.max_document_bytes, router, node_targets)
+    doc_router = DocumentRouter(router, params.primary_key, doc_limit, limit_name)
     doc_router.set_per_node_docs([report.per_node[n] for n in router.node_ids])
     ref = resolve_dump(params.data_uri, None)
     batch_start = cursor
@@ -285,12 +306,12 @@ def _batches(
         batch_start = pos
         return done
 
-    blocks = iter_line_blocks(ref, cursor, params.end, settings.read_block_bytes, settings.max_document_bytes)
+    blocks = iter_line_blocks(ref, cursor, params.end, settings.read_block_bytes, doc_limit)
     try:
         pos = cursor  # file offset of the first byte not yet routed
         for data, _at, end, overlong in blocks:  # _at == pos: blocks follow each other
             if overlong:
-                bad = InvalidLine(0, 0, f"line is longer than the {settings.max_document_bytes}-byte document limit", data)
+                bad = InvalidLine(0, 0, f"line is longer than the {doc_limit}-byte document limit ({limit_name})", data)
                 _handle_invalid(params, line_counter, pos, [bad], dead, report)
                 pos += end
                 continue
