@@ -159,10 +159,13 @@ def iter_line_blocks(
 
 
 def _read_at(source: pa.NativeFile, ref: DumpRef, size: int, pos: int) -> bytes:
+    """``size`` bytes at ``pos``; the range was measured when the import was planned, so fewer
+    bytes mean the dump shrank under us (a short read would otherwise be retried forever)."""
     data = source.read_at(size, pos)
-    if not data:
+    if len(data) < size:
         raise DumpSourceError(
-            f"dump {ref.uri!r} ended at byte {pos}, before the expected {pos + size}; "
-            "was it truncated or replaced while importing?"
+            f"dump {ref.uri!r} ended at byte {pos + len(data)}, before the expected {pos + size}; "
+            "was it truncated or replaced while importing? Restore the dump for the chunk's "
+            "retry, or cancel this import and import the new file"
         )
     return bytes(data)

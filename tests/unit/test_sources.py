@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -333,6 +334,31 @@ def test_truncated_dump_is_reported_while_reading(dump: Path) -> None:
     dump.write_bytes(DOCS[:100])
     with pytest.raises(DumpSourceError, match="truncated"):
         list(iter_line_blocks(ref, 0, ref.size))
+
+
+def test_dump_shrinking_mid_line_is_reported_not_retried_forever(tmp_path: Path) -> None:
+    """A short read that ends inside a line (the dump was cut under a running chunk) must end
+    in an error naming the offset, not in re-reading the same partial line again and again."""
+    path = tmp_path / "shrink.ndjson"
+    path.write_bytes(b'{"id":1}\n{"id":2,"pad":"' + b"a" * 100 + b'"}\n')
+    ref = resolve_dump(str(path), None)
+    with open(path, "r+b") as fh:
+        fh.truncate(40)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            list(iter_line_blocks(ref, 9, ref.size, block_size=16, max_line=1000))
+            outcome.append(None)
+        except BaseException as exc:  # handed to the asserting thread
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert outcome, "iter_line_blocks kept re-reading a dump that shrank mid-line"
+    assert isinstance(outcome[0], DumpSourceError)
+    assert "ended at byte 40" in str(outcome[0]) and "truncated or replaced" in str(outcome[0])
 
 
 # --- staging --------------------------------------------------------------------------------
