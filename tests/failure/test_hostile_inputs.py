@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from miroir_pipeline.jobs.dump_import import (
     plan_dump_import,
     process_dump_chunk,
 )
+from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetterMissing
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import JobState, JobStore
@@ -535,3 +537,63 @@ def test_cli_import_with_a_bad_topology_is_refused_before_any_job_is_queued(tmp_
     store: JobStore = open_store(dsn)
     assert store.list_parents() == []
     store.close()
+
+
+class _CrashAfterCommit(Exception):
+    """Fake fault: the worker dies right after the commit that recorded a dead letter."""
+
+
+def test_resume_on_a_host_without_the_dead_letter_file_is_refused_not_padded(tmp_path: Path) -> None:
+    """A chunk resumed where its dead-letter file is missing (``dead_letter_dir`` not shared)
+    must fail the attempt naming the file, not pad the file with NUL bytes up to the
+    committed size; with the file back in place the chunk resumes and completes."""
+    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3", retry_backoff_base=0.05)
+    topo = local_topology(tmp_path / "nodes", shards=8)
+    targets = open_targets(topo)
+    try:
+        dump, docs, _ = _bad_dump(tmp_path, LINE_CASES[0][1])
+        settings = _settings(tmp_path, on_invalid_document="skip")
+        plan = plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid="dlq", primary_key="id"), topo, targets, settings)
+        [chunk_id] = plan.chunk_ids
+
+        def crash_once_dead_lettered(report: Any) -> None:
+            if report.invalid_documents:
+                raise _CrashAfterCommit
+
+        lease = store.claim(["dump_import"], "host1", 30)
+        assert lease is not None
+        with pytest.raises(_CrashAfterCommit):
+            process_dump_chunk(store, lease, targets, settings, on_batch=crash_once_dead_lettered)
+        committed = int(store.get(chunk_id).progress["dead_letter_bytes"])
+        first = tmp_path / "dlq" / plan.parent.id / f"{chunk_id}.ndjson"
+        assert committed > 0 and first.stat().st_size == committed
+        kept = first.read_bytes()
+
+        # host2 mounts a different (empty) dead-letter directory.
+        host2 = _settings(tmp_path, on_invalid_document="skip", dead_letter_dir=str(tmp_path / "host2-dlq"))
+        lease = _claim_after_backoff(store)
+        with pytest.raises(DeadLetterMissing) as refused:
+            process_dump_chunk(store, lease, targets, host2)
+        missing = tmp_path / "host2-dlq" / plan.parent.id / f"{chunk_id}.ndjson"
+        assert str(missing) in str(refused.value) and f"has {committed}" in str(refused.value)
+        assert not missing.exists(), "nothing written where the records are not"
+        row = store.get(chunk_id)
+        assert row.state == JobState.QUEUED and row.error is not None and str(missing) in row.error
+        assert not row.error.startswith("DeadLetterMissing"), "the message says it all"
+
+        lease = _claim_after_backoff(store)
+        process_dump_chunk(store, lease, targets, settings)
+        assert store.get(plan.parent.id).state == JobState.COMPLETED
+        assert first.read_bytes() == kept, "the one dead letter, once, no padding"
+        assert_exact_placement(expected_placement(docs, topo), actual_placement(targets, "dlq"))
+    finally:
+        store.close()
+
+
+def _claim_after_backoff(store: JobStore, timeout: float = 30.0) -> Any:
+    """The re-queued chunk, as soon as its retry backoff lets it be claimed."""
+    deadline = time.monotonic() + timeout
+    while (lease := store.claim(["dump_import"], "host2", 30)) is None:
+        assert time.monotonic() < deadline, "the failed chunk never became claimable again"
+        time.sleep(0.02)
+    return lease

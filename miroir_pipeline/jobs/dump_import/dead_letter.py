@@ -10,7 +10,12 @@ from typing import Any, BinaryIO
 
 import orjson
 
-__all__ = ["DeadLetter"]
+__all__ = ["DeadLetter", "DeadLetterMissing"]
+
+
+class DeadLetterMissing(RuntimeError):
+    """A resumed chunk's dead-letter file holds less than its committed progress says: the
+    worker does not see the file earlier attempts wrote (``dead_letter_dir`` not shared)."""
 
 
 class DeadLetter:
@@ -18,6 +23,15 @@ class DeadLetter:
 
     def __init__(self, path: Path, committed_bytes: int) -> None:
         self.path = path
+        found = path.stat().st_size if path.exists() else 0
+        if found < committed_bytes:
+            # Padding up to the committed size would leave NUL bytes where the records were.
+            raise DeadLetterMissing(
+                f"dead-letter file {path} holds {found} bytes, but the chunk's committed "
+                f"progress has {committed_bytes}: this worker does not see the file earlier "
+                "attempts wrote. Put dead_letter_dir on a volume every worker mounts (or "
+                "restore the file there); the chunk is retried"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh: BinaryIO = open(path, "ab+")  # noqa: SIM115 - closed in close()
         self._fh.truncate(committed_bytes)

@@ -13,7 +13,7 @@ from miroir_pipeline.fleet.routing import Router
 from miroir_pipeline.fleet.shard_tag import shard_prefixes, untag
 from miroir_pipeline.fleet.targets.base import NodeTarget, RefusedDocument, TargetError
 from miroir_pipeline.fleet.topology import Topology
-from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetter
+from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetter, DeadLetterMissing
 from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
 from miroir_pipeline.jobs.dump_import.params import (
     DUMP_IMPORT,
@@ -53,7 +53,7 @@ def process_dump_chunk(
         ttl=settings.lease_ttl,
         heartbeat_interval=settings.heartbeat_interval,
         permanent=(InvalidDocumentError,),
-        plain=(TargetError,),
+        plain=(TargetError, DeadLetterMissing),
     )
 
 
@@ -95,7 +95,11 @@ def _run_chunk(
         dead = DeadLetter(folder / f"{job.id}.ndjson", int(prog.get("dead_letter_bytes", 0)))
         # Documents a node refused are only known once their batch is acknowledged, after the
         # router has moved on: they get their own file, so each file's committed size holds.
-        refused_dead = DeadLetter(folder / f"{job.id}.refused.ndjson", int(prog.get("refused_dead_letter_bytes", 0)))
+        try:
+            refused_dead = DeadLetter(folder / f"{job.id}.refused.ndjson", int(prog.get("refused_dead_letter_bytes", 0)))
+        except DeadLetterMissing:
+            dead.close()
+            raise
         report.dead_letter = str(dead.path)
     line_counter = _LineCounter(resolve_dump(params.data_uri, None))
     refusals = _RefusedByNodes(params, router, line_counter, refused_dead, report)
