@@ -13,7 +13,12 @@ from miroir_pipeline.sources.ranges import (
     iter_line_blocks,
     open_range,
 )
-from miroir_pipeline.sources.resolve import DumpRef, DumpSourceError, resolve_dump
+from miroir_pipeline.sources.resolve import (
+    DumpRef,
+    DumpSourceError,
+    resolve_dump,
+    resolve_planned_dump,
+)
 from miroir_pipeline.sources.staging import DumpKind, StagedDump, stage_dump
 
 __all__ = [
@@ -26,5 +31,6 @@ __all__ = [
     "iter_line_blocks",
     "open_range",
     "resolve_dump",
+    "resolve_planned_dump",
     "stage_dump",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "errno_of",
     "locate",
     "resolve_dump",
+    "resolve_planned_dump",
 ]
 
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -47,6 +48,9 @@ class DumpRef:
     filesystem: pafs.FileSystem = field(compare=False, repr=False)
     path: str
     size: int
+    #: Modification time when resolved, where the filesystem reports one: with ``size``, what
+    #: tells the file a plan was made on from another file later put under the same name.
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -191,5 +195,36 @@ def resolve_dump(uri: str, allowed_roots: Sequence[str] | None) -> DumpRef:
     except (OSError, pa.ArrowException) as exc:
         raise access_error(uri, exc) from None
     return DumpRef(
-        uri=loc.path if loc.is_local else uri, filesystem=filesystem, path=path, size=int(info.size)
+        uri=loc.path if loc.is_local else uri,
+        filesystem=filesystem,
+        path=path,
+        size=int(info.size),
+        mtime_ns=info.mtime_ns,
+    )
+
+
+def resolve_planned_dump(uri: str, size: int | None, line_starts: Sequence[int]) -> DumpRef:
+    """The dump a chunk was planned on, refused when the file under that name no longer fits
+    the plan: another size (``None`` for chunks planned before it was recorded), or a byte of
+    ``line_starts`` (the chunk's cursor and end) that no longer begins a line, so the chunk's
+    range would cut lines. A dump fixed in place without moving a line still fits: that is how
+    an operator repairs a bad line and retries its chunk."""
+    ref = resolve_dump(uri, None)
+    if size is not None and ref.size != size:
+        raise _changed(uri, f"planned {size} bytes, now {ref.size}")
+    try:
+        with ref.filesystem.open_input_file(ref.path) as f:
+            for at in line_starts:
+                if 0 < at < ref.size and f.read_at(1, at - 1) != b"\n":
+                    raise _changed(uri, f"byte {at} no longer begins a line")
+    except (OSError, pa.ArrowException) as exc:
+        raise access_error(uri, exc) from None
+    return ref
+
+
+def _changed(uri: str, what: str) -> DumpSourceError:
+    return DumpSourceError(
+        f"dump {uri!r} changed since this import was planned ({what}), so its chunks' byte "
+        "ranges no longer fit it. Put the planned file back to finish this import, or cancel it "
+        "and import the new file"
     )

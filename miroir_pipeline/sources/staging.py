@@ -212,14 +212,16 @@ def _source_blocks(stream: IO[bytes] | pa.NativeFile) -> Iterator[bytes]:
 
 
 def _staged_name(source: DumpRef, index_uid: str | None) -> str:
-    digest = hashlib.sha256(f"{source.uri}\0{index_uid or ''}".encode()).hexdigest()[:16]
+    """One name per source *content* (URI, size, mtime) and index: a changed dump under the
+    same name stages beside the copy an unfinished import of the old one still reads."""
+    identity = f"{source.uri}\0{index_uid or ''}\0{source.size}\0{source.mtime_ns}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(source.path))[:60] or "dump"
     return f"{stem}-{digest}.jsonl"
 
 
 def _source_stamp(source: DumpRef) -> dict[str, Any]:
-    info = source.filesystem.get_file_info(source.path)
-    return {"source_uri": source.uri, "source_size": source.size, "source_mtime_ns": info.mtime_ns}
+    return {"source_uri": source.uri, "source_size": source.size, "source_mtime_ns": source.mtime_ns}
 
 
 def _reuse(
@@ -303,6 +305,7 @@ def stage_dump(
         filesystem=staging.filesystem,
         path=final,
         size=int(recorded["staged_size"]),
+        mtime_ns=staging.filesystem.get_file_info(final).mtime_ns,
     )
     return StagedDump(
         ref=ref,

@@ -43,6 +43,7 @@ from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetterMissing
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import JobState, JobStore
+from miroir_pipeline.sources import DumpSourceError
 from tests.failure.conftest import REPO, init_dagster_home, settings_for
 from tests.import_helpers import (
     actual_placement,
@@ -597,3 +598,61 @@ def _claim_after_backoff(store: JobStore, timeout: float = 30.0) -> Any:
         assert time.monotonic() < deadline, "the failed chunk never became claimable again"
         time.sleep(0.02)
     return lease
+
+
+# --- a dump changed under an unfinished import ------------------------------------------------
+
+
+def _versioned(version: int, pad: int = 0) -> bytes:
+    return b"".join(orjson.dumps({"id": i, "v": version, "pad": "x" * pad}) + b"\n" for i in range(1000))
+
+
+def test_restaged_dump_does_not_overwrite_the_copy_an_unfinished_import_reads(env: dict[str, Any]) -> None:
+    """A gzip dump refreshed under the same name and planned again stages beside the first
+    copy: the first import's chunks still read the documents they were planned on."""
+    root, store, topo, targets = env["root"], env["store"], env["topo"], env["targets"]
+    settings = _settings(root, chunk_size_bytes=4096)
+    src = root / "products.jsonl.gz"
+    src.write_bytes(gzip.compress(_versioned(1)))
+    first = plan_dump_import(store, DumpImportRequest(uri=str(src), index_uid="products", primary_key="id"), topo, targets, settings)
+    src.write_bytes(gzip.compress(_versioned(2, pad=7)))
+    second = plan_dump_import(store, DumpImportRequest(uri=str(src), index_uid="products", primary_key="id"), topo, targets, settings)
+    assert first.data_uri != second.data_uri
+    assert Path(first.data_uri).read_bytes() == _versioned(1)
+    for planned, version in ((first, 1), (second, 2)):
+        for chunk_id in planned.chunk_ids:
+            lease = store.claim_by_id(chunk_id, "w", 30)
+            process_dump_chunk(store, lease, targets, settings)
+        assert store.get(planned.parent.id).state == JobState.COMPLETED
+        docs = {k: d for node in actual_placement(targets, "products").values() for k, d in node.items()}
+        assert len(docs) == 1000 and {d["v"] for d in docs.values()} == {version}, planned.parent.id
+
+
+@pytest.mark.parametrize("change", ["longer", "same size, lines moved"])
+def test_dump_replaced_under_an_import_fails_its_chunks_naming_the_change(env: dict[str, Any], change: str) -> None:
+    """A plain NDJSON dump (read in place) replaced after planning: the chunk's byte range would
+    cut the new file's lines, so the worker refuses it, saying what changed and what to do."""
+    root, store, topo, targets = env["root"], env["store"], env["topo"], env["targets"]
+    settings = _settings(root, chunk_size_bytes=4096)
+    dump = root / "products.ndjson"
+    planned_bytes = _versioned(1, pad=5)
+    dump.write_bytes(planned_bytes)
+    planned = plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid="replaced", primary_key="id"), topo, targets, settings)
+    if change == "longer":
+        dump.write_bytes(_versioned(2, pad=6))
+        expected = f"planned {len(planned_bytes)} bytes, now {dump.stat().st_size}"
+    else:  # the first line 3 bytes longer, the last 3 shorter: every boundary between moves
+        lines = planned_bytes.splitlines(keepends=True)
+        lines[0] = lines[0].replace(b'"xxxxx"', b'"xxxxxxxx"')
+        lines[-1] = lines[-1].replace(b'"xxxxx"', b'"xx"')
+        dump.write_bytes(b"".join(lines))
+        assert dump.stat().st_size == len(planned_bytes)
+        expected = "no longer begins a line"
+    chunk_id = planned.chunk_ids[1]
+    lease = store.claim_by_id(chunk_id, "w", 30)
+    with pytest.raises(DumpSourceError, match="changed since this import was planned") as refused:
+        process_dump_chunk(store, lease, targets, settings)
+    assert expected in str(refused.value) and "Put the planned file back" in str(refused.value)
+    row = store.get(chunk_id)
+    assert row.error is not None and "changed since this import was planned" in row.error
+    assert all(not held for held in actual_placement(targets, "replaced").values()), "nothing of the new file was sent"

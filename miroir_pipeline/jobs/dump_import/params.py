@@ -52,6 +52,9 @@ class DumpChunkParams(BaseModel):
 
     source_uri: str
     data_uri: str
+    #: Size of ``data_uri`` when planned: a worker refuses another file put under that name
+    #: since (``None`` in chunks planned before it was recorded).
+    data_size: int | None = Field(default=None, ge=0)
     start: int = Field(ge=0)
     end: int = Field(ge=0)
     index_uid: str

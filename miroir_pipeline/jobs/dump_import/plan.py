@@ -109,6 +109,7 @@ def plan_dump_import(
             params=DumpChunkParams(
                 source_uri=request.uri,
                 data_uri=ref.uri,
+                data_size=ref.size,
                 start=r.start,
                 end=r.end,
                 index_uid=request.index_uid,

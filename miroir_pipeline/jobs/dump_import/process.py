@@ -26,7 +26,7 @@ from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue.contract import JobStore, Lease
 from miroir_pipeline.queue.lease import LeaseKeeper, run_under_lease
 from miroir_pipeline.queue.shutdown import Shutdown
-from miroir_pipeline.sources import DumpRef, iter_line_blocks, open_range, resolve_dump
+from miroir_pipeline.sources import DumpRef, iter_line_blocks, open_range, resolve_planned_dump
 
 __all__ = ["process_dump_chunk"]
 
@@ -101,7 +101,8 @@ def _run_chunk(
             dead.close()
             raise
         report.dead_letter = str(dead.path)
-    line_counter = _LineCounter(resolve_dump(params.data_uri, None))
+    data = resolve_planned_dump(params.data_uri, params.data_size, (cursor, params.end))
+    line_counter = _LineCounter(data)
     refusals = _RefusedByNodes(params, router, line_counter, refused_dead, report)
     try:
         run_batches(
@@ -110,7 +111,7 @@ def _run_chunk(
             node_targets,
             params.index_uid,
             params.primary_key,
-            _batches(params, router, node_targets, settings, cursor, int(prog.get("blank_lines", 0)), report, dead, line_counter),
+            _batches(params, data, router, node_targets, settings, cursor, int(prog.get("blank_lines", 0)), report, dead, line_counter),
             shutdown,
             window_bytes=settings.window_bytes,
             before_commit=lambda batch: refusals.amend(batch, dead),
@@ -161,7 +162,7 @@ class _RefusedByNodes:
                 doc = bytes(batch.lines[target_index][refused.position])
                 found.setdefault(doc, {}).setdefault(node, []).append(refused)
         start, end = int(batch.extra["start"]), int(batch.extra["end"])
-        data = _read(self.params, start, end)
+        data = _read(self.line_counter.ref, start, end)
         for doc, by_node in found.items():
             search_from = 0
             for copy in range(max(len(r) for r in by_node.values())):
@@ -237,8 +238,8 @@ class _RefusedByNodes:
         )
 
 
-def _read(params: DumpChunkParams, start: int, end: int) -> bytes:
-    reader = open_range(resolve_dump(params.data_uri, None), start, end)
+def _read(ref: DumpRef, start: int, end: int) -> bytes:
+    reader = open_range(ref, start, end)
     try:
         return bytes(reader.read(end - start))
     finally:
@@ -266,6 +267,7 @@ def document_limit(max_document_bytes: int, router: Router, targets: Sequence[No
 
 def _batches(
     params: DumpChunkParams,
+    ref: DumpRef,
     router: Router,
     node_targets: Sequence[NodeTarget],
     settings: PipelineSettings,
@@ -280,7 +282,6 @@ def _batches(
     doc_limit, limit_name = document_limit(settings.max_document_bytes, router, node_targets)
     doc_router = DocumentRouter(router, params.primary_key, doc_limit, limit_name)
     doc_router.set_per_node_docs([report.per_node[n] for n in router.node_ids])
-    ref = resolve_dump(params.data_uri, None)
     batch_start = cursor
 
     def batch(pos: int, *, final: bool = False) -> Batch:
@@ -343,7 +344,7 @@ class _LineCounter:
     """Global line numbers for error messages, computed lazily (only an invalid line pays)."""
 
     def __init__(self, ref: DumpRef) -> None:
-        self._ref = ref
+        self.ref = ref
         self._known: tuple[int, int] | None = None  # (offset, newlines before offset)
 
     def line_at(self, offset: int) -> int:
@@ -352,7 +353,7 @@ class _LineCounter:
             self._known = (0, 0)
         start, count = self._known
         if offset > start:
-            reader = open_range(self._ref, start, offset)
+            reader = open_range(self.ref, start, offset)
             try:
                 while chunk := reader.read(8 << 20):
                     count += chunk.count(b"\n")
