@@ -205,11 +205,20 @@ def resolve_dump(uri: str, allowed_roots: Sequence[str] | None) -> DumpRef:
 
 def resolve_planned_dump(uri: str, size: int | None, line_starts: Sequence[int]) -> DumpRef:
     """The dump a chunk was planned on, refused when the file under that name no longer fits
-    the plan: another size (``None`` for chunks planned before it was recorded), or a byte of
+    the plan: a path that resolves elsewhere now (the roots were checked on the real path), another
+    size (``None`` for chunks planned before it was recorded), or a byte of
     ``line_starts`` (the chunk's cursor and end) that no longer begins a line, so the chunk's
     range would cut lines. A dump fixed in place without moving a line still fits: that is how
     an operator repairs a bad line and retries its chunk."""
     ref = resolve_dump(uri, None)
+    if ref.uri != uri and not _SCHEME_RE.match(uri):
+        # Planning checked the allowed roots on this real path; a symlink put on the way since
+        # would lead the worker to a file nobody checked.
+        raise DumpSourceError(
+            f"dump {uri!r} now resolves to {ref.uri!r}: a symlink on its path changed since this "
+            "import was planned, and workers read only the real path planning checked against "
+            "the allowed roots. Restore the path, or cancel the import and plan it again"
+        )
     if size is not None and ref.size != size:
         raise _changed(uri, f"planned {size} bytes, now {ref.size}")
     try:

@@ -656,3 +656,29 @@ def test_dump_replaced_under_an_import_fails_its_chunks_naming_the_change(env: d
     row = store.get(chunk_id)
     assert row.error is not None and "changed since this import was planned" in row.error
     assert all(not held for held in actual_placement(targets, "replaced").values()), "nothing of the new file was sent"
+
+
+def test_symlink_put_on_a_planned_dump_path_is_not_followed_out_of_the_roots(tmp_path: Path) -> None:
+    """The allowed roots are checked on the dump's real path at planning; a directory swapped for
+    a symlink to somewhere else afterwards must not lead the workers there."""
+    root, outside = tmp_path / "allowed", tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    outside.mkdir()
+    (root / "d" / "x.ndjson").write_bytes(_versioned(1))
+    (outside / "x.ndjson").write_bytes(_versioned(9))  # same size, never to be imported
+    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    topo = local_topology(tmp_path / "nodes", shards=8)
+    targets = open_targets(topo)
+    try:
+        settings = settings_for(root)
+        planned = plan_dump_import(store, DumpImportRequest(uri=str(root / "d" / "x.ndjson"), index_uid="roots", primary_key="id"), topo, targets, settings)
+        shutil.rmtree(root / "d")
+        os.symlink(outside, root / "d")
+        [chunk_id] = planned.chunk_ids
+        lease = store.claim_by_id(chunk_id, "w", 30)
+        with pytest.raises(DumpSourceError, match="now resolves to") as refused:
+            process_dump_chunk(store, lease, targets, settings)
+        assert str(outside / "x.ndjson") in str(refused.value)
+        assert all(not held for held in actual_placement(targets, "roots").values())
+    finally:
+        store.close()
