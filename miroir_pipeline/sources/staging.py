@@ -30,6 +30,7 @@ from miroir_pipeline.sources.ranges import BLOCK_SIZE
 from miroir_pipeline.sources.resolve import (
     DumpRef,
     DumpSourceError,
+    access_error,
     errno_of,
     locate,
     resolve_dump,
@@ -211,17 +212,33 @@ def _source_blocks(stream: IO[bytes] | pa.NativeFile) -> Iterator[bytes]:
         yield bytes(block)
 
 
-def _staged_name(source: DumpRef, index_uid: str | None) -> str:
-    """One name per source *content* (URI, size, mtime) and index: a changed dump under the
+#: Bytes at the end of a source hashed into its identity: they hold the gzip trailer (CRC-32 and
+#: length of the last member), so a rewrite of the same size within the mtime's resolution shows.
+_TAIL_BYTES = 64 * 1024
+
+
+def _staged_name(source: DumpRef, stamp: dict[str, Any], index_uid: str | None) -> str:
+    """One name per source *content* (URI, size, mtime, tail) and index: a changed dump under the
     same name stages beside the copy an unfinished import of the old one still reads."""
-    identity = f"{source.uri}\0{index_uid or ''}\0{source.size}\0{source.mtime_ns}"
+    identity = json.dumps([index_uid or "", stamp], sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(source.path))[:60] or "dump"
     return f"{stem}-{digest}.jsonl"
 
 
 def _source_stamp(source: DumpRef) -> dict[str, Any]:
-    return {"source_uri": source.uri, "source_size": source.size, "source_mtime_ns": source.mtime_ns}
+    tail = min(source.size, _TAIL_BYTES)
+    try:
+        with source.filesystem.open_input_file(source.path) as f:
+            end = bytes(f.read_at(tail, source.size - tail))
+    except (OSError, pa.ArrowException) as exc:
+        raise access_error(source.uri, exc) from None
+    return {
+        "source_uri": source.uri,
+        "source_size": source.size,
+        "source_mtime_ns": source.mtime_ns,
+        "source_tail_sha256": hashlib.sha256(end).hexdigest(),
+    }
 
 
 def _reuse(
@@ -260,8 +277,8 @@ def stage_dump(
     ``staging_dir``. ``index_uid`` picks the index of a ``.dump``; it may be omitted when
     the dump holds exactly one. ``pick_index`` says the caller asked for that index
     explicitly, so a dump that holds no index (NDJSON, gzip'd or not) is refused rather than
-    the choice ignored. A complete staged copy of the same source (same size and mtime) is
-    reused rather than rebuilt.
+    the choice ignored. A complete staged copy of the same source (same size, mtime and last
+    64 KiB) is reused rather than rebuilt.
     """
     source = resolve_dump(uri, allowed_roots)
     kind = _sniff(source)
@@ -276,9 +293,9 @@ def stage_dump(
         return StagedDump(source, None, None, uri, kind="ndjson", index_uid=index_uid)
 
     staging = _StagingDir.open(staging_dir)
-    final = staging.join(_staged_name(source, index_uid))
-    marker = final + ".complete"
     stamp = _source_stamp(source)
+    final = staging.join(_staged_name(source, stamp, index_uid))
+    marker = final + ".complete"
     recorded = _reuse(staging, final, marker, stamp, index_uid)
     if recorded is None:
         staging.remove_quietly(marker)

@@ -404,6 +404,27 @@ def test_gzip_staging_round_trip_and_reuse(tmp_path: Path) -> None:
     )
 
 
+def test_gzip_rewritten_with_the_same_size_and_mtime_is_staged_afresh(tmp_path: Path) -> None:
+    """A rewrite within the mtime's resolution, to the same size, is still another dump: its
+    gzip trailer (CRC-32) differs, and the staged copy of the first must not be reused."""
+    src = tmp_path / "docs.jsonl.gz"
+    first_docs = DOCS[:3000]
+    second_docs = first_docs.replace(b'"id"', b'"ID"', 1)
+    assert len(second_docs) == len(first_docs)
+    # Stored (level 0) gzip: the same length in, the same length out.
+    first_gz, second_gz = (gzip.compress(d, compresslevel=0, mtime=0) for d in (first_docs, second_docs))
+    assert len(first_gz) == len(second_gz)
+    src.write_bytes(first_gz)
+    stamp = src.stat()
+    first = stage_dump(str(src), str(tmp_path / "staging"), None)
+    src.write_bytes(second_gz)
+    os.utime(src, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    second = stage_dump(str(src), str(tmp_path / "staging"), None)
+    assert not second.reused
+    assert Path(second.ref.path).read_bytes() == second_docs
+    assert Path(first.ref.path).read_bytes() == first_docs
+
+
 def test_gzip_staging_streams_in_bounded_memory(tmp_path: Path) -> None:
     line = b'{"id":"x","body":"' + b"z" * 200 + b'"}\n'
     src = tmp_path / "big.jsonl.gz"
