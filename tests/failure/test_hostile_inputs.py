@@ -40,6 +40,7 @@ from miroir_pipeline.jobs.dump_import import (
     process_dump_chunk,
 )
 from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetterMissing
+from miroir_pipeline.jobs.dump_import.params import is_invalid_document_error
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import JobState, JobStore
@@ -682,3 +683,33 @@ def test_symlink_put_on_a_planned_dump_path_is_not_followed_out_of_the_roots(tmp
         assert all(not held for held in actual_placement(targets, "roots").values())
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_bad_line_in_a_gzip_dump_is_placed_in_the_decompressed_documents(env: dict[str, Any], policy: str) -> None:
+    """Lines and offsets of a gzip'd dump are counted in its decompressed documents: the error
+    and the dead letter say so and name the staged copy, where the offset is exact."""
+    root, store = env["root"], env["store"]
+    bad = b'{"id": "broken",'
+    docs = make_docs(40, seed=9)
+    lines = [orjson.dumps(d) for d in docs]
+    lines.insert(20, bad)
+    plain = b"\n".join(lines) + b"\n"
+    dump = root / "hostile.jsonl.gz"
+    dump.write_bytes(gzip.compress(plain))
+    offset = plain.index(bad)
+    settings = _settings(root, on_invalid_document=policy)
+    plan = plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid="gz", primary_key="id"), env["topo"], env["targets"], settings)
+    assert Path(plan.data_uri).read_bytes()[offset:].startswith(bad)
+    lease = store.claim(["dump_import"], "w", 30)
+    if policy == "fail":
+        with pytest.raises(InvalidDocumentError) as refused:
+            process_dump_chunk(store, lease, env["targets"], settings)
+        message = str(refused.value)
+        assert f"{dump} (decompressed, as staged in {plan.data_uri}): line 21, byte offset {offset}: " in message
+        assert is_invalid_document_error(store.get(lease.job_id).error)
+    else:
+        process_dump_chunk(store, lease, env["targets"], settings)
+        [record] = [orjson.loads(x) for f in (root / "dlq" / plan.parent.id).glob("*.ndjson") for x in f.read_bytes().splitlines()]
+        assert record["dump"] == str(dump) and record["staged_as"] == plan.data_uri
+        assert record["line"] == 21 and record["byte_offset"] == offset

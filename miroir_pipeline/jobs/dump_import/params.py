@@ -51,6 +51,9 @@ class DumpChunkParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source_uri: str
+    #: What ``source_uri`` is: anything but ``ndjson`` was staged, so ``data_uri`` (where lines
+    #: and byte offsets are counted) is its decompressed documents, not the file itself.
+    source_kind: Literal["ndjson", "gzip", "meilisearch_dump"] = "ndjson"
     data_uri: str
     #: Size of ``data_uri`` when planned: a worker refuses another file put under that name
     #: since (``None`` in chunks planned before it was recorded).

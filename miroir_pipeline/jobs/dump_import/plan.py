@@ -108,6 +108,7 @@ def plan_dump_import(
             chunk_index=i,
             params=DumpChunkParams(
                 source_uri=request.uri,
+                source_kind=staged.kind,
                 data_uri=ref.uri,
                 data_size=ref.size,
                 start=r.start,

@@ -176,9 +176,9 @@ class _RefusedByNodes:
         self, doc: bytes, node: str, refused: RefusedDocument, line_no: int, offset: int, start: int, end: int
     ) -> None:
         where = (
-            f"{self.params.source_uri}: line {line_no}, byte offset {offset}"
+            f"{_where(self.params)}: line {line_no}, byte offset {offset}"
             if line_no
-            else f"{self.params.source_uri}: a line between byte offsets {start} and {end}"
+            else f"{_where(self.params)}: a line between byte offsets {start} and {end}"
         )
         if self.dead is None:
             raise InvalidDocumentError(
@@ -188,7 +188,7 @@ class _RefusedByNodes:
             )
         self.dead.write(
             {
-                "dump": self.params.source_uri,
+                **_dead_letter_source(self.params),
                 "line": line_no,
                 "byte_offset": offset,
                 "reason": f"node {node} refused the document: {refused.message}",
@@ -368,6 +368,22 @@ class _LineCounter:
             self._known = (block_end, self._known[1] + newlines)
 
 
+def _where(params: DumpChunkParams) -> str:
+    """The dump as an error names it; a staged one says its lines are counted in the staged copy."""
+    if params.source_kind == "gzip":
+        return f"{params.source_uri} (decompressed, as staged in {params.data_uri})"
+    if params.source_kind == "meilisearch_dump":
+        return f"{params.source_uri} (the index's documents.jsonl, as staged in {params.data_uri})"
+    return params.source_uri
+
+
+def _dead_letter_source(params: DumpChunkParams) -> dict[str, str]:
+    """Where a dead-lettered line is: the dump, and its staged copy when lines are counted there."""
+    if params.source_kind == "ndjson":
+        return {"dump": params.source_uri}
+    return {"dump": params.source_uri, "staged_as": params.data_uri}
+
+
 def _handle_invalid(
     params: DumpChunkParams,
     counter: _LineCounter,
@@ -379,7 +395,7 @@ def _handle_invalid(
     for bad in invalid:
         offset = block_pos + bad.offset_in_block
         line_no = counter.line_at(block_pos) + bad.line_in_block
-        where = f"{params.source_uri}: line {line_no}, byte offset {offset}"
+        where = f"{_where(params)}: line {line_no}, byte offset {offset}"
         if dead is None:
             raise InvalidDocumentError(
                 f"{where}: {bad.reason}. Fix the line, or rerun with --on-invalid skip "
@@ -387,7 +403,7 @@ def _handle_invalid(
             )
         dead.write(
             {
-                "dump": params.source_uri,
+                **_dead_letter_source(params),
                 "line": line_no,
                 "byte_offset": offset,
                 "reason": bad.reason,
