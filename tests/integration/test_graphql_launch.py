@@ -332,8 +332,10 @@ def test_a_finished_import_is_materialized_as_its_own_partition(services: Servic
     assert meta["invalid_documents"] == 0
     assert meta["bytes"] == planned.bytes_total and meta["mb_per_s"] >= 0.0
     assert meta["chunks"] == meta["chunks_completed"] == len(planned.chunk_ids)
-    # recorded once, by the sensor, keyed by the parent and its finish
+    # recorded once, by the sensor, keyed by the parent and its finish; the materialization is
+    # stored before the run itself ends, so wait for the run's own end
     (run,) = _report_runs(services, parent_id)
+    (run,) = services.wait_runs([run.run_id], "the report run to finish")
     assert run.status == dg.DagsterRunStatus.SUCCESS
     assert run.tags["dagster/run_key"] == report_key(services.store.get(parent_id))
     assert run.tags["dagster/run_key"].startswith(f"{parent_id}:completed:")
@@ -350,6 +352,7 @@ def test_a_cancelled_import_shows_as_failed(services: Services) -> None:
     assert parent_id not in services.statuses()["materializedPartitions"]
     assert services.parent_asset([parent_id])["assetMaterializations"] == []
     (run,) = _report_runs(services, parent_id)
+    (run,) = services.wait_runs([run.run_id], "the report run to finish")
     assert run.status == dg.DagsterRunStatus.FAILURE
     assert run.tags["dagster/run_key"].startswith(f"{parent_id}:failed:")
     (failure,) = services.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
