@@ -16,6 +16,7 @@ from miroir_pipeline.fleet.targets.base import NodeTarget
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.reshard_backfill import ReshardRefused, ReshardRequest, plan_reshard
+from miroir_pipeline.jobs.reshard_backfill.params import InvalidLiveDocument
 from miroir_pipeline.jobs.reshard_backfill.verification import verify_shadow
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import JobStore, open_store
@@ -129,3 +130,29 @@ def test_missing_meilisearch_index_is_refused(
         plan_reshard(store, ReshardRequest(index_uid=meili_index_uid, new_shards=8), topology, targets, SETTINGS)
     assert meili_index_uid in str(err.value) and "meili-0" in str(err.value)
     assert store.list_parents() == []
+
+
+def test_a_live_document_too_big_for_a_shadow_nodes_payload_limit_stops_the_chunk_naming_it(
+    store: JobStore, meili_fleet: MeiliFleet, meili_topology: MeiliTopology, meili_index_uid: str
+) -> None:
+    """The topology says the nodes take requests of at most 4,096 bytes; a live document that
+    cannot fit in one once retagged is refused for good before any request, naming it and the
+    node, instead of being sent to a node configured to refuse it."""
+    topology = meili_topology(meili_fleet(2), shards=8, replication_factor=1, groups=[[0, 1]], payload_limit_bytes=4096)
+    targets = open_targets(topology)
+    try:
+        uid = meili_index_uid
+        docs = make_docs(50, int_ids=False)
+        docs.append({"id": "big", "title": "x" * 4100})
+        load_live(topology, targets, uid, docs)  # each node takes far more than 4,096 bytes
+        planned = plan_reshard(store, ReshardRequest(index_uid=uid, new_shards=16), topology, targets, SETTINGS)
+        with pytest.raises(InvalidLiveDocument) as refused:
+            run_backfill(store, targets, targets)
+        message = str(refused.value)
+        assert "live document 'big'" in message and "4096-byte payload limit" in message, message
+        assert "payload_limit_bytes" in message
+        failed = [c for c in store.children(planned.parent.id) if c.state == JobState.FAILED]
+        assert len(failed) == 1 and failed[0].error is not None and "'big'" in failed[0].error
+    finally:
+        for t in targets.values():
+            t.close()

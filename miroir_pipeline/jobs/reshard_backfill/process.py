@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -113,7 +113,9 @@ def _run_chunk(
         node_targets,
         params.shadow_uid,
         params.primary_key,
-        _batches(params, reader, shadow_router, settings, shard, offset, read_node, report),
+        _batches(
+            params, reader, shadow_router, [t.payload_limit_bytes for t in node_targets], settings, shard, offset, read_node, report
+        ),
         shutdown,
         window_bytes=settings.window_bytes,
         on_commit=(lambda batch: on_batch(report, batch.position)) if on_batch is not None else None,
@@ -140,6 +142,7 @@ def _batches(
     params: ReshardChunkParams,
     reader: ShardReader,
     router: Router,
+    payload_limits: Sequence[int | None],
     settings: PipelineSettings,
     shard: int,
     offset: int,
@@ -147,7 +150,8 @@ def _batches(
     report: ReshardChunkReport,
 ) -> Iterator[Batch]:
     """Read and re-hash the range from ``shard:offset``; yield a batch whenever it fills (by
-    documents or bytes), then a final one at ``end:0``."""
+    documents or bytes), then a final one at ``end:0``. A document one of its shadow nodes cannot
+    take in one request (``payload_limits``) stops the chunk for good, naming it."""
     end = params.shard_end
     nodes = len(router.node_ids)
     page_size = max(1, min(READ_PAGE_DOCS, settings.batch_size))
@@ -190,6 +194,15 @@ def _batches(
         for raw in page:
             data, new_shard, pk = _rehash(raw, params, router, shard)
             for i in router.targets[new_shard]:
+                limit = payload_limits[i]
+                if limit is not None and len(data) + 1 > limit:
+                    raise InvalidLiveDocument(
+                        f"index {params.index_uid} shard {shard}: live document {pk!r} is {len(data)} "
+                        f"bytes with its new shard tag, more than shadow node {router.node_ids[i]}'s "
+                        f"{limit}-byte payload limit can carry (payload_limit_bytes in the topology). "
+                        "Raise the node's limit (and its --http-payload-size-limit) in the workers' "
+                        "topology, or shrink the document in the live index, then retry the chunk"
+                    )
                 lines[i].append(data)
                 keys[i].append(pk)
                 shards[i].append(new_shard)
