@@ -24,6 +24,7 @@ finished by then: a commit never covers documents a node had not acknowledged.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -79,6 +80,8 @@ MEMORY = 1024 * 1024
 BATCH_BYTES = 128 * 1024
 #: Tasks enqueued or processing on the slowest node that make a window "full".
 FULL = 8
+#: Documents of the task that holds a node's queue (a few seconds of indexing).
+BLOCKER_DOCS = 40_000
 #: Refused by a node once ``_geo`` is filterable; the router's pre-filters let it through.
 GEO_BAD = b'{"id":"geo_bad","_geo":{"lat":"north","lng":2}}'
 
@@ -159,15 +162,22 @@ def acknowledged(tasks: list[dict[str, Any]]) -> int:
     return sum(int(t["details"]["receivedDocuments"]) for t in tasks if t["status"] == "succeeded")
 
 
+@functools.lru_cache(maxsize=4)
+def blocker_body(documents: int) -> bytes:
+    """The blocker's NDJSON, built once: on a loaded box building it takes long enough for the
+    import to run on, so it is ready before the moment it must be enqueued."""
+    return b"".join(
+        orjson.dumps({"id": i, "text": f"blocker {i} " + "lorem ipsum dolor sit amet " * 8}) + b"\n"
+        for i in range(documents)
+    )
+
+
 def occupy(proc: MeiliProcess, documents: int, *, started: bool = True) -> int:
     """Enqueue one large addition to an index of its own on ``proc`` and return its task uid
     (with ``started``, once the node is processing it): tasks enqueued after it queue up
     behind it until it is done."""
     headers = {"Authorization": f"Bearer {proc.master_key}", "Content-Type": "application/x-ndjson"}
-    body = b"".join(
-        orjson.dumps({"id": i, "text": f"blocker {i} " + "lorem ipsum dolor sit amet " * 8}) + b"\n"
-        for i in range(documents)
-    )
+    body = blocker_body(documents)
     with httpx.Client(base_url=proc.url, headers=headers, timeout=30.0) as client:
         resp = client.post("/indexes/window_blocker/documents", params={"primaryKey": "id"}, content=body)
         resp.raise_for_status()
@@ -273,6 +283,8 @@ class WorkerImport:
         tasks queued behind it count: they stay unacknowledged for as long as it runs, however
         fast the node indexes small batches and however slowly the test's next step comes."""
         blocker: list[int] = []
+        if hold:
+            blocker_body(BLOCKER_DOCS)
 
         def full() -> bool:
             row = self.store.get(self.chunk)
@@ -281,7 +293,7 @@ class WorkerImport:
             if row.claimed_by != worker.name or int(row.progress.get("last_cursor", 0)) < self.size // 4:
                 return False
             if hold and not blocker:
-                blocker.append(occupy(self.procs[0], 40_000, started=False))
+                blocker.append(occupy(self.procs[0], BLOCKER_DOCS, started=False))
             window[:] = [u for u in queued(self.procs[0], self.uid) if not blocker or u > blocker[0]]
             return len(window) >= FULL
 
@@ -460,6 +472,7 @@ def test_node_sigkilled_with_a_full_window_keeps_its_tasks_and_the_import_rides_
             errors.append(exc)
 
     rider = threading.Thread(target=run, name="rider", daemon=True)
+    blocker_body(BLOCKER_DOCS)
     with CommitWatcher(dsn, chunk) as watcher:
         rider.start()
         window: list[int] = []
@@ -471,7 +484,7 @@ def test_node_sigkilled_with_a_full_window_keeps_its_tasks_and_the_import_rides_
             if int(store.get(chunk).progress.get("last_cursor", 0)) < size // 4:
                 return False
             if not blocker:  # the window queues up behind it (see wait_window_full)
-                blocker.append(occupy(victim, 40_000, started=False))
+                blocker.append(occupy(victim, BLOCKER_DOCS, started=False))
             window[:] = [u for u in queued(victim, uid) if u > blocker[0]]
             return len(window) >= FULL
 
@@ -566,7 +579,7 @@ def test_task_failing_mid_window_is_never_passed_by_the_cursor(
     lease = store.claim(["dump_import"], "w", settings.lease_ttl)
     assert lease is not None
 
-    occupy(nodes["meili-0"], 40_000)
+    occupy(nodes["meili-0"], BLOCKER_DOCS)
     with CommitWatcher(dsn, chunk) as watcher:
         if policy == "fail":
             with pytest.raises(InvalidDocumentError) as caught:
