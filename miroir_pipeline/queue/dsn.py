@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
     "ENV_DSN",
     "default_dsn",
     "redact_dsn",
+    "scrub_password",
     "split_schema",
     "sqlite_path_from_dsn",
     "validate_schema",
@@ -36,24 +38,45 @@ def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced by ``***``, safe to show in errors and logs."""
     if "://" not in dsn:
         return _KV_PASSWORD.sub(r"\1***", dsn)
+    scheme, rest = dsn.split("://", 1)
+    changed = False
+    # libpq reads the user info up to the first '@' before any '/', so a password may hold a
+    # raw '#' or '?' that a URL parser would take for the fragment or query: cut it the same way.
+    userinfo = re.match(r"[^@/]*@", rest)
+    if userinfo and ":" in userinfo.group():
+        rest = userinfo.group().split(":", 1)[0] + ":***@" + rest[userinfo.end() :]
+        changed = True
+    redacted = f"{scheme}://{rest}"
     try:
-        parts = urlsplit(dsn)
+        parts = urlsplit(redacted)
     except ValueError:
         return "<unparseable DSN>"
-    netloc, query, changed = parts.netloc, parts.query, False
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            netloc, changed = userinfo.split(":", 1)[0] + ":***@" + host, True
-    pairs = parse_qsl(query, keep_blank_values=True)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
     if any(k.lower() == "password" for k, _ in pairs):
         query = urlencode(
             [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
         )
+        redacted = urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
         changed = True
-    if not changed:
-        return dsn
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return redacted if changed else dsn
+
+
+def scrub_password(text: str, dsn: str) -> str:
+    """``text`` (a driver's error) with the DSN's password, as written and percent-decoded,
+    replaced by ``***``: libpq quotes the token it could not parse, password included."""
+    secrets: set[str] = set()
+    if "://" in dsn:
+        userinfo = re.match(r"[^@/]*@", dsn.split("://", 1)[1])
+        if userinfo and ":" in userinfo.group():
+            raw = userinfo.group()[:-1].split(":", 1)[1]
+            secrets.update({raw, unquote(raw)})
+        with contextlib.suppress(ValueError):
+            secrets.update(v for k, v in parse_qsl(urlsplit(dsn).query) if k.lower() == "password")
+    else:
+        secrets.update(m.group(2).strip("'") for m in _KV_PASSWORD.finditer(dsn))
+    for secret in sorted((x for x in secrets if x), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def sqlite_path_from_dsn(dsn: str) -> str:

@@ -35,7 +35,7 @@ from miroir_pipeline.queue.contract import (
     JobStoreError,
     WorkSignal,
 )
-from miroir_pipeline.queue.dsn import redact_dsn, validate_schema
+from miroir_pipeline.queue.dsn import redact_dsn, scrub_password, validate_schema
 from miroir_pipeline.queue.shutdown import Shutdown
 from miroir_pipeline.queue.sql_store import EncodedChunk, Row, SqlJobStore
 
@@ -93,12 +93,12 @@ class PostgresJobStore(SqlJobStore[Conn]):
         self._signals: list[_PostgresWorkSignal] = []
         self._signals_lock = threading.Lock()
         # Connect once up front: a wrong host or password fails here with libpq's reason
-        # (which never contains the password) instead of as a pool timeout later.
+        # instead of as a pool timeout later (scrubbed: libpq quotes a token it cannot parse).
         try:
             psycopg.connect(conninfo, connect_timeout=max(1, int(connect_timeout))).close()
         except psycopg.Error as exc:
             raise JobStoreError(
-                f"cannot connect to the jobs database {self._where}: {exc}".rstrip()
+                f"cannot connect to the jobs database {self._where}: {scrub_password(str(exc), conninfo)}".rstrip()
                 + " — check the host, port, user and password in the jobs DSN"
             ) from None
         self._pool: ConnectionPool[Conn] = ConnectionPool(

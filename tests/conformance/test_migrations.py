@@ -227,6 +227,19 @@ def test_bad_dsn_errors_never_show_the_password() -> None:
     assert redact_dsn("sqlite:///x.db") == "sqlite:///x.db"
 
 
+@pytest.mark.parametrize("password", ["S3cr#tPw", "S3cr?tPw", "S3cr%tPw", "a:b#c"])
+def test_passwords_libpq_takes_raw_are_redacted_and_scrubbed(password: str) -> None:
+    """libpq reads the user info up to the first '@' before any '/', so a password may hold a
+    raw '#', '?' or ':' that a URL parser takes for something else; and it quotes a token it
+    cannot parse (a raw '%') in its own error. Neither may reach a message."""
+    dsn = f"postgresql://miroir:{password}@127.0.0.1:1/jobs"
+    assert redact_dsn(dsn) == "postgresql://miroir:***@127.0.0.1:1/jobs"
+    with pytest.raises(JobStoreError) as err:
+        open_store(dsn, connect_timeout=1)
+    assert password not in str(err.value) and "S3cr" not in str(err.value)
+    assert "127.0.0.1:1/jobs" in str(err.value)
+
+
 # -- Postgres only -----------------------------------------------------------------------------
 
 
