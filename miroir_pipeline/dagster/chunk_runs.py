@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from miroir_pipeline.dagster.names import TAG_CLAIM_TOKEN, TAG_REIMPORT, TAG_WORKER_ID
+from miroir_pipeline.dagster.names import TAG_ATTEMPT, TAG_CLAIM_TOKEN, TAG_REIMPORT, TAG_WORKER_ID
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue.contract import JobNotClaimable, JobStore, Lease, LeaseLost
 from miroir_pipeline.queue.lease import acquire_chunk, default_worker_id
@@ -27,6 +27,9 @@ def lease_for_run(context: dg.AssetExecutionContext, store: JobStore, settings: 
             settings.lease_ttl,
             adopt_token=tags.get(TAG_CLAIM_TOKEN),
             reimport=tags.get(TAG_REIMPORT, "").lower() in ("1", "true", "yes"),
+            # The dispatch sensor's runs carry the attempt they were meant to be; only a run an
+            # operator launched retries a chunk that failed for good (or was cancelled) since.
+            retry_failed=TAG_ATTEMPT not in tags,
         )
     except JobNotClaimable as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None

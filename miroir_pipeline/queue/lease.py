@@ -171,14 +171,17 @@ def acquire_chunk(
     adopt_token: str | None = None,
     *,
     reimport: bool = False,
+    retry_failed: bool = True,
 ) -> Lease | None:
     """The lease to process ``chunk_id`` under; ``None`` when the chunk is already completed
     (a no-op) unless ``reimport`` asks to import it again from the start.
 
     With ``adopt_token`` (a worker claimed the row and handed it to this run) the claim is
-    adopted as is instead of claiming again. A run launched for a chunk that failed for good is
-    an operator's retry: the chunk is re-queued with a fresh attempt budget and resumes at its
-    cursor. Raises :class:`JobNotClaimable` naming the holder when another worker holds it.
+    adopted as is instead of claiming again. A run an operator launched (``retry_failed``) for a
+    chunk that failed for good is a retry: the chunk is re-queued with a fresh attempt budget and
+    resumes at its cursor. A run dispatched while the chunk was claimable is not: if the chunk
+    failed for good or was cancelled before it started, it does nothing. Raises
+    :class:`JobNotClaimable` naming the holder when another worker holds it.
     """
     job = store.get(chunk_id)
     if adopt_token:
@@ -195,6 +198,13 @@ def acquire_chunk(
             return None
         store.requeue(chunk_id, reset_progress=True)
     elif job.state == JobState.FAILED:
+        if not retry_failed:
+            raise JobNotClaimable(
+                f"chunk {chunk_id} failed for good or was cancelled after this run was dispatched "
+                f"({job.error or 'no error recorded'}); nothing was done. To retry it, launch its "
+                "partition from the Dagster UI",
+                job,
+            )
         store.requeue(chunk_id, reset_progress=False)
     return store.claim_by_id(chunk_id, worker_id, ttl)
 

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from miroir_pipeline.dagster import MiroirNames, miroir_definitions
+from miroir_pipeline.dagster.names import TAG_ATTEMPT
 from miroir_pipeline.dagster.worker_pool import Worker
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.fleet.topology import Topology
@@ -266,6 +267,31 @@ def test_ui_retry_of_a_failed_chunk_and_reimport_of_a_completed_one(env: dict[st
         meta = next(e for e in res.all_events if e.event_type_value == "ASSET_MATERIALIZATION").event_specific_data.materialization.metadata
         assert "noop" not in meta and int(meta["documents"].value) == len(docs)
         assert_exact_placement(expected_placement(docs, topo), actual_placement(targets, "fix"))
+
+
+def test_a_dispatched_run_starting_after_a_cancel_does_nothing(env: dict[str, Any]) -> None:
+    """The dispatch sensor launches a run while a chunk is claimable; if the import is cancelled
+    (or the chunk fails for good) before the run starts, the run must not take it as an
+    operator's retry: the cancel holds, the attempt budget is untouched."""
+    root: Path = env["root"]
+    topo = local_topology(root / "nodes")
+    targets = open_targets(topo)
+    settings = settings_for(root, chunk_size_bytes=8192)
+    dump = write_dump(root / "d.ndjson", make_docs(300))
+    plan = plan_dump_import(env["store"], DumpImportRequest(uri=str(dump), index_uid="c", primary_key="id"), topo, targets, settings)
+    chunk = plan.chunk_ids[0]
+    env["store"].cancel(plan.parent.id, "wrong index")
+    job = miroir_definitions().resolve_job_def(MiroirNames().chunk_job("dump_import"))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(MiroirNames().partitions("dump_import"), plan.chunk_ids)
+        res = job.execute_in_process(instance=instance, partition_key=chunk, tags={TAG_ATTEMPT: "1"}, raise_on_error=False)
+        assert not res.success
+        failure = next(e for e in res.all_events if e.event_type_value == "STEP_FAILURE")
+        assert "after this run was dispatched" in failure.step_failure_data.user_failure_data.description
+    row = env["store"].get(chunk)
+    assert row.state == JobState.FAILED and row.attempts == 0 and row.error is not None and "wrong index" in row.error
+    assert env["store"].get(plan.parent.id).state == JobState.FAILED
+    assert all(not held for held in actual_placement(targets, "c").values())
 
 
 def test_drain_hands_a_dump_chunk_back_at_its_cursor_and_it_resumes(env: dict[str, Any]) -> None:
