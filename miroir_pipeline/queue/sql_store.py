@@ -370,9 +370,11 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         # Where statements commit on their own (Postgres), the parent is checked after the
         # chunk's completion has committed, so sibling completions never queue on the parent
         # row: of two last chunks, whichever commits second sees both completed (READ
-        # COMMITTED: a fresh snapshot per statement); a crash between the two statements is
-        # repaired by complete_finished_parents. With one writer at a time (SQLite) both run
-        # in one transaction.
+        # COMMITTED: a fresh snapshot per statement). Only a completion that finds no
+        # unfinished sibling locks the parent and completes it (see complete_parent_if_done);
+        # a crash in between is repaired by complete_finished_parents. With one writer at a
+        # time (SQLite) the check runs in the chunk's own transaction.
+        last = False
         with self._statement() as conn:
             row = self._fenced(conn, "complete_chunk", lease, progress=encoded)
             updated = self._ts(row["updated_at"])
@@ -387,8 +389,12 @@ class SqlJobStore(JobStore, Generic[ConnT]):
                 finished_at=self._ts(row["finished_at"]),
                 updated_at=updated,
             )
-            if parent_id is not None:
+            if parent_id is not None and not self.row_locks:
                 self._rows(conn, "complete_parent_if_done", {"id": parent_id})
+            elif parent_id is not None:
+                last = not self._rows(conn, "unfinished_child", {"id": parent_id})
+        if last:
+            self.complete_finished_parents(parent_id)
         return job
 
     def fail(self, lease: Lease, error: str, *, retryable: bool = True) -> Job:
@@ -442,10 +448,22 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         return failed + max(requeued, 0)
 
     def complete_finished_parents(self, parent_id: str | None = None) -> int:
-        with self._write() as conn:
-            if parent_id is not None:
-                return len(self._rows(conn, "complete_parent_if_done", {"id": parent_id}))
-            return len(self._rows(conn, "complete_finished_parents"))
+        if not self.row_locks:  # one writer: nothing can change between check and update
+            with self._write() as conn:
+                if parent_id is not None:
+                    return len(self._rows(conn, "complete_parent_if_done", {"id": parent_id}))
+                return len(self._rows(conn, "complete_finished_parents"))
+        if parent_id is None:
+            with self._read() as conn:
+                candidates = [str(r["id"]) for r in self._rows(conn, "finished_parent_candidates")]
+        else:
+            candidates = [parent_id]
+        completed = 0
+        for candidate in candidates:  # a transaction each: a parent's lock is held briefly
+            with self._write() as conn:
+                self._lock_parent(conn, candidate)
+                completed += len(self._rows(conn, "complete_parent_if_done", {"id": candidate}))
+        return completed
 
     # -- observers / operators -------------------------------------------------------------
     def queue_depth(self, job_types: Sequence[str] = ()) -> dict[str, int]:

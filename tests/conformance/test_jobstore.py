@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from miroir_pipeline.queue import (
@@ -781,6 +782,86 @@ def test_requeue_reopens_finished_chunks_and_their_parent(store: JobStore) -> No
         store.requeue(lease.job_id)
     with pytest.raises(JobNotFound):
         store.requeue("no-such-chunk")
+
+
+def test_parent_stays_failed_until_its_last_failed_chunk_is_requeued(store: JobStore) -> None:
+    """Re-queueing one of two chunks that failed for good must not re-open the parent: nothing
+    would complete or fail it again while the other stays failed. The re-queued chunk runs all
+    the same; once the last failed one is re-queued, the parent is open and completes."""
+    parent, _ = make_parent(store, 3, max_attempts=1)
+    a, b = claim_one(store), claim_one(store)
+    store.fail(a, "boom A")
+    store.fail(b, "boom B")
+    store.complete(claim_one(store))
+    assert store.get(parent.id).state == JobState.FAILED
+
+    store.requeue(a.job_id)
+    assert store.get(parent.id).state == JobState.FAILED and store.get(parent.id).error is not None
+    store.complete(claim_one(store))
+    assert store.get(parent.id).state == JobState.FAILED, "B is still failed for good"
+    assert parent.id in {j.id for j in store.finished_parents()}
+
+    store.requeue(b.job_id)
+    assert store.get(parent.id).state == JobState.IN_PROGRESS
+    store.complete(claim_one(store))
+    assert store.get(parent.id).state == JobState.COMPLETED
+
+
+def _lock_waiters(dsn: str) -> int:
+    with psycopg.connect(dsn.split("?")[0]) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_requeue_racing_the_last_completion_never_completes_the_parent_over_it(
+    store: JobStore, open_jobs: Callable[..., JobStore], jobs_dsn: str
+) -> None:
+    """An operator re-queues completed chunk A while B, the last unfinished chunk, completes.
+    Whatever the order, the parent must not end completed with A queued again.
+
+    Fault stand-in: the requeue's transaction is held open (a pause after its statements,
+    parent locked) so that B's completion checks the parent meanwhile; the real window is the
+    few milliseconds between the requeue's statements and its commit."""
+    parent, _ = make_parent(store, 2)
+    a = claim_one(store)
+    store.complete(a)
+    b = claim_one(store)
+    operator = open_jobs()
+    paused = threading.Event()
+    proceed = threading.Event()
+    original = operator._rows  # type: ignore[attr-defined]
+
+    def pausing_rows(conn: Any, name: str, params: Any = None) -> Any:
+        rows = original(conn, name, params)
+        if name == "reopen_parent":
+            paused.set()
+            proceed.wait(10)
+        return rows
+
+    operator._rows = pausing_rows  # type: ignore[attr-defined]
+    requeue = threading.Thread(target=lambda: operator.requeue(a.job_id, reset_progress=True))
+    requeue.start()
+    try:
+        assert paused.wait(10), "the requeue never reached its parent update"
+        completing = threading.Thread(target=lambda: store.complete(b))
+        completing.start()
+        if jobs_dsn.startswith("postgres"):  # until B's completion waits for the parent's lock
+            deadline = time.monotonic() + 10
+            while not _lock_waiters(jobs_dsn):
+                assert time.monotonic() < deadline, "the completion never waited for the parent"
+                time.sleep(0.01)
+        # (SQLite has one writer: the completion waits for the requeue's whole transaction.)
+    finally:
+        proceed.set()
+        requeue.join(10)
+    completing.join(10)
+    assert not completing.is_alive() and not requeue.is_alive()
+    assert store.get(a.job_id).state == JobState.QUEUED
+    assert store.get(parent.id).state == JobState.IN_PROGRESS, "completed with a chunk queued"
+    store.complete(claim_one(store))
+    assert store.get(parent.id).state == JobState.COMPLETED
 
 
 def test_claimable_peeks_in_claim_order_without_leasing(store: JobStore) -> None:

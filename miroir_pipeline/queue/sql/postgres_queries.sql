@@ -128,11 +128,23 @@ SET state = 'completed',
 WHERE id = %(id)s AND state = 'in_progress' AND claim_token = %(token)s
 RETURNING progress, finished_at, updated_at;
 
--- complete_parent_if_done --
+-- unfinished_child --
 -- Why: run right after a chunk's completion commits, in its own statement, so the parent row
--- is never held across a chunk's transaction. Of two last chunks completing at once, the one
--- that commits second sees no unfinished sibling (READ COMMITTED: a fresh snapshot per
--- statement); the other blocks on the parent's row lock, then re-checks p.state and skips.
+-- is never held across a chunk's transaction: any unfinished sibling (READ COMMITTED: a fresh
+-- snapshot, so of two last chunks the one that commits second sees none) means this was not
+-- the last, and nothing is locked. Only when none is left does the completion take the
+-- parent's lock and run complete_parent_if_done. Same LIMIT 1 walk as below.
+SELECT c.id FROM jobs AS c
+WHERE c.parent_job_id = %(id)s AND c.state <> 'completed'
+LIMIT 1;
+
+-- complete_parent_if_done --
+-- Why: run with the parent's row lock already held (lock_job, earlier in the transaction), so
+-- its snapshot is taken after whatever held the lock committed. Checked under the lock taken in
+-- the same statement instead, a snapshot taken before a requeue committed would still see the
+-- re-queued chunk completed: the requeue only locks an in-progress parent, and a row that was
+-- locked but not changed is not re-checked, so the parent would complete with a chunk queued.
+-- Of two last chunks completing at once, the second to get the lock sees p.state completed.
 -- The check is a LIMIT 1 subquery, not NOT EXISTS, so the planner walks
 -- jobs_unfinished_children_idx with a plain index scan and stops at the first unfinished
 -- sibling. A completed chunk's entry stays in that partial index until VACUUM; a plain scan
@@ -149,20 +161,21 @@ WHERE p.id = %(id)s
        LIMIT 1) IS NULL
 RETURNING *;
 
--- complete_finished_parents --
+-- finished_parent_candidates --
 -- Why: the repair sweep for a worker that died between committing its parent's last chunk and
--- running complete_parent_if_done. Only split parents (total_chunks set) qualify, and only
--- through the partial index of unfinished children (the same LIMIT 1 check as
--- complete_parent_if_done, for the same reason), so the sweep stays cheap.
-UPDATE jobs AS p
-SET state = 'completed', finished_at = now(), updated_at = now()
+-- completing the parent. Only split parents (total_chunks set) qualify, and only through the
+-- partial index of unfinished children (the same LIMIT 1 check as complete_parent_if_done, for
+-- the same reason), so the sweep stays cheap. Nothing is locked: each candidate is then locked
+-- and checked again by complete_parent_if_done, which a requeue racing the sweep cannot fool.
+SELECT p.id
+FROM jobs AS p
 WHERE p.kind = 'parent'
   AND p.state = 'in_progress'
   AND p.total_chunks IS NOT NULL
   AND (SELECT c.id FROM jobs AS c
        WHERE c.parent_job_id = p.id AND c.state <> 'completed'
        LIMIT 1) IS NULL
-RETURNING *;
+ORDER BY p.id;
 
 -- fail_chunk --
 -- Why: fenced; one statement decides retry (queued, lease cleared, not claimable before the
@@ -375,13 +388,16 @@ RETURNING *;
 
 -- reopen_parent --
 -- Why: a parent whose chunk is re-queued is unfinished again; it completes or fails anew with
--- its children (same transaction as requeue_chunk).
+-- its children (same transaction as requeue_chunk). Not while another child is still failed
+-- for good: nothing would ever complete or fail the parent again, so it stays failed until
+-- its last failed chunk is re-queued too (re-queued chunks run meanwhile all the same).
 UPDATE jobs
 SET state = 'in_progress',
     error = NULL,
     finished_at = NULL,
     updated_at = now()
 WHERE id = %(id)s AND state IN ('completed', 'failed')
+  AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_job_id = %(id)s AND c.state = 'failed')
 RETURNING *;
 
 -- claimable_chunks --

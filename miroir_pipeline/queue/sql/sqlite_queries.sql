@@ -336,13 +336,16 @@ RETURNING *;
 
 -- reopen_parent --
 -- Why: a parent whose chunk is re-queued is unfinished again; it completes or fails anew with
--- its children (same transaction as requeue_chunk).
+-- its children (same transaction as requeue_chunk). Not while another child is still failed
+-- for good: nothing would ever complete or fail the parent again, so it stays failed until
+-- its last failed chunk is re-queued too (re-queued chunks run meanwhile all the same).
 UPDATE jobs
 SET state = 'in_progress',
     error = NULL,
     finished_at = NULL,
     updated_at = (julianday('now') - 2440587.5) * 86400.0
 WHERE id = :id AND state IN ('completed', 'failed')
+  AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_job_id = :id AND c.state = 'failed')
 RETURNING *;
 
 -- claimable_chunks --
