@@ -134,6 +134,10 @@ def run_under_lease(
     try:
         result = body(keeper)
         keeper.check()
+        # No renewal after this point: one landing after the completion would be refused and
+        # counted as a lease loss of a chunk that completed. Completion is fenced by the token.
+        keeper.stop()
+        keeper.check()
         store.complete(keeper.lease, None)
         return result
     except (LeaseLost, ChunkHandedBack):

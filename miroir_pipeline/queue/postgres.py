@@ -136,8 +136,15 @@ class PostgresJobStore(SqlJobStore[Conn]):
             yield conn
 
     def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Conn]:
-        """A lone read needs no transaction; several that must agree run in one."""
-        return self._write() if snapshot else self._statement()
+        """A lone read needs no transaction; several that must agree share one snapshot."""
+        return self._snapshot() if snapshot else self._statement()
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Conn]:
+        """A read-only transaction on one snapshot (READ COMMITTED takes one per statement)."""
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(self._q["begin_snapshot"])
+            yield conn
 
     # -- dialect hooks ---------------------------------------------------------------------
     def _ts(self, value: datetime | None) -> datetime | None:

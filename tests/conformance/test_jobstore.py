@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from miroir_pipeline import metrics
 from miroir_pipeline.queue import (
     Job,
     JobKind,
@@ -36,6 +37,7 @@ from miroir_pipeline.queue import (
     open_store,
 )
 from miroir_pipeline.queue.contract import chunk_id
+from miroir_pipeline.queue.lease import run_under_lease
 
 DUMP = "dump_import"
 RESHARD = "reshard_backfill"
@@ -862,6 +864,69 @@ def test_a_requeue_racing_the_last_completion_never_completes_the_parent_over_it
     assert store.get(parent.id).state == JobState.IN_PROGRESS, "completed with a chunk queued"
     store.complete(claim_one(store))
     assert store.get(parent.id).state == JobState.COMPLETED
+
+
+def test_a_parent_summary_reads_the_parent_and_its_chunks_at_one_moment(store: JobStore) -> None:
+    """The last chunk completes (and with it the parent) between the summary's read of the
+    parent row and its read of the chunks: both must come from the same moment."""
+    parent, _ = make_parent(store, 2)
+    store.complete(claim_one(store))
+    last = claim_one(store)
+    original = store._rows  # type: ignore[attr-defined]
+
+    def completing_in_between(conn: Any, name: str, params: Any = None) -> Any:
+        if name == "children_states" and threading.current_thread().name == "summary":
+            done = threading.Thread(target=lambda: store.complete(last))
+            done.start()
+            done.join(10)
+        return original(conn, name, params)
+
+    store._rows = completing_in_between  # type: ignore[attr-defined]
+    seen: list[Any] = []
+    reader = threading.Thread(target=lambda: seen.append(store.parent_summary(parent.id)), name="summary")
+    reader.start()
+    reader.join(20)
+    [summary] = seen
+    assert store.get(parent.id).state == JobState.COMPLETED
+    completed = summary.chunks_by_state.get(JobState.COMPLETED, 0)
+    assert (summary.parent.state, completed) in ((JobState.IN_PROGRESS, 1), (JobState.COMPLETED, 2)), (
+        summary.parent.state,
+        summary.chunks_by_state,
+    )
+
+
+def test_a_completed_chunk_is_never_counted_as_a_lost_lease(store: JobStore) -> None:
+    """The heartbeat is stopped before the completion: a renewal landing after it would be
+    refused and counted (and logged) as a lease loss of a chunk that completed.
+
+    Fault stand-in: the store's completion waits (up to 1 s) for a renewal to follow it, so a
+    heartbeat still running is sure to renew after the chunk completed."""
+    make_parent(store, 1)
+    lease = claim_one(store, ttl=3.0)
+    renewed_after = threading.Event()
+    completed = threading.Event()
+    real_renew, real_complete = store.renew, store.complete
+
+    def renew(lease: Lease, ttl: float) -> Lease:
+        try:
+            return real_renew(lease, ttl)
+        finally:
+            if completed.is_set():
+                renewed_after.set()
+
+    def complete(lease: Lease, progress: Any = None) -> Job:
+        job = real_complete(lease, progress)
+        completed.set()
+        renewed_after.wait(1.0)
+        return job
+
+    store.renew, store.complete = renew, complete  # type: ignore[method-assign]
+    losses = metrics.CHUNK_LEASE_LOSSES.labels(job_type=DUMP)
+    before = losses._value.get()
+    run_under_lease(store, lease, lambda keeper: None, ttl=3.0, heartbeat_interval=0.01)
+    assert store.get(lease.job_id).state == JobState.COMPLETED
+    assert not renewed_after.is_set(), "the heartbeat renewed a completed chunk's lease"
+    assert losses._value.get() == before
 
 
 def test_claimable_peeks_in_claim_order_without_leasing(store: JobStore) -> None:

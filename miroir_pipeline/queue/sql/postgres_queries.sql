@@ -14,6 +14,12 @@ RETURNING *;
 -- get_job --
 SELECT * FROM jobs WHERE id = %(id)s;
 
+-- begin_snapshot --
+-- Why: a parent's summary reads the parent row and then its chunks; under READ COMMITTED each
+-- statement sees a newer snapshot, so the two could disagree (a completed parent whose chunks
+-- are not all completed yet). The first statement of the reading transaction pins one.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
 -- lock_job --
 -- Why: take the parent's row lock before touching its chunks (split, complete, fail, cancel),
 -- so that "was this the last unfinished child?" is answered after every sibling committed.
