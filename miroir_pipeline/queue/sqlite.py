@@ -73,7 +73,7 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
         super().__init__(retry_backoff_base=retry_backoff_base, retry_backoff_cap=retry_backoff_cap)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a finished thread's connection may be dropped while held
         self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +87,9 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
             raise JobStoreError(f"the job store {self.path} is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn  # (after a fork the child opens its own connection)
+        held: _ThreadConnection | None = getattr(self._local, "held", None)
+        if held is not None and held.pid == os.getpid():
+            return held.conn  # (after a fork the child opens its own connection)
         try:
             conn = sqlite3.connect(
                 self.path,
@@ -106,8 +106,7 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
         conn.execute("PRAGMA foreign_keys = ON")
         with self._lock:
             self._connections.append(conn)
-        self._local.conn = conn
-        self._local.pid = os.getpid()
+        self._local.held = _ThreadConnection(conn, self._connections, self._lock)
         return conn
 
     @contextmanager
@@ -194,6 +193,28 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+
+
+class _ThreadConnection:
+    """One thread's connection, closed when the thread ends (its thread-local data goes with
+    it): a worker starts a heartbeat thread per chunk, and each would otherwise keep a
+    connection (two file descriptors) until the store is closed."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, registry: list[sqlite3.Connection], lock: threading.RLock
+    ) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+        self._registry = registry
+        self._lock = lock
+
+    def __del__(self) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked child never touches its parent's connection
+        with self._lock:
+            if self.conn in self._registry:
+                self._registry.remove(self.conn)
+        self.conn.close()
 
 
 class _SqliteWorkSignal(WorkSignal):

@@ -7,9 +7,11 @@ processes (``spawn``), each process opening its own store from the DSN.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import multiprocessing
+import os
 import random
 import threading
 import time
@@ -927,6 +929,24 @@ def test_a_completed_chunk_is_never_counted_as_a_lost_lease(store: JobStore) -> 
     assert store.get(lease.job_id).state == JobState.COMPLETED
     assert not renewed_after.is_set(), "the heartbeat renewed a completed chunk's lease"
     assert losses._value.get() == before
+
+
+def test_threads_that_come_and_go_do_not_leave_connections_behind(store: JobStore) -> None:
+    """A worker runs each chunk's heartbeat in a thread of its own: a connection (and its file
+    descriptors) per finished thread would pile up until the process hits its limit."""
+    make_parent(store, 1)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    store.get(claim_one(store).job_id)  # this thread's connection (and the pool's) exist
+    before = fds()
+    for _ in range(60):
+        reader = threading.Thread(target=lambda: store.queue_depth([DUMP]))
+        reader.start()
+        reader.join(10)
+    gc.collect()
+    assert fds() - before < 10, f"{fds() - before} descriptors more after 60 short-lived threads"
 
 
 def test_claimable_peeks_in_claim_order_without_leasing(store: JobStore) -> None:
