@@ -36,10 +36,9 @@ def tag(line: bytes, shard: int, prefix: bytes, *, carries_tag: bool) -> bytes:
 def retag(raw: bytes, shard: int) -> bytes:
     """A stored document with its tag set to ``shard``: only the prefix is rewritten when the
     pipeline wrote it (it starts with :data:`TAG_START`); anything else is decoded once."""
-    if raw.startswith(TAG_START):
-        comma = raw.find(b",", len(TAG_START))
-        if comma > 0:
-            return b"%s%d%s" % (TAG_START, shard, raw[comma:])
+    comma = _tag_end(raw)
+    if comma > 0:
+        return b"%s%d%s" % (TAG_START, shard, raw[comma:])
     doc = orjson.loads(raw)
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
@@ -50,8 +49,18 @@ def retag(raw: bytes, shard: int) -> bytes:
 def untag(doc: bytes) -> bytes:
     """The document as it was before :func:`tag` spliced the prefix in (a document whose old tag
     was replaced, decoded and re-encoded, is returned as it is)."""
-    if doc.startswith(TAG_START):
-        comma = doc.find(b",", len(TAG_START))
-        if comma > 0:
-            return b"{" + doc[comma + 1 :]
+    comma = _tag_end(doc)
+    if comma > 0:
+        return b"{" + doc[comma + 1 :]
     return doc
+
+
+def _tag_end(doc: bytes) -> int:
+    """Where the integer tag :func:`tag` spliced in ends (its comma), or -1 when ``doc`` does not
+    start with one: a tag that is a string, array or object may hold a comma of its own, so
+    only digits are cut without decoding."""
+    if not doc.startswith(TAG_START):
+        return -1
+    comma = doc.find(b",", len(TAG_START))
+    digits = doc[len(TAG_START) : comma]
+    return comma if comma > len(TAG_START) and digits.isdigit() and digits.isascii() else -1

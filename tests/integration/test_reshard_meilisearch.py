@@ -121,6 +121,13 @@ def test_meilisearch_check_fails_naming_deleted_altered_and_misplaced_keys(
     assert (r.missing, r.altered, r.misplaced, r.extra) == ([deleted], [altered], [misplaced], [])
     assert stranger in r.misplaced_detail[0]
 
+    # A tag Python equates with the shard (true == 1) that a `_miroir_shard = 1` filter misses.
+    boolean = next(d for d in docs[10:] if shard_for_key(d["id"], 6) == 1)
+    home, _ = home_and_stranger(boolean["id"])
+    targets[home].write_documents(shadow, "id", orjson.dumps({**boolean, SHARD_FIELD: True}) + b"\n", 1)
+    r = verify()
+    assert sorted(r.misplaced) == sorted([misplaced, boolean["id"]]) and r.altered == [altered]
+
 
 def test_missing_meilisearch_index_is_refused(
     store: JobStore, fleet: tuple[Topology, dict[str, NodeTarget]], meili_index_uid: str

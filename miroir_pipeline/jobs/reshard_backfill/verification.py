@@ -176,7 +176,8 @@ def verify_shadow(
             seen[pk] = seen.get(pk, 0) | (1 << bit)
             tagged = doc.get(SHARD_FIELD)
             want = shadow_router.shard(pk.encode("utf-8"))
-            if tagged != want and pk not in misplaced:
+            # bool is an int in Python, and 1.0 == 1: neither is what a shard filter matches
+            if (type(tagged) is not int or tagged != want) and pk not in misplaced:
                 misplaced[pk] = f"{pk}: {SHARD_FIELD} is {tagged!r} on {node_id}, expected {want}"
             live_hash = live.get(pk)
             if live_hash is not None and content_hash(doc) != live_hash:
