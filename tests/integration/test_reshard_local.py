@@ -19,6 +19,7 @@ import orjson
 import pytest
 import yaml
 
+import miroir_pipeline.jobs.reshard_backfill.process as process_module
 from miroir_pipeline.fleet.routing import SHARD_FIELD, shard_for_key, write_targets
 from miroir_pipeline.fleet.targets.base import NodeTarget
 from miroir_pipeline.fleet.targets.factory import open_targets
@@ -220,6 +221,48 @@ shadow = open_targets(Topology.parse(p.shadow_topology))
 # Throttle only: each committed batch is followed by a pause, so the kill lands mid-range.
 process_reshard_chunk(store, lease, live, shadow, settings, on_batch=lambda report, cursor: time.sleep(0.05))
 """
+
+
+@pytest.mark.parametrize(("groups", "rf", "pad"), [([["a0", "a1"], ["b0", "b1"]], 2, 250), ([["a0"]], 1, 20_000)], ids=["4-copies", "large-docs"])
+def test_batches_stay_within_their_byte_budget(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+    groups: list[list[str]],
+    rf: int,
+    pad: int,
+) -> None:
+    """A batch holds every copy of its documents (one per replica group and replica) until the
+    nodes acknowledge them, and a page of large documents alone can outgrow the budget: a
+    batch is cut within one document of it, copies counted. (The chunk pipeline is spied on
+    to see the batches; it runs unchanged.)"""
+    topo = local_topology(tmp_path / "nodes", 4, groups, rf=rf)
+    live = opened(topo)
+    docs = [{"id": f"doc-{i:06d}", "title": f"t{i}", "pad": "x" * pad} for i in range(4000 if pad < 1000 else 300)]
+    load_live(topo, live, "books", docs)
+    settings = PipelineSettings(allowed_roots=["/"], memory_buffer_bytes=256 * 1024)
+    seen: list[tuple[int, int]] = []
+    real = process_module.run_batches
+
+    def spy(*args: Any, **kw: Any) -> None:
+        store_, keeper, targets, uid, pk, batches, shutdown = args
+
+        def watched() -> Iterator[Any]:
+            for b in batches:
+                seen.append((b.nbytes, max((len(line) for lines in b.lines for line in lines), default=0)))
+                yield b
+
+        real(store_, keeper, targets, uid, pk, watched(), shutdown, **kw)
+
+    monkeypatch.setattr(process_module, "run_batches", spy)
+    planned = plan_reshard(store, ReshardRequest(index_uid="books", new_shards=8, shards_per_chunk=4), topo, live, settings)
+    run_backfill(store, live, live, settings)
+    copies = len(groups) * rf
+    assert seen and all(size < settings.effective_batch_bytes + copies * longest for size, longest in seen), (
+        settings.effective_batch_bytes, max(seen)
+    )
+    assert_exact_placement(planned.shadow_topology, live, planned.shadow_uid, docs)
 
 
 def test_killed_worker_resumes_at_its_shard_offset_cursor(

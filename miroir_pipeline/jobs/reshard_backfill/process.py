@@ -191,7 +191,7 @@ def _batches(
     while shard < end:
         page, offset = reader.read(shard, offset, page_size, read_node)
         read_node = reader.node
-        for raw in page:
+        for at, raw in enumerate(page, start=1):
             data, new_shard, pk = _rehash(raw, params, router, shard)
             for i in router.targets[new_shard]:
                 limit = payload_limits[i]
@@ -207,7 +207,11 @@ def _batches(
                 keys[i].append(pk)
                 shards[i].append(new_shard)
             docs += 1
-            nbytes += len(data)
+            # Every copy is held until its node acknowledges it, so every copy counts; checked
+            # per document, as a page of large documents alone can exceed the budget.
+            nbytes += len(data) * len(router.targets[new_shard])
+            if (docs >= settings.batch_size or nbytes >= settings.effective_batch_bytes) and at < len(page):
+                yield batch(shard, offset + at)
         offset += len(page)
         if len(page) < page_size:
             shard, offset, read_node = shard + 1, 0, None
