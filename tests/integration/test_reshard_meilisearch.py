@@ -163,3 +163,37 @@ def test_a_live_document_too_big_for_a_shadow_nodes_payload_limit_stops_the_chun
     finally:
         for t in targets.values():
             t.close()
+
+
+def test_user_provided_vectors_are_carried_to_the_shadow(
+    store: JobStore, meili_fleet: MeiliFleet, meili_topology: MeiliTopology, meili_index_uid: str
+) -> None:
+    """Meilisearch leaves ``_vectors`` out of fetched documents unless asked: a reshard must
+    carry user-provided embeddings over (the shadow refuses documents without them), and
+    verification must compare them."""
+    topology = meili_topology(meili_fleet(2), shards=4, replication_factor=1, groups=[[0, 1]])
+    targets = open_targets(topology)
+    try:
+        uid = meili_index_uid
+        embedders = {"manual": {"source": "userProvided", "dimensions": 3}}
+        docs = [{"id": f"d{i}", "title": f"t{i}", "_vectors": {"manual": [i / 64, 0.5, 0.25]}} for i in range(40)]
+        for t in targets.values():
+            t.ensure_index(uid, "id", {"embedders": embedders})
+        for doc in docs:
+            shard = shard_for_key(doc["id"], 4)
+            for node_id in write_targets(shard, topology):
+                targets[node_id].write_documents(uid, "id", orjson.dumps({SHARD_FIELD: shard, **doc}) + b"\n", 1)
+        planned = plan_reshard(store, ReshardRequest(index_uid=uid, new_shards=8), topology, targets, SETTINGS)
+        reports = run_backfill(store, targets, targets)
+        assert sum(r.documents for r in reports) == len(docs)
+        vectors = {}
+        for t in targets.values():
+            for raw in t.iter_documents(planned.shadow_uid):
+                doc = orjson.loads(raw)
+                vectors[doc["id"]] = doc["_vectors"]["manual"]["embeddings"][0]
+        assert vectors.keys() == {d["id"] for d in docs}
+        assert all(vectors[d["id"]] == pytest.approx(d["_vectors"]["manual"]) for d in docs)
+        assert verify_shadow(topology, targets, planned.shadow_topology, targets, uid, planned.shadow_uid, "id").passed
+    finally:
+        for t in targets.values():
+            t.close()

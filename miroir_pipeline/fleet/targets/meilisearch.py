@@ -646,6 +646,12 @@ class MeilisearchNode(NodeTarget):
         return settings
 
     def _fetch(self, index_uid: str, body: dict[str, Any], what: str) -> _Page:
+        """A page of whole documents: ``_vectors`` included when the index has embedders (left
+        out by default), so a reshard carries user-provided embeddings over and verification
+        compares them. Asked per page, as embedders may be added at any time; without any,
+        Meilisearch would add an empty ``_vectors`` to every document."""
+        if self._has_embedders(index_uid):
+            body = {**body, "retrieveVectors": True}
         resp = self._request(
             "POST",
             f"{self._index_path(index_uid)}/documents/fetch",
@@ -654,6 +660,15 @@ class MeilisearchNode(NodeTarget):
             json=body,
         )
         return msgspec.json.decode(resp.content, type=_Page)
+
+    def _has_embedders(self, index_uid: str) -> bool:
+        embedders = self._json(
+            "GET",
+            f"{self._index_path(index_uid)}/settings/embedders",
+            what="reading embedders",
+            index_uid=index_uid,
+        )
+        return bool(embedders)
 
     def fetch_shard(self, index_uid: str, shard: int, offset: int, limit: int) -> list[bytes]:
         page = self._fetch(
