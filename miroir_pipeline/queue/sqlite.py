@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,8 +208,9 @@ class _ThreadConnection:
         self._registry = registry
         self._lock = lock
 
-    def __del__(self) -> None:
-        if os.getpid() != self.pid:
+    def __del__(self, _getpid: Callable[[], int] = os.getpid) -> None:
+        # (bound at definition: at interpreter exit the module's globals may be gone already)
+        if _getpid() != self.pid:
             return  # a forked child never touches its parent's connection
         with self._lock:
             if self.conn in self._registry:
