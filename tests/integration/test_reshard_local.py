@@ -27,6 +27,7 @@ from miroir_pipeline.fleet.topology import Group, Node, Topology
 from miroir_pipeline.jobs.reshard_backfill import (
     PlannedReshard,
     ReshardChunkReport,
+    ReshardRefused,
     ReshardRequest,
     parse_cursor,
     plan_reshard,
@@ -263,6 +264,23 @@ def test_batches_stay_within_their_byte_budget(
         settings.effective_batch_bytes, max(seen)
     )
     assert_exact_placement(planned.shadow_topology, live, planned.shadow_uid, docs)
+
+
+def test_a_live_index_imported_under_another_topology_is_refused_before_anything_is_queued(
+    tmp_path: Path, store: JobStore, opened: Callable[[Topology], dict[str, NodeTarget]]
+) -> None:
+    """The index was imported with 64 shards, the topology given says 16: a backfill reads
+    shards 0-15 only and would leave three quarters of the documents behind, and verification
+    (reading the same way) would pass. Refused, naming the node and the counts."""
+    imported = local_topology(tmp_path / "nodes", 64, [["n0", "n1"]])
+    live = opened(imported)
+    load_live(imported, live, "books", make_docs(800, int_ids=False))
+    claimed = imported.model_copy(update={"shards": 16})
+    with pytest.raises(ReshardRefused) as refused:
+        plan_reshard(store, ReshardRequest(index_uid="books", new_shards=32), claimed, live, SETTINGS)
+    message = str(refused.value)
+    assert "live index books on node n" in message and "16 shards" in message and "--topology" in message
+    assert store.list_parents() == [], "nothing queued"
 
 
 def test_killed_worker_resumes_at_its_shard_offset_cursor(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from miroir_pipeline.fleet.routing import write_targets
 from miroir_pipeline.fleet.targets.base import NodeTarget
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.ids import new_parent_id
@@ -92,6 +93,7 @@ def plan_reshard(
 
     for n in live_nodes:  # makes _miroir_shard filterable where it was not yet (awaited)
         live_targets[n].ensure_index(uid, primary_key, None)
+    _check_live_tags(uid, live_topology, live_targets)
     for n in shadow_nodes:
         shadow_targets[n].ensure_index(shadow_uid, primary_key, index_settings)
 
@@ -142,3 +144,32 @@ def plan_reshard(
         new_shards=request.new_shards,
         shadow_topology=shadow_topology,
     )
+
+
+def _check_live_tags(uid: str, topology: Topology, targets: Mapping[str, NodeTarget]) -> None:
+    """Refuse a live index whose nodes hold documents the backfill would never read: it reads
+    each shard of ``[0, S)`` where the live topology places it, so a document tagged with
+    another shard (the index was imported under another topology), or with none, would be left
+    behind, and verification (which reads the same way) would not see it missing."""
+    owned: dict[str, set[int]] = {n.id: set() for n in topology.all_nodes()}
+    for shard in range(topology.shards):
+        for node_id in write_targets(shard, topology):
+            owned[node_id].add(shard)
+    for node_id, shards in owned.items():
+        target = targets[node_id]
+        total = target.count_documents(uid)
+        by_shard = target.count_by_shard(uid)
+        read = sum(count for shard, count in by_shard.items() if shard in shards)
+        if read == total:
+            continue
+        strays = sorted((s, c) for s, c in by_shard.items() if s not in shards)
+        untagged = total - sum(by_shard.values())
+        what = ", ".join(f"{c} in shard {s}" for s, c in strays[:5]) + (", ..." if len(strays) > 5 else "")
+        if untagged:
+            what = f"{what}, {untagged} without a shard tag" if what else f"{untagged} without a shard tag"
+        raise ReshardRefused(
+            f"live index {uid} on node {node_id} holds {total} documents, but only {read} carry a "
+            f"shard the live topology ({topology.shards} shards) places on that node ({what}); "
+            "a backfill would leave the others behind. Check that --topology is the one the index "
+            "was imported with (shards, groups, replication factor)"
+        )
