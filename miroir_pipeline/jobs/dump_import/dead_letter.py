@@ -51,6 +51,12 @@ class DeadLetter:
                     left = committed_bytes
                     while left:
                         block = earlier.read(min(left, _COPY_BLOCK))
+                        if not block:  # cut short since it was measured: never spin on it
+                            raise DeadLetterMissing(
+                                f"dead-letter file {path} shrank below the chunk's committed "
+                                f"{committed_bytes} bytes while this attempt copied it; the chunk "
+                                "is retried"
+                            )
                         self._fh.write(block)
                         left -= len(block)
             self._fh.flush()
