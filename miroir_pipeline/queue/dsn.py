@@ -40,11 +40,9 @@ def redact_dsn(dsn: str) -> str:
         return _KV_PASSWORD.sub(r"\1***", dsn)
     scheme, rest = dsn.split("://", 1)
     changed = False
-    # libpq reads the user info up to the first '@' before any '/', so a password may hold a
-    # raw '#' or '?' that a URL parser would take for the fragment or query: cut it the same way.
-    userinfo = re.match(r"[^@/]*@", rest)
-    if userinfo and ":" in userinfo.group():
-        rest = userinfo.group().split(":", 1)[0] + ":***@" + rest[userinfo.end() :]
+    user, password, after = _userinfo(rest)
+    if password is not None:
+        rest = f"{user}:***@{after}"
         changed = True
     redacted = f"{scheme}://{rest}"
     try:
@@ -61,14 +59,25 @@ def redact_dsn(dsn: str) -> str:
     return redacted if changed else dsn
 
 
+def _userinfo(rest: str) -> tuple[str, str | None, str]:
+    """``(user, password, what follows the '@')`` of a URL DSN after its ``scheme://``; password
+    ``None`` when there is none. libpq reads the user info up to the first '@' before any '/',
+    so a password may hold a raw '#' or '?' that a URL parser would take for the fragment or
+    query: it is cut the same way here."""
+    found = re.match(r"([^@/]*)@", rest)
+    if found is None or ":" not in found.group(1):
+        return "", None, rest
+    user, password = found.group(1).split(":", 1)
+    return user, password, rest[found.end() :]
+
+
 def scrub_password(text: str, dsn: str) -> str:
     """``text`` (a driver's error) with the DSN's password, as written and percent-decoded,
     replaced by ``***``: libpq quotes the token it could not parse, password included."""
     secrets: set[str] = set()
     if "://" in dsn:
-        userinfo = re.match(r"[^@/]*@", dsn.split("://", 1)[1])
-        if userinfo and ":" in userinfo.group():
-            raw = userinfo.group()[:-1].split(":", 1)[1]
+        _, raw, _ = _userinfo(dsn.split("://", 1)[1])
+        if raw is not None:
             secrets.update({raw, unquote(raw)})
         with contextlib.suppress(ValueError):
             secrets.update(v for k, v in parse_qsl(urlsplit(dsn).query) if k.lower() == "password")
