@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 import miroir_pipeline.jobs.reshard_backfill.process as process_module
-from miroir_pipeline.fleet.routing import SHARD_FIELD, shard_for_key, write_targets
-from miroir_pipeline.fleet.targets.base import NodeTarget
+from miroir_pipeline.fleet.routing import SHARD_FIELD, Router, shard_for_key, write_targets
+from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.fleet.topology import Group, Node, Topology
 from miroir_pipeline.jobs.reshard_backfill import (
@@ -370,6 +370,72 @@ def test_drain_hands_the_chunk_back_at_a_batch_boundary_and_it_resumes(
     (report,) = run_backfill(store, live, live, settings)
     assert report.resumed_from == handed_back_at and report.documents == 2000
     assert_exact_placement(planned.shadow_topology, live, planned.shadow_uid, docs)
+
+
+def _fails_after(target: NodeTarget, pages: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake fault (local stores cannot crash under a running read): ``target`` serves
+    ``pages`` shard pages, then every read fails as a node that went down would."""
+    real = target.fetch_shard
+    served = [0]
+
+    def fetch(index_uid: str, shard: int, offset: int, limit: int) -> list[bytes]:
+        served[0] += 1
+        if served[0] > pages:
+            raise TargetError(f"node {target.node_id}: connection refused (fault injected)", node_id=target.node_id, retryable=True)
+        return real(index_uid, shard, offset, limit)
+
+    monkeypatch.setattr(target, "fetch_shard", fetch)
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["within-an-attempt", "at-a-resumed-cursor"])
+def test_a_read_moving_to_another_replica_counts_each_document_once(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+    resumed: bool,
+) -> None:
+    """The replica a shard is read from goes down mid-shard; the read restarts the shard at
+    offset 0 on the other replica, and the counts (documents, per node) still match what the
+    shadow holds, whether the move happens within one attempt or when an attempt resumes a
+    cursor whose node is down."""
+    topo = local_topology(tmp_path / "nodes", 2, [["n0", "n1"]], rf=2)
+    live = opened(topo)
+    docs = make_docs(2000, int_ids=True)
+    load_live(topo, live, "books", docs)
+    shadow_topo = local_topology(tmp_path / "nodes", 3, [["m0"], ["m1"]])
+    shadow = opened(shadow_topo)
+    planned = plan_reshard(
+        store, ReshardRequest(index_uid="books", new_shards=3, shards_per_chunk=2), topo, live, SETTINGS,
+        new_topology=shadow_topo, shadow_targets=shadow,
+    )  # fmt: skip
+    settings = PipelineSettings(allowed_roots=["/"], batch_size=100, memory_buffer_bytes=64 * 1024, batch_bytes=64 * 1024)
+    first_reader = Router(topo).targets_of(0)[0]
+    lease = store.claim(["reshard_backfill"], "w1", settings.lease_ttl)
+    assert lease is not None
+    if resumed:  # the first attempt reads three pages of shard 0 from its first replica, then drains
+        shutdown = Shutdown()
+        with pytest.raises(ChunkHandedBack):
+            process_reshard_chunk(
+                store, lease, live, shadow, settings, shutdown=shutdown,
+                on_batch=lambda r, c: shutdown.request() if parse_cursor(c) >= (0, 300) else None,
+            )  # fmt: skip
+        row = store.get(lease.job_id)
+        shard, offset = parse_cursor(row.progress["last_cursor"])
+        assert shard == 0 and offset >= 300 and row.progress["read_node"] == first_reader
+        _fails_after(live[first_reader], 0, monkeypatch)
+        lease = store.claim(["reshard_backfill"], "w2", settings.lease_ttl)
+        assert lease is not None
+    else:
+        _fails_after(live[first_reader], 3, monkeypatch)
+    report = process_reshard_chunk(store, lease, live, shadow, settings)
+    assert report.documents == 2000
+    assert_exact_placement(planned.shadow_topology, shadow, planned.shadow_uid, docs)
+    summary = store.parent_summary(planned.parent.id)
+    assert summary.progress["documents_backfilled"] == 2000
+    result = verify_shadow(topo, live, planned.shadow_topology, shadow, "books", planned.shadow_uid, "id")
+    assert result.passed, result.summary()
+    assert result.shadow_per_node == summary.progress["per_node"] == report.per_node
 
 
 # -- verification failures name the keys ---------------------------------------------------------

@@ -114,7 +114,8 @@ def _run_chunk(
         params.shadow_uid,
         params.primary_key,
         _batches(
-            params, reader, shadow_router, [t.payload_limit_bytes for t in node_targets], settings, shard, offset, read_node, report
+            params, reader, shadow_router, [t.payload_limit_bytes for t in node_targets], settings, shard, offset, read_node, report,
+            prog.get("shard_per_node") if offset else None,
         ),
         shutdown,
         window_bytes=settings.window_bytes,
@@ -148,10 +149,15 @@ def _batches(
     offset: int,
     read_node: str | None,
     report: ReshardChunkReport,
+    shard_per_node: Mapping[str, int] | None,
 ) -> Iterator[Batch]:
     """Read and re-hash the range from ``shard:offset``; yield a batch whenever it fills (by
     documents or bytes), then a final one at ``end:0``. A document one of its shadow nodes cannot
-    take in one request (``payload_limits``) stops the chunk for good, naming it."""
+    take in one request (``payload_limits``) stops the chunk for good, naming it.
+
+    ``report`` counts each document once, however often it is read: a read that moves to
+    another replica restarts its shard at offset 0 there, so what was counted of that shard
+    (``shard_per_node`` of a resumed cursor, and what this attempt read) is taken back first."""
     end = params.shard_end
     nodes = len(router.node_ids)
     page_size = max(1, min(READ_PAGE_DOCS, settings.batch_size))
@@ -159,12 +165,13 @@ def _batches(
     keys: list[list[str | int]] = [[] for _ in range(nodes)]
     shards: list[list[int]] = [[] for _ in range(nodes)]
     docs = nbytes = 0
+    per_node = [report.per_node[n] for n in router.node_ids]
+    # The current shard's share of the counts: its documents are its offset on the node read.
+    in_shard = [int((shard_per_node or {}).get(n, 0)) for n in router.node_ids]
 
     def batch(next_shard: int, next_offset: int, *, final: bool = False) -> Batch:
         nonlocal lines, keys, shards, docs, nbytes
-        for node_id, node_lines in zip(router.node_ids, lines, strict=True):
-            report.per_node[node_id] += len(node_lines)
-        report.documents += docs
+        report.per_node = dict(zip(router.node_ids, per_node, strict=True))
         metrics.RESHARD_DOCUMENTS_BACKFILLED.inc(docs)
         at = format_cursor(next_shard, next_offset)
         done = Batch(
@@ -178,6 +185,8 @@ def _batches(
                 "per_node": dict(report.per_node),
                 # The node the cursor's offset refers to (offsets are per node); None at a shard start.
                 "read_node": reader.node if next_offset else None,
+                # What the counts hold of that shard, taken back if its read moves to another node.
+                "shard_per_node": dict(zip(router.node_ids, in_shard, strict=True)) if next_offset else None,
             },
             position=at,
             final=final,
@@ -189,7 +198,12 @@ def _batches(
         return done
 
     while shard < end:
-        page, offset = reader.read(shard, offset, page_size, read_node)
+        page, read_at = reader.read(shard, offset, page_size, read_node)
+        if read_at != offset:  # moved to another replica: the shard is read again from its start
+            report.documents -= offset
+            per_node = [c - s for c, s in zip(per_node, in_shard, strict=True)]
+            in_shard = [0] * nodes
+            offset = read_at
         read_node = reader.node
         for at, raw in enumerate(page, start=1):
             data, new_shard, pk = _rehash(raw, params, router, shard)
@@ -206,7 +220,10 @@ def _batches(
                 lines[i].append(data)
                 keys[i].append(pk)
                 shards[i].append(new_shard)
+                per_node[i] += 1
+                in_shard[i] += 1
             docs += 1
+            report.documents += 1
             # Every copy is held until its node acknowledges it, so every copy counts; checked
             # per document, as a page of large documents alone can exceed the budget.
             nbytes += len(data) * len(router.targets[new_shard])
@@ -215,6 +232,7 @@ def _batches(
         offset += len(page)
         if len(page) < page_size:
             shard, offset, read_node = shard + 1, 0, None
+            in_shard = [0] * nodes
         if docs >= settings.batch_size or nbytes >= settings.effective_batch_bytes:
             yield batch(shard, offset)
     yield batch(end, 0, final=True)
