@@ -13,6 +13,7 @@ import pytest
 
 from miroir_pipeline.dagster import MiroirNames, miroir_definitions
 from miroir_pipeline.dagster.worker_pool import Worker
+from miroir_pipeline.fleet.targets.base import RequestRefused
 from miroir_pipeline.fleet.targets.factory import open_targets
 from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
 from miroir_pipeline.jobs.settings import PipelineSettings
@@ -125,3 +126,42 @@ def test_real_meilisearch_dump_archive_imports_with_its_settings_and_primary_key
     finally:
         for target in targets.values():
             target.delete_index("movies")
+
+
+@pytest.mark.parametrize("fault", ["wrong-api-key", "payload-over-the-node-limit"])
+def test_a_request_the_node_refuses_as_configured_fails_the_chunk_at_once(
+    tmp_path: Path, jobs_dsn: str, meili_fleet: Any, meili_topology: Any, meili_index_uid: str,
+    monkeypatch: pytest.MonkeyPatch, fault: str,
+) -> None:
+    """A 401 (the key was rotated after planning) or a 413 (the topology claims a larger payload
+    limit than the node takes) would be refused again on every retry: the chunk fails for good
+    on its first attempt, naming the node and what to fix, and never the key."""
+    if fault == "wrong-api-key":
+        [proc] = meili_fleet(1)
+        topo = meili_topology([proc])
+    else:
+        [proc] = meili_fleet(1, extra_args=["--http-payload-size-limit", "16KiB"])
+        topo = meili_topology([proc], payload_limit_bytes=1_000_000)
+    store = open_store(jobs_dsn)
+    dump = write_dump(tmp_path / "d.ndjson", make_docs(3000, seed=5))
+    settings = settings_for(tmp_path, max_attempts=5)
+    plan = plan_dump_import(store, DumpImportRequest(uri=str(dump), index_uid=meili_index_uid, primary_key="id"), topo, open_targets(topo), settings)
+    wrong_key = "rotated-" + proc.master_key[::-1]
+    if fault == "wrong-api-key":
+        monkeypatch.setenv(topo.all_nodes()[0].api_key_env, wrong_key)
+    targets = open_targets(topo)
+    lease = store.claim(["dump_import"], "w", 30)
+    assert lease is not None
+    with pytest.raises(RequestRefused) as refused:
+        process_dump_chunk(store, lease, targets, settings)
+    row = store.get(lease.job_id)
+    assert row.state == JobState.FAILED and row.attempts == 1, "a refusal a retry cannot change is not retried"
+    assert store.get(plan.parent.id).state == JobState.FAILED
+    assert row.error is not None and "node meili-0" in row.error
+    if fault == "wrong-api-key":
+        assert refused.value.status in (401, 403)
+        assert f"check the node's API key (environment variable {topo.all_nodes()[0].api_key_env})" in row.error
+        assert wrong_key not in row.error and proc.master_key not in row.error
+    else:
+        assert refused.value.status == 413
+        assert "lower payload_limit_bytes" in row.error

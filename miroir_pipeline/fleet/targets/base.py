@@ -18,6 +18,7 @@ __all__ = [
     "NodeTarget",
     "PendingWrite",
     "RefusedDocument",
+    "RequestRefused",
     "TargetError",
     "isolate_refused",
 ]
@@ -34,6 +35,17 @@ class TargetError(RuntimeError):
 
 class IndexNotFound(TargetError):
     pass
+
+
+class RequestRefused(TargetError):
+    """A node refused the request itself, for what the workers' configuration says (HTTP 401 or
+    403: the API key; 413: a body over the node's payload limit). Sent again, the same request
+    is refused again, so the chunk fails for good at once instead of spending its attempts; the
+    message says what to fix before retrying it."""
+
+    def __init__(self, message: str, *, node_id: str, status: int) -> None:
+        super().__init__(message, node_id=node_id, retryable=False)
+        self.status = status
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from miroir_pipeline.fleet.targets.base import (
     NodeTarget,
     PendingWrite,
     RefusedDocument,
+    RequestRefused,
     TargetError,
     isolate_refused,
 )
@@ -344,9 +345,11 @@ class MeilisearchNode(NodeTarget):
         if code == "index_not_found" or (status == 404 and index_uid and code is None):
             return IndexNotFound(text, node_id=self.node_id)
         if status in (401, 403):
-            text += f"; check the node's API key ({self._key_source()})"
-        elif code == "payload_too_large":
-            text += "; lower payload_limit_bytes of this node in the topology"
+            text += f"; check the node's API key ({self._key_source()}), then retry the chunk"
+            return RequestRefused(text, node_id=self.node_id, status=status)
+        if status == 413 or code == "payload_too_large":
+            text += "; lower payload_limit_bytes of this node in the topology, then retry the chunk"
+            return RequestRefused(text, node_id=self.node_id, status=status)
         return TargetError(text, node_id=self.node_id)
 
     def _json(

@@ -11,7 +11,12 @@ from pathlib import Path
 from miroir_pipeline import metrics
 from miroir_pipeline.fleet.routing import Router
 from miroir_pipeline.fleet.shard_tag import shard_prefixes, untag
-from miroir_pipeline.fleet.targets.base import NodeTarget, RefusedDocument, TargetError
+from miroir_pipeline.fleet.targets.base import (
+    NodeTarget,
+    RefusedDocument,
+    RequestRefused,
+    TargetError,
+)
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetter, DeadLetterMissing
 from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
@@ -52,7 +57,7 @@ def process_dump_chunk(
         lambda keeper: _run_chunk(store, keeper, targets, settings, shutdown or Shutdown(), on_batch),
         ttl=settings.lease_ttl,
         heartbeat_interval=settings.heartbeat_interval,
-        permanent=(InvalidDocumentError,),
+        permanent=(InvalidDocumentError, RequestRefused),
         plain=(TargetError, DeadLetterMissing),
     )
 

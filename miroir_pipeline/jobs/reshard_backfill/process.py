@@ -18,7 +18,7 @@ from miroir_pipeline import metrics
 from miroir_pipeline.fleet.replica_reads import ShardReader
 from miroir_pipeline.fleet.routing import Router, primary_key_text
 from miroir_pipeline.fleet.shard_tag import TAG_START, retag
-from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
+from miroir_pipeline.fleet.targets.base import NodeTarget, RequestRefused, TargetError
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.pipeline import Batch, Refusals, run_batches
 from miroir_pipeline.jobs.reshard_backfill.params import (
@@ -61,7 +61,7 @@ def process_reshard_chunk(
         ),
         ttl=settings.lease_ttl,
         heartbeat_interval=settings.heartbeat_interval,
-        permanent=(InvalidLiveDocument,),
+        permanent=(InvalidLiveDocument, RequestRefused),
         plain=(TargetError,),
     )
 
