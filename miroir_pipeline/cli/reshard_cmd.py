@@ -93,7 +93,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--replace-shadow",
         action="store_true",
-        help="delete a shadow index left by an earlier reshard first",
+        help="delete a shadow index left by an earlier reshard first (on live and new nodes alike)",
     )
     p.add_argument(
         "--resume",

@@ -137,6 +137,35 @@ def test_leftover_shadow_is_refused_unless_replaced(
     assert targets["node-0"].count_documents("books__reshard_8") == 0
 
 
+def test_leftover_shadow_on_a_live_only_node_is_refused_unless_replaced(
+    tmp_path: Path, store: JobStore, topology: Topology, targets: dict[str, NodeTarget]
+) -> None:
+    """An earlier reshard that reused the live nodes left its shadow there; a reshard onto other
+    nodes would leave those copies behind (verification counts them as extra): refused, and
+    deleted with replace_shadow, like a leftover on the shadow's own nodes."""
+    load(topology, targets, "books", 5)
+    stale = orjson.dumps({"id": "stale", SHARD_FIELD: 0}) + b"\n"
+    targets["node-1"].write_documents("books__reshard_8", "id", stale, 1)
+    elsewhere = Topology(shards=8, groups=[Group(id=0, nodes=[Node(id="m0", url=f"local://{tmp_path}/m0")])])
+    shadow = open_targets(elsewhere)
+    try:
+        with pytest.raises(ReshardRefused, match=r"already exists on node\(s\) \['node-1'\]"):
+            plan_reshard(
+                store, ReshardRequest(index_uid="books", new_shards=8), topology, targets, SETTINGS,
+                new_topology=elsewhere, shadow_targets=shadow,
+            )  # fmt: skip
+        assert store.list_parents() == []
+        plan_reshard(
+            store, ReshardRequest(index_uid="books", new_shards=8, replace_shadow=True), topology, targets, SETTINGS,
+            new_topology=elsewhere, shadow_targets=shadow,
+        )  # fmt: skip
+        assert not targets["node-1"].index_exists("books__reshard_8")
+        assert shadow["m0"].index_exists("books__reshard_8")
+    finally:
+        for t in shadow.values():
+            t.close()
+
+
 def test_new_topology_must_agree_with_new_shards(tmp_path: Path, topology: Topology) -> None:
     other = Topology(shards=32, groups=[Group(id=0, nodes=[Node(id="x", url=f"local://{tmp_path}/x")])])
     with pytest.raises(ReshardRefused, match="shards: 32 but --new-shards is 8"):

@@ -44,7 +44,7 @@ def plan_reshard(
 
     Refused before any row is written: the same shard count, a live index missing on its
     nodes (or without a primary key), a shadow uid too long, a shadow index left by an earlier
-    reshard (unless ``replace_shadow``). The shadow gets the live index's settings and primary
+    reshard on any live or shadow node (unless ``replace_shadow``, which deletes it). The shadow gets the live index's settings and primary
     key, and ``_miroir_shard`` is made filterable on live and shadow nodes alike.
     """
     uid = request.index_uid
@@ -81,7 +81,11 @@ def plan_reshard(
         raise ReshardRefused(f"live index {uid} on node {source.node_id} has no primary key yet")
     index_settings = source.get_settings(uid)
 
-    existing = [n for n in shadow_nodes if shadow_targets[n].index_exists(shadow_uid)]
+    # A shadow left by an earlier reshard counts on live-only nodes too (one that reused the live
+    # nodes): verification would find its copies there, extra to the shadow's topology.
+    holders = {n: shadow_targets[n] for n in shadow_nodes}
+    holders.update({n: live_targets[n] for n in live_nodes if n not in holders})
+    existing = [n for n, target in holders.items() if target.index_exists(shadow_uid)]
     if existing:
         if not request.replace_shadow:
             raise ReshardRefused(
@@ -89,7 +93,7 @@ def plan_reshard(
                 "reshard; delete it or plan with replace_shadow (CLI: --replace-shadow)"
             )
         for n in existing:
-            shadow_targets[n].delete_index(shadow_uid)
+            holders[n].delete_index(shadow_uid)
 
     for n in live_nodes:  # makes _miroir_shard filterable where it was not yet (awaited)
         live_targets[n].ensure_index(uid, primary_key, None)
