@@ -61,8 +61,12 @@ def add_parsers(subparsers: Subparsers) -> None:
 
     pr = subparsers.add_parser(
         "prune",
-        help="delete finished jobs older than an age",
-        description="Delete completed and failed parent jobs (with their chunks) finished longer ago than an age.",
+        help="delete finished jobs older than an age, and staged dump copies no job names",
+        description=(
+            "Delete completed and failed parent jobs (with their chunks) finished longer ago than an "
+            "age, then the staged dump copies (decompressed gzip, extracted .dump documents) that no "
+            "remaining job names and that were not staged or reused for that age (at least an hour)."
+        ),
     )
     pr.add_argument(
         "--older-than",
@@ -136,14 +140,23 @@ def run_prune(args: argparse.Namespace) -> int:
     """Delete finished rows older than ``--older-than``, and their Dagster partitions."""
     from miroir_pipeline.cli.runtime import instance
     from miroir_pipeline.dagster.prune import prune_finished
+    from miroir_pipeline.jobs.dump_import.staged_copies import prune_staged_copies
+    from miroir_pipeline.jobs.settings import PipelineSettings
     from miroir_pipeline.queue import open_store
 
     age = parse_age(args.older_than)
+    store = open_store()
     # The instance first: if it cannot be opened, nothing is deleted and no partition is orphaned.
-    outcome = prune_finished(open_store(), instance(), age)
+    outcome = prune_finished(store, instance(), age)
     print(
         f"pruned {outcome.pruned.rows} finished row(s) older than {args.older_than}; "
         f"removed {outcome.partitions_removed} Dagster partition(s)"
+    )
+    staging_dir = PipelineSettings.from_env().staging_dir
+    staged = prune_staged_copies(store, staging_dir, age)
+    print(
+        f"deleted {len(staged.removed)} staged dump file(s) no job names ({staged.bytes_freed} bytes) "
+        f"from {staging_dir}; kept {staged.kept_in_use} in use and {staged.kept_recent} used recently"
     )
     return 0
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import dagster as dg
 
 from miroir_pipeline.dagster.names import DEFAULT_KEY_PREFIX, MiroirNames
-from miroir_pipeline.dagster.resources import JobStoreResource
+from miroir_pipeline.dagster.resources import JobStoreResource, SettingsResource
+from miroir_pipeline.jobs.dump_import.staged_copies import prune_staged_copies
 from miroir_pipeline.jobs.registry import JobKind, kinds
 from miroir_pipeline.queue.contract import JobNotFound, JobStore, Pruned
 
@@ -108,14 +109,16 @@ class PruneConfig(dg.Config):
 def prune_definitions(names: MiroirNames) -> dg.Definitions:
     """The prune job of the definitions named by ``names``."""
     jobs_key = names.jobs_resource
+    settings_key = names.settings_resource
 
     @dg.op(
         name=names.prune_op,
         description=(
             "Delete completed and failed parents finished longer ago than older_than_s (with their "
-            "chunks) and finished standalone chunks, and remove their dynamic partitions."
+            "chunks) and finished standalone chunks, and remove their dynamic partitions; then the "
+            "staged dump copies no remaining job names, unused for older_than_s (at least an hour)."
         ),
-        required_resource_keys={jobs_key},
+        required_resource_keys={jobs_key, settings_key},
     )
     def _prune(context: dg.OpExecutionContext, config: PruneConfig) -> int:
         if config.older_than_s < 0:
@@ -124,6 +127,8 @@ def prune_definitions(names: MiroirNames) -> dg.Definitions:
         store = jobs.get_store()
         outcome = prune_finished(store, context.instance, config.older_than_s, key_prefix=names.key_prefix)
         orphans = remove_orphaned_partitions(store, context.instance, key_prefix=names.key_prefix) if config.remove_orphaned_partitions else 0
+        settings: SettingsResource = getattr(context.resources, settings_key)
+        staged = prune_staged_copies(store, settings.get_settings().staging_dir, config.older_than_s)
         pruned = outcome.pruned
         context.add_output_metadata(
             {
@@ -132,6 +137,8 @@ def prune_definitions(names: MiroirNames) -> dg.Definitions:
                 "chunks_deleted": len(pruned.chunk_ids),
                 "partitions_removed": outcome.partitions_removed + orphans,
                 "orphaned_partitions_removed": orphans,
+                "staged_files_deleted": len(staged.removed),
+                "staged_bytes_freed": staged.bytes_freed,
                 "parents": dg.MetadataValue.json({t: ids[:100] for t, ids in pruned.parents.items()}),
             }
         )

@@ -343,6 +343,11 @@ class JobStore(abc.ABC):
         """Fail a parent and all its unfinished chunks (or one chunk) for good; return rows changed."""
 
     @abc.abstractmethod
+    def param_values(self, key: str) -> set[str]:
+        """Every distinct value of ``params[key]`` over all rows, as text: what a clean-up of
+        files named in job params must keep (a staged dump copy no row names may go)."""
+
+    @abc.abstractmethod
     def prune(self, older_than_seconds: float) -> Pruned:
         """Delete finished parents (with their chunks) and finished orphan chunks older than the
         age; return what was deleted (ids by job type)."""

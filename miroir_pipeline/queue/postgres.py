@@ -155,6 +155,9 @@ class PostgresJobStore(SqlJobStore[Conn]):
         """Lists travel as Postgres arrays (``= ANY(%(ids)s)``, ``%(types)s::text[]``)."""
         return list(values)
 
+    def _param_key(self, key: str) -> dict[str, str]:
+        return {"key": key}  # params ->> key
+
     def _insert_chunks(self, conn: Conn, parent: Job, chunks: Sequence[EncodedChunk]) -> list[Job]:
         """All children in one statement (unnest of parallel arrays): one round trip."""
         rows = self._rows(

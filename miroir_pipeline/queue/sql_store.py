@@ -130,6 +130,10 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         """A list of strings as the driver takes it for ``:types`` / ``:ids``."""
 
     @abc.abstractmethod
+    def _param_key(self, key: str) -> dict[str, str]:
+        """The parameters of ``param_values`` naming ``key`` as the driver's JSON access takes it."""
+
+    @abc.abstractmethod
     def _insert_chunks(self, conn: ConnT, parent: Job, chunks: Sequence[EncodedChunk]) -> list[Job]:
         """Insert the (non-empty) children of ``parent``; return them in chunk_index order."""
 
@@ -544,6 +548,11 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         with self._read() as conn:
             rows = self._rows(conn, "finished_parents", {"since": since, "after_id": after_id, "limit": int(limit)})
         return [self._job(r) for r in rows]
+
+    def param_values(self, key: str) -> set[str]:
+        with self._read() as conn:
+            rows = self._rows(conn, "param_values", self._param_key(key))
+        return {str(r["value"]) for r in rows}
 
     def prune(self, older_than_seconds: float) -> Pruned:
         age = {"age": float(older_than_seconds)}

@@ -143,6 +143,9 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
         """Lists travel as a JSON array, read back with ``json_each``."""
         return msgspec.json.encode(list(values)).decode()
 
+    def _param_key(self, key: str) -> dict[str, str]:
+        return {"path": "$." + msgspec.json.encode(key).decode()}  # a quoted member: any key
+
     def _insert_chunks(
         self, conn: sqlite3.Connection, parent: Job, chunks: Sequence[EncodedChunk]
     ) -> list[Job]:

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import tarfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal
@@ -36,7 +37,7 @@ from miroir_pipeline.sources.resolve import (
     resolve_dump,
 )
 
-__all__ = ["DumpKind", "StagedDump", "stage_dump"]
+__all__ = ["DumpKind", "StagedDump", "StagedRemoval", "remove_unused_staged", "stage_dump"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _TAR_MAGIC_OFFSET = 257
@@ -317,6 +318,7 @@ def stage_dump(
         reused = False
     else:
         reused = True
+        _touch(staging, marker)
     ref = DumpRef(
         uri=staging.uri_of(final),
         filesystem=staging.filesystem,
@@ -371,3 +373,88 @@ def _stage_meilisearch_dump(
         "index_uid": index.index_uid,
         "unapplied_update_files": list(index.unapplied_update_files),
     }
+
+
+#: What a staged copy is named (``_staged_name``), its marker, and a write cut short.
+_COPY = re.compile(r".+-[0-9a-f]{16}\.jsonl")
+_PARTIAL = re.compile(r".+\.partial-\d+-[0-9a-f]{8}")
+_MARKER_SUFFIX = ".complete"
+
+
+def _touch(staging: _StagingDir, marker: str) -> None:
+    """Record that a staged copy was used again, so a prune leaves it for a while longer."""
+    with contextlib.suppress(OSError, pa.ArrowException):
+        if staging.is_local:
+            os.utime(marker)
+        else:  # object stores have no utime: the same bytes, written again
+            with staging.filesystem.open_input_stream(marker) as f:
+                payload = f.read()
+            staging.write(marker, [payload], needed=None)
+
+
+@dataclass
+class StagedRemoval:
+    """What :func:`remove_unused_staged` deleted (paths) and kept."""
+
+    removed: list[str]
+    bytes_freed: int = 0
+    kept_in_use: int = 0
+    kept_recent: int = 0
+
+
+def remove_unused_staged(
+    staging_dir: str, in_use: Iterable[str], idle_s: float, *, now: float | None = None
+) -> StagedRemoval:
+    """Delete staged copies (with their markers) that no job names and nobody staged or reused
+    for ``idle_s`` seconds, and writes cut short (``.partial-*``) as old.
+
+    ``in_use``: the URIs jobs name (``data_uri``); a copy is matched by its file name, which
+    holds a digest of its source's identity, so a URI spelled another way still keeps it. The
+    idle time is what keeps a copy a planning is reusing right now (it touches the marker)
+    before its rows exist. Files not named like a staged copy are never touched.
+    """
+    staging = _StagingDir.open(staging_dir)
+    keep = {posixpath.basename(u.rstrip("/")) for u in in_use}
+    cutoff_ns = int(((time.time() if now is None else now) - idle_s) * 1e9)
+    try:
+        infos = staging.filesystem.get_file_info(pafs.FileSelector(staging.path, recursive=False))
+    except (OSError, pa.ArrowException) as exc:
+        raise DumpSourceError(f"staging dir {staging_dir!r} cannot be listed: {exc}") from None
+    files = {posixpath.basename(i.path): i for i in infos if i.type == pafs.FileType.File}
+    out = StagedRemoval(removed=[])
+
+    def idle(*names: str) -> bool:
+        stamps = [files[n].mtime_ns for n in names if n in files]
+        return all(m is not None and m < cutoff_ns for m in stamps)
+
+    def remove(name: str) -> None:
+        info = files[name]
+        try:
+            staging.filesystem.delete_file(info.path)
+        except FileNotFoundError:
+            return
+        except (OSError, pa.ArrowException) as exc:
+            raise DumpSourceError(
+                f"staged file {staging.uri_of(info.path)!r} cannot be deleted: {exc}"
+            ) from None
+        out.removed.append(staging.uri_of(info.path))
+        out.bytes_freed += info.size or 0
+
+    for name in sorted(files):
+        if _PARTIAL.fullmatch(name):
+            if idle(name):
+                remove(name)
+            continue
+        copy = name[: -len(_MARKER_SUFFIX)] if name.endswith(_MARKER_SUFFIX) else name
+        if not _COPY.fullmatch(copy) or (name != copy and copy in files):
+            continue  # not ours, or a marker handled with its copy
+        marker = copy + _MARKER_SUFFIX
+        if copy in keep:
+            out.kept_in_use += 1
+        elif not idle(copy, marker):
+            out.kept_recent += 1
+        else:
+            for n in (marker, copy):  # the marker first: a copy without one is never reused
+                if n in files:
+                    remove(n)
+    return out

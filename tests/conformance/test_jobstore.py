@@ -569,6 +569,25 @@ def test_cancel_one_chunk_fails_it_and_its_parent(store: JobStore) -> None:
     assert got.state == JobState.FAILED and got.error is not None and children[1].id in got.error
 
 
+def test_param_values_lists_what_rows_name_until_they_are_pruned(store: JobStore) -> None:
+    """What prune keeps of files named in params (staged dump copies): every distinct value of a
+    key, over parents and chunks, finished or not; gone once the rows naming it are pruned."""
+    assert store.param_values("data_uri") == set()
+    parent = store.enqueue(DUMP, {"data_uri": "/s/a-1.jsonl"}, job_id="a")
+    store.split(parent.id, [NewChunk(i, {"data_uri": "/s/a-1.jsonl", "n": i}) for i in range(2)])
+    store.enqueue(DUMP, {"data_uri": "/s/b \"q\".jsonl", "n": 1}, job_id="b", kind=JobKind.CHUNK)
+    store.enqueue(DUMP, {"other": "x"}, job_id="c", kind=JobKind.CHUNK)
+    assert store.param_values("data_uri") == {"/s/a-1.jsonl", '/s/b "q".jsonl'}
+    assert store.param_values("n") == {"0", "1"}
+    assert store.param_values('odd "key"') == set()
+    for chunk in store.children("a"):
+        store.complete(store.claim_by_id(chunk.id, "w"))
+    assert store.get("a").state == JobState.COMPLETED
+    time.sleep(0.3)
+    store.prune(0.2)
+    assert store.param_values("data_uri") == {'/s/b "q".jsonl'}
+
+
 def test_prune_deletes_old_finished_trees_only(store: JobStore) -> None:
     make_parent(store, 2, job_id="done")
     make_parent(store, 1, job_type=RESHARD, job_id="resharded")

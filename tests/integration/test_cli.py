@@ -268,6 +268,48 @@ def test_cancel_and_prune(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--older-than" in bad.stderr
 
 
+def test_prune_deletes_the_staged_copies_no_job_names(tmp_path: Path) -> None:
+    """A gzip'd dump's staged copy goes once its import is pruned and the copy sat unused for the
+    age (at least an hour); the copy an unfinished import reads, and files not named like staged
+    copies, stay."""
+    import gzip
+
+    from miroir_pipeline.fleet.targets.factory import open_targets
+    from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import
+    from miroir_pipeline.jobs.settings import PipelineSettings
+    from miroir_pipeline.queue import open_store
+
+    assert cli(tmp_path, "sample-dump", "d.ndjson", "--size", "64KiB").returncode == 0
+    lines = (tmp_path / "d.ndjson").read_bytes().splitlines(keepends=True)
+    (tmp_path / "a.ndjson.gz").write_bytes(gzip.compress(b"".join(lines[: len(lines) // 2])))
+    (tmp_path / "b.ndjson.gz").write_bytes(gzip.compress(b"".join(lines[len(lines) // 2 :])))
+    done = cli(tmp_path, "import", "a.ndjson.gz", "--index", "a", "--primary-key", "id", "--workers", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    store = open_store(f"sqlite:///{tmp_path}/.miroir/jobs.sqlite3")
+    topo = default_topology(tmp_path / ".miroir")
+    settings = PipelineSettings(allowed_roots=[str(tmp_path)], staging_dir=str(tmp_path / ".miroir" / "staging"))
+    unfinished = plan_dump_import(store, DumpImportRequest(uri=str(tmp_path / "b.ndjson.gz"), index_uid="b", primary_key="id"), topo, open_targets(topo), settings)
+    staging = tmp_path / ".miroir" / "staging"
+    copy_a = Path(store.children(json.loads(done.stdout)["job_id"])[0].params["data_uri"])
+    copy_b = Path(unfinished.parent.params["data_uri"])
+    assert copy_a.parent == copy_b.parent == staging.resolve() and copy_a != copy_b
+    (staging / "README.txt").write_text("an operator's note")
+    time.sleep(1.1)
+    recent = cli(tmp_path, "prune", "--older-than", "1s")
+    assert recent.returncode == 0, recent.stderr
+    assert "deleted 0 staged dump file(s)" in recent.stdout and "1 used recently" in recent.stdout
+    assert copy_a.exists(), "staged less than an hour ago: kept, whatever the age asked"
+    two_hours_ago = time.time() - 7200
+    for f in staging.iterdir():
+        os.utime(f, (two_hours_ago, two_hours_ago))
+    pruned = cli(tmp_path, "prune", "--older-than", "1s")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "deleted 2 staged dump file(s)" in pruned.stdout and "kept 1 in use" in pruned.stdout
+    assert not copy_a.exists() and not Path(f"{copy_a}.complete").exists()
+    assert copy_b.exists() and Path(f"{copy_b}.complete").exists() and (staging / "README.txt").exists()
+    assert store.get(unfinished.parent.id).state not in ("completed", "failed")
+
+
 def test_workers_started_together_on_a_fresh_dagster_home_all_start(tmp_path: Path) -> None:
     """They used to race to create Dagster's tables ('table alembic_version already exists')."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIROIR_", "DAGSTER_HOME"))}

@@ -375,6 +375,12 @@ def test_prune_removes_the_partitions_of_what_it_deletes(env: Env) -> None:
         instance.add_dynamic_partitions(parent_parts, [kept.parent.id])
         assert set(instance.get_dynamic_partitions(parent_parts)) == {done.parent.id, kept.parent.id}
         _finished_in_the_past(env.store, done.parent.id)
+        # A staged copy no job names, left two hours ago: the job deletes it with its marker.
+        stale = env.root / "staging" / "gone.ndjson-0123456789abcdef.jsonl"
+        stale.parent.mkdir(exist_ok=True)
+        for f in (stale, Path(f"{stale}.complete")):
+            f.write_bytes(b"{}\n")
+            os.utime(f, (time.time() - 7200, time.time() - 7200))
 
         result = env.defs.resolve_job_def(NAMES.prune_job).execute_in_process(
             instance=instance, run_config={"ops": {NAMES.prune_op: {"config": {"older_than_s": 0}}}}
@@ -386,6 +392,7 @@ def test_prune_removes_the_partitions_of_what_it_deletes(env: Env) -> None:
         out = _plain(dict(output.step_output_data.metadata))
         assert out["rows_deleted"] == 1 + len(done.chunk_ids) and out["parents_deleted"] == 1
         assert out["partitions_removed"] == 1 + len(done.chunk_ids)
+        assert out["staged_files_deleted"] == 2 and out["staged_bytes_freed"] == 6 and not stale.exists()
 
         # the helper the CLI calls does the same
         env.store.cancel(kept.parent.id)

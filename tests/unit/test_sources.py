@@ -14,6 +14,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -402,6 +403,42 @@ def test_gzip_staging_round_trip_and_reuse(tmp_path: Path) -> None:
     assert sorted(p.name for p in staging.iterdir()) == sorted(
         name for ref in (first.ref, third.ref) for name in (Path(ref.path).name, Path(ref.path).name + ".complete")
     )
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_unused_staged_copies_are_removed_and_named_or_recent_ones_kept(tmp_path: Path) -> None:
+    """Prune's side of staging: a copy no job names and unused for the idle time goes with its
+    marker, as does a write cut short; a named copy, a recently reused one (reuse touches its
+    marker) and files not named like staged ones stay."""
+    staging = tmp_path / "staging"
+    copies = {}
+    for name, docs in (("named", DOCS[:3000]), ("unused", DOCS[:4000]), ("reused", DOCS[:5000])):
+        src = tmp_path / f"{name}.jsonl.gz"
+        src.write_bytes(gzip.compress(docs))
+        copies[name] = stage_dump(str(src), str(staging), None)
+    (staging / "notes.txt").write_text("an operator's file")
+    partial = staging / "x-0123456789abcdef.jsonl.partial-42-deadbeef"
+    partial.write_bytes(b"{}")
+    for f in staging.iterdir():
+        _age(f, 7200)
+    assert stage_dump(str(tmp_path / "reused.jsonl.gz"), str(staging), None).reused  # touches its marker
+
+    named = copies["named"].ref.uri
+    unused = Path(copies["unused"].ref.path)
+    sizes = sum(f.stat().st_size for f in (unused, Path(str(unused) + ".complete"), partial))
+    out = sources.remove_unused_staged(str(staging), {named, "/dumps/plain.ndjson"}, 3600)
+    assert sorted(out.removed) == sorted([str(unused), str(unused) + ".complete", str(partial)])
+    assert out.bytes_freed == sizes
+    assert (out.kept_in_use, out.kept_recent) == (1, 1)
+    left = sorted(f.name for f in staging.iterdir())
+    assert left == sorted(["notes.txt", *(n for k in ("named", "reused") for n in (Path(copies[k].ref.path).name, Path(copies[k].ref.path).name + ".complete"))])
+    # The kept copy is still reused as is; the removed one is staged again when asked for.
+    assert stage_dump(str(tmp_path / "named.jsonl.gz"), str(staging), None).reused
+    assert not stage_dump(str(tmp_path / "unused.jsonl.gz"), str(staging), None).reused
 
 
 def test_gzip_rewritten_with_the_same_size_and_mtime_is_staged_afresh(tmp_path: Path) -> None:

@@ -315,6 +315,13 @@ WHERE kind = 'parent'
 ORDER BY finished_at, id
 LIMIT %(limit)s;
 
+-- param_values --
+-- Why: a file named in job params (a staged dump copy) is deleted by prune only when no row
+-- names it any more. One scan of the table: prune is occasional, and no index serves params.
+SELECT DISTINCT params ->> %(key)s AS value
+FROM jobs
+WHERE params ->> %(key)s IS NOT NULL;
+
 -- prunable_parents --
 -- Why: finished parents past the age whose chunks are all finished too (a failed parent's
 -- siblings may still be running; they are pruned once they finish). Locked so nothing
