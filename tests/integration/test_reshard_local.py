@@ -33,6 +33,7 @@ from miroir_pipeline.jobs.reshard_backfill import (
     plan_reshard,
     process_reshard_chunk,
 )
+from miroir_pipeline.jobs.reshard_backfill.live_pages import READ_OVERLAP_DOCS
 from miroir_pipeline.jobs.reshard_backfill.verification import verify_shadow
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue import JobStore, open_store
@@ -436,6 +437,114 @@ def test_a_read_moving_to_another_replica_counts_each_document_once(
     result = verify_shadow(topo, live, planned.shadow_topology, shadow, "books", planned.shadow_uid, "id")
     assert result.passed, result.summary()
     assert result.shadow_per_node == summary.progress["per_node"] == report.per_node
+
+
+@pytest.mark.parametrize("deleted", [5, 150], ids=["within-the-overlap", "beyond-the-overlap"])
+def test_live_deletes_below_the_read_offset_do_not_make_the_read_skip_documents(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+    deleted: int,
+) -> None:
+    """The live index takes writes during a reshard. Documents deleted below the read's offset
+    between two page reads move every later one down; each page overlaps the last documents
+    read, so none is skipped. Past the overlap, the shard is read again from its start. (Miroir
+    deletes them from the shadow as well; the test does so after the backfill.)"""
+    topo = local_topology(tmp_path / "nodes", 2, [["n0"]])
+    live = opened(topo)
+    docs = make_docs(3000, int_ids=True)
+    load_live(topo, live, "books", docs)
+    shadow_topo = local_topology(tmp_path / "nodes", 3, [["m0"]])
+    shadow = opened(shadow_topo)
+    planned = plan_reshard(
+        store, ReshardRequest(index_uid="books", new_shards=3, shards_per_chunk=2), topo, live, SETTINGS,
+        new_topology=shadow_topo, shadow_targets=shadow,
+    )  # fmt: skip
+    node = live["n0"]
+    real = node.fetch_shard
+    reads, gone = [0], []
+
+    def fetch(index_uid: str, shard: int, offset: int, limit: int) -> list[bytes]:
+        reads[0] += shard == 0
+        if shard == 0 and reads[0] == 3:  # before shard 0's third page: a live delete below it
+            gone.extend(orjson.loads(d)["id"] for d in real(index_uid, 0, 0, deleted))
+            node.delete_documents(index_uid, [str(k) for k in gone])
+        return real(index_uid, shard, offset, limit)
+
+    monkeypatch.setattr(node, "fetch_shard", fetch)
+    (report,) = run_backfill(store, live, shadow, PipelineSettings(allowed_roots=["/"], batch_size=200))
+    assert len(gone) == deleted
+    shadow["m0"].delete_documents(planned.shadow_uid, [str(k) for k in gone])
+    left = [d for d in docs if d["id"] not in set(gone)]
+    assert_exact_placement(planned.shadow_topology, shadow, planned.shadow_uid, left)
+    result = verify_shadow(topo, live, planned.shadow_topology, shadow, "books", planned.shadow_uid, "id")
+    assert result.passed, result.summary()
+    # Within the overlap every document was read once; beyond it, shard 0 was read again after
+    # the delete, and what its first pass counted was taken back.
+    assert report.documents == (3000 if deleted < READ_OVERLAP_DOCS else 3000 - deleted)
+
+
+def test_a_resumed_cursor_overlaps_the_documents_read_before_it(
+    tmp_path: Path, store: JobStore, opened: Callable[[Topology], dict[str, NodeTarget]]
+) -> None:
+    """A chunk handed back mid-shard keeps the keys its next page overlaps in its progress: live
+    deletes below the cursor while it waits do not make the resumed read skip documents."""
+    topo = local_topology(tmp_path / "nodes", 2, [["n0"]])
+    live = opened(topo)
+    docs = make_docs(3000, int_ids=True)
+    load_live(topo, live, "books", docs)
+    planned = plan_reshard(store, ReshardRequest(index_uid="books", new_shards=3, shards_per_chunk=2), topo, live, SETTINGS)
+    settings = PipelineSettings(allowed_roots=["/"], batch_size=200, memory_buffer_bytes=64 * 1024, batch_bytes=64 * 1024)
+    lease = store.claim(["reshard_backfill"], "w1", settings.lease_ttl)
+    assert lease is not None
+    shutdown = Shutdown()
+    with pytest.raises(ChunkHandedBack):
+        process_reshard_chunk(
+            store, lease, live, live, settings, shutdown=shutdown,
+            on_batch=lambda r, c: shutdown.request() if parse_cursor(c) >= (0, 400) else None,
+        )  # fmt: skip
+    progress = store.get(lease.job_id).progress
+    shard, offset = parse_cursor(progress["last_cursor"])
+    assert shard == 0 and offset >= 400 and len(progress["tail_keys"]) == READ_OVERLAP_DOCS
+    gone = [orjson.loads(d)["id"] for d in live["n0"].fetch_shard("books", 0, 0, 10)]
+    live["n0"].delete_documents("books", [str(k) for k in gone])
+    (report,) = run_backfill(store, live, live, settings)
+    assert report.resumed_from == progress["last_cursor"] and report.documents == 3000
+    live["n0"].delete_documents(planned.shadow_uid, [str(k) for k in gone])
+    left = [d for d in docs if d["id"] not in set(gone)]
+    assert_exact_placement(planned.shadow_topology, live, planned.shadow_uid, left)
+
+
+def test_a_shard_whose_deletes_outrun_the_read_fails_the_attempt_retryably(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More than the overlap deleted below the offset before every page: the read starts the
+    shard over a bounded number of times, then fails the attempt (retried later), naming the
+    shard, the node and what to do."""
+    topo = local_topology(tmp_path / "nodes", 1, [["n0"]])
+    live = opened(topo)
+    load_live(topo, live, "books", make_docs(3000, int_ids=True))
+    plan_reshard(store, ReshardRequest(index_uid="books", new_shards=2), topo, live, SETTINGS)
+    node = live["n0"]
+    real = node.fetch_shard
+
+    def fetch(index_uid: str, shard: int, offset: int, limit: int) -> list[bytes]:
+        if offset:  # a live bulk delete below every page after the first
+            first = [str(orjson.loads(d)["id"]) for d in real(index_uid, shard, 0, READ_OVERLAP_DOCS + 1)]
+            node.delete_documents(index_uid, first)
+        return real(index_uid, shard, offset, limit)
+
+    monkeypatch.setattr(node, "fetch_shard", fetch)
+    lease = store.claim(["reshard_backfill"], "w1", 30)
+    assert lease is not None
+    with pytest.raises(TargetError, match=r"shard 0: lost its place 3 times on node n0.*pause bulk deletes") as info:
+        process_reshard_chunk(store, lease, live, live, PipelineSettings(allowed_roots=["/"], batch_size=200))
+    assert info.value.retryable
+    assert store.get(lease.job_id).state == JobState.QUEUED
 
 
 # -- verification failures name the keys ---------------------------------------------------------

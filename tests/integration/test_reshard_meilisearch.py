@@ -197,3 +197,38 @@ def test_user_provided_vectors_are_carried_to_the_shadow(
     finally:
         for t in targets.values():
             t.close()
+
+
+def test_live_deletes_during_the_read_skip_nothing_on_meilisearch(
+    store: JobStore, meili_fleet: MeiliFleet, meili_topology: MeiliTopology, meili_index_uid: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Meilisearch pages a filtered read by offset in its internal order: documents deleted
+    below the offset between two page reads would make the next page skip as many. The read
+    overlaps the documents it read last and skips nothing."""
+    topology = meili_topology(meili_fleet(1), shards=2)
+    targets = open_targets(topology)
+    [node] = targets.values()
+    uid = meili_index_uid
+    docs = make_docs(3000, int_ids=False)
+    load_live(topology, targets, uid, docs)
+    planned = plan_reshard(store, ReshardRequest(index_uid=uid, new_shards=3), topology, targets, SETTINGS)
+    real = node.fetch_shard
+    reads, gone = [0], []
+
+    def fetch(index_uid: str, shard: int, offset: int, limit: int) -> list[bytes]:
+        reads[0] += index_uid == uid and shard == 0
+        if index_uid == uid and shard == 0 and reads[0] == 3:  # a live delete below the third page
+            gone.extend(orjson.loads(d)["id"] for d in real(index_uid, 0, 0, 5))
+            node.delete_documents(index_uid, gone)
+        return real(index_uid, shard, offset, limit)
+
+    monkeypatch.setattr(node, "fetch_shard", fetch)
+    try:
+        (report,) = run_backfill(store, targets, targets, PipelineSettings(allowed_roots=["/"], batch_size=300))
+        assert len(gone) == 5 and report.documents == 3000
+        node.delete_documents(planned.shadow_uid, gone)  # as Miroir's own delete does on the shadow
+        assert_exact_placement(planned.shadow_topology, targets, planned.shadow_uid, [d for d in docs if d["id"] not in gone])
+    finally:
+        for t in targets.values():
+            t.close()

@@ -21,6 +21,7 @@ from miroir_pipeline.fleet.shard_tag import TAG_START, retag
 from miroir_pipeline.fleet.targets.base import NodeTarget, RequestRefused, TargetError
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.pipeline import Batch, Refusals, run_batches
+from miroir_pipeline.jobs.reshard_backfill.live_pages import LivePages, ShardPosition
 from miroir_pipeline.jobs.reshard_backfill.params import (
     READ_PAGE_DOCS,
     InvalidLiveDocument,
@@ -106,7 +107,15 @@ def _run_chunk(
                 "it was deleted after planning. Plan the reshard again"
             )
     reader = ShardReader(live_router, live_targets, params.index_uid)
-    read_node: str | None = prog.get("read_node") if offset else None
+    pages = LivePages(
+        reader,
+        functools.partial(_live_key, params),
+        max(1, min(READ_PAGE_DOCS, settings.batch_size)),
+        f"index {params.index_uid}",
+    )
+    pos = ShardPosition(shard, offset, prog.get("read_node") if offset else None)
+    if offset:
+        pos.tail.extend(str(k).encode() for k in prog.get("tail_keys") or ())
     run_batches(
         store,
         keeper,
@@ -114,8 +123,8 @@ def _run_chunk(
         params.shadow_uid,
         params.primary_key,
         _batches(
-            params, reader, shadow_router, [t.payload_limit_bytes for t in node_targets], settings, shard, offset, read_node, report,
-            prog.get("shard_per_node") if offset else None,
+            params, pages, pos, shadow_router, [t.payload_limit_bytes for t in node_targets], settings, report,
+            prog if offset else {},
         ),
         shutdown,
         window_bytes=settings.window_bytes,
@@ -141,39 +150,40 @@ def _refused(params: ReshardChunkParams, router: Router, batch: Batch, refusals:
 
 def _batches(
     params: ReshardChunkParams,
-    reader: ShardReader,
+    pages: LivePages,
+    pos: ShardPosition,
     router: Router,
     payload_limits: Sequence[int | None],
     settings: PipelineSettings,
-    shard: int,
-    offset: int,
-    read_node: str | None,
     report: ReshardChunkReport,
-    shard_per_node: Mapping[str, int] | None,
+    resumed: Mapping[str, Any],
 ) -> Iterator[Batch]:
-    """Read and re-hash the range from ``shard:offset``; yield a batch whenever it fills (by
-    documents or bytes), then a final one at ``end:0``. A document one of its shadow nodes cannot
-    take in one request (``payload_limits``) stops the chunk for good, naming it.
+    """Read and re-hash the range from ``pos``; yield a batch whenever it fills (by documents
+    or bytes), then a final one at ``end:0``. A document one of its shadow nodes cannot take in
+    one request (``payload_limits``) stops the chunk for good, naming it.
 
-    ``report`` counts each document once, however often it is read: a read that moves to
-    another replica restarts its shard at offset 0 there, so what was counted of that shard
-    (``shard_per_node`` of a resumed cursor, and what this attempt read) is taken back first."""
+    ``report`` counts each document once, however often it is read: when a shard is read again
+    from its start (another replica, or the read lost its place), what was counted of that shard
+    (``shard_documents`` and ``shard_per_node`` of a resumed cursor, and what this attempt read)
+    is taken back first."""
     end = params.shard_end
     nodes = len(router.node_ids)
-    page_size = max(1, min(READ_PAGE_DOCS, settings.batch_size))
     lines: list[list[bytes]] = [[] for _ in range(nodes)]
     keys: list[list[str | int]] = [[] for _ in range(nodes)]
     shards: list[list[int]] = [[] for _ in range(nodes)]
     docs = nbytes = 0
     per_node = [report.per_node[n] for n in router.node_ids]
-    # The current shard's share of the counts: its documents are its offset on the node read.
-    in_shard = [int((shard_per_node or {}).get(n, 0)) for n in router.node_ids]
+    # The current shard's share of the counts.
+    in_shard = [int((resumed.get("shard_per_node") or {}).get(n, 0)) for n in router.node_ids]
+    counted = resumed.get("shard_documents")
+    in_shard_docs = pos.offset if counted is None else int(counted)  # before: one per position
 
-    def batch(next_shard: int, next_offset: int, *, final: bool = False) -> Batch:
+    def batch(next_shard: int, next_offset: int, tail: list[bytes], *, final: bool = False) -> Batch:
         nonlocal lines, keys, shards, docs, nbytes
         report.per_node = dict(zip(router.node_ids, per_node, strict=True))
         metrics.RESHARD_DOCUMENTS_BACKFILLED.inc(docs)
         at = format_cursor(next_shard, next_offset)
+        mid = bool(next_offset)  # inside a shard: what resuming there needs
         done = Batch(
             lines=lines,
             keys=keys,
@@ -184,9 +194,12 @@ def _batches(
                 "shards_done": next_shard - params.shard_start,
                 "per_node": dict(report.per_node),
                 # The node the cursor's offset refers to (offsets are per node); None at a shard start.
-                "read_node": reader.node if next_offset else None,
-                # What the counts hold of that shard, taken back if its read moves to another node.
-                "shard_per_node": dict(zip(router.node_ids, in_shard, strict=True)) if next_offset else None,
+                "read_node": pos.node if mid else None,
+                # The keys the next page overlaps, and what the counts hold of the shard (taken
+                # back if it is read again from its start).
+                "tail_keys": [t.decode() for t in tail] if mid else None,
+                "shard_documents": in_shard_docs if mid else None,
+                "shard_per_node": dict(zip(router.node_ids, in_shard, strict=True)) if mid else None,
             },
             position=at,
             final=final,
@@ -197,16 +210,16 @@ def _batches(
         docs = nbytes = 0
         return done
 
-    while shard < end:
-        page, read_at = reader.read(shard, offset, page_size, read_node)
-        if read_at != offset:  # moved to another replica: the shard is read again from its start
-            report.documents -= offset
+    while pos.shard < end:
+        shard = pos.shard
+        page = pages.next(pos)
+        if page.restarted:
+            report.documents -= in_shard_docs
             per_node = [c - s for c, s in zip(per_node, in_shard, strict=True)]
-            in_shard = [0] * nodes
-            offset = read_at
-        read_node = reader.node
-        for at, raw in enumerate(page, start=1):
-            data, new_shard, pk = _rehash(raw, params, router, shard)
+            in_shard, in_shard_docs = [0] * nodes, 0
+        for at, (raw, pk, text) in enumerate(zip(page.docs, page.keys, page.texts, strict=True), start=1):
+            new_shard = router.shard(text)
+            data = retag(raw, new_shard)
             for i in router.targets[new_shard]:
                 limit = payload_limits[i]
                 if limit is not None and len(data) + 1 > limit:
@@ -223,26 +236,27 @@ def _batches(
                 per_node[i] += 1
                 in_shard[i] += 1
             docs += 1
+            in_shard_docs += 1
             report.documents += 1
             # Every copy is held until its node acknowledges it, so every copy counts; checked
             # per document, as a page of large documents alone can exceed the budget.
             nbytes += len(data) * len(router.targets[new_shard])
-            if (docs >= settings.batch_size or nbytes >= settings.effective_batch_bytes) and at < len(page):
-                yield batch(shard, offset + at)
-        offset += len(page)
-        if len(page) < page_size:
-            shard, offset, read_node = shard + 1, 0, None
-            in_shard = [0] * nodes
+            if (docs >= settings.batch_size or nbytes >= settings.effective_batch_bytes) and at < len(page.docs):
+                yield batch(shard, page.base + at, page.tail_after(at))
+        if page.last:
+            pos.shard, pos.offset, pos.node, pos.restarts = shard + 1, 0, None, 0
+            pos.tail.clear()
+            in_shard, in_shard_docs = [0] * nodes, 0
         if docs >= settings.batch_size or nbytes >= settings.effective_batch_bytes:
-            yield batch(shard, offset)
-    yield batch(end, 0, final=True)
+            yield batch(pos.shard, pos.offset, list(pos.tail))
+    yield batch(end, 0, [], final=True)
 
 
-def _rehash(raw: bytes, params: ReshardChunkParams, router: Router, shard: int) -> tuple[bytes, int, str | int]:
-    """The document retagged with its new shard, that shard, and its primary key value.
+def _live_key(params: ReshardChunkParams, raw: bytes) -> tuple[str | int, bytes]:
+    """A live document's primary key: its value and its text (what is hashed).
 
-    Documents the pipeline wrote start with the shard tag; their primary key is decoded alone
-    and only the tag is rewritten. Anything else is decoded in full once.
+    Documents the pipeline wrote start with the shard tag; their primary key is decoded alone.
+    Anything else is decoded in full once.
     """
     pk_field = params.primary_key
     try:
@@ -250,12 +264,11 @@ def _rehash(raw: bytes, params: ReshardChunkParams, router: Router, shard: int) 
             pk = _decoder(pk_field).decode(raw).pk
         else:
             pk = orjson.loads(raw)[pk_field]
-        new_shard = router.shard(primary_key_text(pk))
-        return retag(raw, new_shard), new_shard, pk
+        return pk, primary_key_text(pk)
     except (orjson.JSONDecodeError, msgspec.DecodeError, msgspec.ValidationError, TypeError, KeyError, ValueError) as exc:
         what = f"no {pk_field!r} field" if isinstance(exc, KeyError | TypeError) else str(exc)
         raise InvalidLiveDocument(
-            f"index {params.index_uid} shard {shard}: a live document cannot be re-hashed ({what}): "
+            f"index {params.index_uid}: a live document cannot be re-hashed ({what}): "
             f"{raw[:200].decode('utf-8', 'replace')}"
         ) from None
 
