@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -181,7 +182,7 @@ def acquire_chunk(
     (a no-op) unless ``reimport`` asks to import it again from the start.
 
     With ``adopt_token`` (a worker claimed the row and handed it to this run) the claim is
-    adopted as is instead of claiming again. A run an operator launched (``retry_failed``) for a
+    adopted, and renewed, instead of claiming again. A run an operator launched (``retry_failed``) for a
     chunk that failed for good is a retry: the chunk is re-queued with a fresh attempt budget and
     resumes at its cursor. A run dispatched while the chunk was claimable is not: if the chunk
     failed for good or was cancelled before it started, it does nothing. Raises
@@ -191,7 +192,12 @@ def acquire_chunk(
     if adopt_token:
         if job.state == JobState.IN_PROGRESS and job.claim_token == adopt_token:
             assert job.claimed_by is not None and job.claim_expires_at is not None
-            return Lease(job=job, token=adopt_token, worker_id=job.claimed_by, expires_at=job.claim_expires_at)
+            held = Lease(job=job, token=adopt_token, worker_id=job.claimed_by, expires_at=job.claim_expires_at)
+            # The claim is as old as this run's start-up; renewed now, it runs a whole TTL from
+            # here, which is what the heartbeat (first renewal one interval from now) assumes.
+            with contextlib.suppress(LeaseLost):
+                return store.renew(held, ttl)
+            job = store.get(chunk_id)
         raise JobNotClaimable(
             f"chunk {chunk_id}: the claim handed to this run is no longer held "
             f"(state {job.state}, holder {job.claimed_by or 'none'}); nothing was written",

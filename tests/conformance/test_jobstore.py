@@ -39,7 +39,7 @@ from miroir_pipeline.queue import (
     open_store,
 )
 from miroir_pipeline.queue.contract import chunk_id
-from miroir_pipeline.queue.lease import run_under_lease
+from miroir_pipeline.queue.lease import acquire_chunk, run_under_lease
 
 DUMP = "dump_import"
 RESHARD = "reshard_backfill"
@@ -567,6 +567,22 @@ def test_cancel_one_chunk_fails_it_and_its_parent(store: JobStore) -> None:
     assert store.get(children[1].id).state == JobState.FAILED
     got = store.get(parent.id)
     assert got.state == JobState.FAILED and got.error is not None and children[1].id in got.error
+
+
+def test_an_adopted_claim_is_renewed_when_the_run_takes_it_over(store: JobStore) -> None:
+    """A worker claims, then starts the chunk's run; the run adopts the claim and renews it at
+    once, so the lease runs a whole TTL from the run's start, not from the claim (the heartbeat
+    first renews one interval after the run starts). A claim no longer held is refused."""
+    make_parent(store, 2)
+    claimed = claim_one(store, ttl=5.0)
+    adopted = acquire_chunk(store, claimed.job_id, "other-name", 600.0, adopt_token=claimed.token)
+    assert adopted is not None
+    assert (adopted.token, adopted.worker_id) == (claimed.token, claimed.worker_id)
+    assert (adopted.expires_at - claimed.expires_at).total_seconds() >= 590
+    assert store.get(claimed.job_id).claim_expires_at == adopted.expires_at
+    store.release(adopted)
+    with pytest.raises(JobNotClaimable, match="no longer held"):
+        acquire_chunk(store, claimed.job_id, "w", 600.0, adopt_token=claimed.token)
 
 
 def test_param_values_lists_what_rows_name_until_they_are_pruned(store: JobStore) -> None:
