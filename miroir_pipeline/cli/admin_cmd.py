@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from miroir_pipeline.cli.options import Subparsers, add_store_options
@@ -154,6 +155,8 @@ def run_prune(args: argparse.Namespace) -> int:
     )
     staging_dir = PipelineSettings.from_env().staging_dir
     staged = prune_staged_copies(store, staging_dir, age)
+    if staged.error:
+        print(f"warning: staged dump copies were not pruned: {staged.error}", file=sys.stderr)
     print(
         f"deleted {len(staged.removed)} staged dump file(s) no job names ({staged.bytes_freed} bytes) "
         f"from {staging_dir}; kept {staged.kept_in_use} in use and {staged.kept_recent} used recently"

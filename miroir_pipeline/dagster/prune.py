@@ -129,6 +129,8 @@ def prune_definitions(names: MiroirNames) -> dg.Definitions:
         orphans = remove_orphaned_partitions(store, context.instance, key_prefix=names.key_prefix) if config.remove_orphaned_partitions else 0
         settings: SettingsResource = getattr(context.resources, settings_key)
         staged = prune_staged_copies(store, settings.get_settings().staging_dir, config.older_than_s)
+        if staged.error:
+            context.log.warning(f"staged dump copies were not pruned: {staged.error}")
         pruned = outcome.pruned
         context.add_output_metadata(
             {
@@ -139,6 +141,7 @@ def prune_definitions(names: MiroirNames) -> dg.Definitions:
                 "orphaned_partitions_removed": orphans,
                 "staged_files_deleted": len(staged.removed),
                 "staged_bytes_freed": staged.bytes_freed,
+                "staged_error": staged.error or "",
                 "parents": dg.MetadataValue.json({t: ids[:100] for t, ids in pruned.parents.items()}),
             }
         )

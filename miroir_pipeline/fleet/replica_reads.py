@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from miroir_pipeline.fleet.routing import Router
-from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
+from miroir_pipeline.fleet.targets.base import NodeTarget, RequestRefused, TargetError
 
 __all__ = ["ShardReader", "from_first_replica"]
 
@@ -27,16 +27,25 @@ def from_first_replica(
 ) -> tuple[str, T]:
     """``(node, read(node, target))`` for the first node of ``order`` whose read does not raise
     :class:`TargetError`; when none answers, a retryable :class:`TargetError` naming ``what``,
-    the nodes tried and the last error."""
+    the nodes tried and the last error. When every node refused the request as configured
+    (:class:`RequestRefused`: a wrong key), that refusal is raised: no retry would change it."""
     last: TargetError | None = None
+    refused_by_all = True
     for node in order:
         try:
             return node, read(node, targets[node])
         except TargetError as exc:
             log.warning("%s: node %s failed (%s); trying the next replica", what, node, exc)
             last = exc
+            refused_by_all = refused_by_all and isinstance(exc, RequestRefused)
     if last is None:
         raise TargetError(f"{what}: no node holds it", node_id="", retryable=False)
+    if isinstance(last, RequestRefused) and refused_by_all:
+        raise RequestRefused(
+            f"{what}: every node holding it refused the request (tried {list(order)}); last: {last}",
+            node_id=last.node_id,
+            status=last.status,
+        )
     raise TargetError(
         f"{what}: no node holding it answered (tried {list(order)}); last error: {last}",
         node_id=last.node_id,

@@ -344,8 +344,9 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def param_values(self, key: str) -> set[str]:
-        """Every distinct value of ``params[key]`` over all rows, as text: what a clean-up of
-        files named in job params must keep (a staged dump copy no row names may go)."""
+        """Every distinct string value of ``params[key]`` over all rows (``key`` an identifier):
+        what a clean-up of files named in job params must keep (a staged dump copy no row names
+        may go)."""
 
     @abc.abstractmethod
     def prune(self, older_than_seconds: float) -> Pruned:

@@ -12,6 +12,7 @@ before its chunks) it sets :attr:`SqlJobStore.row_locks`; SQLite's single writer
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -550,6 +551,8 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         return [self._job(r) for r in rows]
 
     def param_values(self, key: str) -> set[str]:
+        if not _PARAM_KEY.fullmatch(key):
+            raise ValueError(f"param key {key!r} is not an identifier ([A-Za-z_][A-Za-z0-9_]*)")
         with self._read() as conn:
             rows = self._rows(conn, "param_values", self._param_key(key))
         return {str(r["value"]) for r in rows}
@@ -567,6 +570,10 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         for ids_of_type in (*pruned.parents.values(), *pruned.chunks.values()):
             ids_of_type.sort()
         return pruned
+
+
+#: What ``param_values`` takes as a key: both databases reach such a member the same way.
+_PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _collect(into: dict[str, list[str]], rows: Sequence[Row]) -> None:

@@ -144,7 +144,7 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
         return msgspec.json.encode(list(values)).decode()
 
     def _param_key(self, key: str) -> dict[str, str]:
-        return {"path": "$." + msgspec.json.encode(key).decode()}  # a quoted member: any key
+        return {"path": "$." + key}  # an identifier (checked by param_values)
 
     def _insert_chunks(
         self, conn: sqlite3.Connection, parent: Job, chunks: Sequence[EncodedChunk]

@@ -37,7 +37,7 @@ from miroir_pipeline.sources.resolve import (
     resolve_dump,
 )
 
-__all__ = ["DumpKind", "StagedDump", "StagedRemoval", "remove_unused_staged", "stage_dump"]
+__all__ = ["DumpKind", "StagedDump", "StagedRemoval", "mark_staged_used", "remove_unused_staged", "stage_dump"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _TAR_MAGIC_OFFSET = 257
@@ -111,7 +111,7 @@ class _StagingDir:
     is_local: bool
 
     @classmethod
-    def open(cls, staging_dir: str) -> _StagingDir:
+    def open(cls, staging_dir: str, *, create: bool = True) -> _StagingDir:
         loc = locate(staging_dir, what="staging dir")
         try:
             if loc.is_local:
@@ -119,7 +119,8 @@ class _StagingDir:
                 path = loc.path
             else:
                 fs, path = pafs.FileSystem.from_uri(staging_dir)
-            fs.create_dir(path, recursive=True)
+            if create:
+                fs.create_dir(path, recursive=True)
         except (OSError, pa.ArrowException) as exc:
             raise DumpSourceError(
                 f"staging dir {staging_dir!r} cannot be created or used: {exc}; point it at a "
@@ -381,6 +382,16 @@ _PARTIAL = re.compile(r".+\.partial-\d+-[0-9a-f]{8}")
 _MARKER_SUFFIX = ".complete"
 
 
+def mark_staged_used(staged: StagedDump) -> None:
+    """Record that a staged copy is about to be named by new job rows, so a concurrent prune
+    leaves it (planning calls it just before it writes them; a plain NDJSON dump is a no-op)."""
+    if staged.kind == "ndjson":
+        return
+    ref = staged.ref
+    local = isinstance(ref.filesystem, pafs.LocalFileSystem)
+    _touch(_StagingDir(ref.uri, ref.filesystem, posixpath.dirname(ref.path), local), ref.path + _MARKER_SUFFIX)
+
+
 def _touch(staging: _StagingDir, marker: str) -> None:
     """Record that a staged copy was used again, so a prune leaves it for a while longer."""
     with contextlib.suppress(OSError, pa.ArrowException):
@@ -400,32 +411,41 @@ class StagedRemoval:
     bytes_freed: int = 0
     kept_in_use: int = 0
     kept_recent: int = 0
+    #: Why the staging dir could not be cleaned (it could not be listed, a file not deleted).
+    error: str | None = None
 
 
 def remove_unused_staged(
     staging_dir: str, in_use: Iterable[str], idle_s: float, *, now: float | None = None
 ) -> StagedRemoval:
     """Delete staged copies (with their markers) that no job names and nobody staged or reused
-    for ``idle_s`` seconds, and writes cut short (``.partial-*``) as old.
+    for ``idle_s`` seconds, and writes cut short (``.partial-*``) as old. A staging dir that
+    does not exist holds nothing to delete (it is not created).
 
     ``in_use``: the URIs jobs name (``data_uri``); a copy is matched by its file name, which
     holds a digest of its source's identity, so a URI spelled another way still keeps it. The
     idle time is what keeps a copy a planning is reusing right now (it touches the marker)
     before its rows exist. Files not named like a staged copy are never touched.
     """
-    staging = _StagingDir.open(staging_dir)
+    staging = _StagingDir.open(staging_dir, create=False)
     keep = {posixpath.basename(u.rstrip("/")) for u in in_use}
     cutoff_ns = int(((time.time() if now is None else now) - idle_s) * 1e9)
     try:
-        infos = staging.filesystem.get_file_info(pafs.FileSelector(staging.path, recursive=False))
+        infos = staging.filesystem.get_file_info(pafs.FileSelector(staging.path, recursive=False, allow_not_found=True))
     except (OSError, pa.ArrowException) as exc:
         raise DumpSourceError(f"staging dir {staging_dir!r} cannot be listed: {exc}") from None
     files = {posixpath.basename(i.path): i for i in infos if i.type == pafs.FileType.File}
     out = StagedRemoval(removed=[])
 
     def idle(*names: str) -> bool:
-        stamps = [files[n].mtime_ns for n in names if n in files]
-        return all(m is not None and m < cutoff_ns for m in stamps)
+        """Unused for the idle time, read again now: a planning may have reused it since the
+        listing (it touches the marker)."""
+        paths = [files[n].path for n in names if n in files]
+        try:
+            stamps = [i.mtime_ns for i in staging.filesystem.get_file_info(paths) if i.type == pafs.FileType.File]
+        except (OSError, pa.ArrowException):
+            return False
+        return len(stamps) == len(paths) and all(m is not None and m < cutoff_ns for m in stamps)
 
     def remove(name: str) -> None:
         info = files[name]
@@ -446,9 +466,9 @@ def remove_unused_staged(
                 remove(name)
             continue
         copy = name[: -len(_MARKER_SUFFIX)] if name.endswith(_MARKER_SUFFIX) else name
-        if not _COPY.fullmatch(copy) or (name != copy and copy in files):
-            continue  # not ours, or a marker handled with its copy
         marker = copy + _MARKER_SUFFIX
+        if not _COPY.fullmatch(copy) or marker not in files or (name != copy and copy in files):
+            continue  # not a staged copy (ours carry a marker), or a marker handled with its copy
         if copy in keep:
             out.kept_in_use += 1
         elif not idle(copy, marker):

@@ -164,4 +164,4 @@ def test_a_request_the_node_refuses_as_configured_fails_the_chunk_at_once(
         assert wrong_key not in row.error and proc.master_key not in row.error
     else:
         assert refused.value.status == 413
-        assert "lower payload_limit_bytes" in row.error
+        assert "set payload_limit_bytes of this node in the topology" in row.error

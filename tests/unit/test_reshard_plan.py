@@ -166,6 +166,33 @@ def test_leftover_shadow_on_a_live_only_node_is_refused_unless_replaced(
             t.close()
 
 
+def test_a_new_topology_reusing_a_live_node_id_for_another_server_still_checks_the_live_node(
+    tmp_path: Path, store: JobStore, topology: Topology, targets: dict[str, NodeTarget]
+) -> None:
+    """The shadow's node-1 is another server than the live node-1: a shadow left on the live
+    one is found all the same, named as the live node's."""
+    load(topology, targets, "books", 5)
+    stale = orjson.dumps({"id": "stale", SHARD_FIELD: 0}) + b"\n"
+    targets["node-1"].write_documents("books__reshard_8", "id", stale, 1)
+    elsewhere = Topology(shards=8, groups=[Group(id=0, nodes=[Node(id="node-1", url=f"local://{tmp_path}/other-1")])])
+    shadow = open_targets(elsewhere)
+    try:
+        with pytest.raises(ReshardRefused, match=r"already exists on node\(s\) \['node-1 \(live\)'\]"):
+            plan_reshard(
+                store, ReshardRequest(index_uid="books", new_shards=8), topology, targets, SETTINGS,
+                new_topology=elsewhere, shadow_targets=shadow,
+            )  # fmt: skip
+        plan_reshard(
+            store, ReshardRequest(index_uid="books", new_shards=8, replace_shadow=True), topology, targets, SETTINGS,
+            new_topology=elsewhere, shadow_targets=shadow,
+        )  # fmt: skip
+        assert not targets["node-1"].index_exists("books__reshard_8")
+        assert shadow["node-1"].index_exists("books__reshard_8")
+    finally:
+        for t in shadow.values():
+            t.close()
+
+
 def test_new_topology_must_agree_with_new_shards(tmp_path: Path, topology: Topology) -> None:
     other = Topology(shards=32, groups=[Group(id=0, nodes=[Node(id="x", url=f"local://{tmp_path}/x")])])
     with pytest.raises(ReshardRefused, match="shards: 32 but --new-shards is 8"):

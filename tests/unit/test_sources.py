@@ -421,6 +421,7 @@ def test_unused_staged_copies_are_removed_and_named_or_recent_ones_kept(tmp_path
         src.write_bytes(gzip.compress(docs))
         copies[name] = stage_dump(str(src), str(staging), None)
     (staging / "notes.txt").write_text("an operator's file")
+    (staging / "events-2026120405543012.jsonl").write_text("named like a copy, but no marker\n")
     partial = staging / "x-0123456789abcdef.jsonl.partial-42-deadbeef"
     partial.write_bytes(b"{}")
     for f in staging.iterdir():
@@ -435,10 +436,14 @@ def test_unused_staged_copies_are_removed_and_named_or_recent_ones_kept(tmp_path
     assert out.bytes_freed == sizes
     assert (out.kept_in_use, out.kept_recent) == (1, 1)
     left = sorted(f.name for f in staging.iterdir())
-    assert left == sorted(["notes.txt", *(n for k in ("named", "reused") for n in (Path(copies[k].ref.path).name, Path(copies[k].ref.path).name + ".complete"))])
+    assert left == sorted(["notes.txt", "events-2026120405543012.jsonl", *(n for k in ("named", "reused") for n in (Path(copies[k].ref.path).name, Path(copies[k].ref.path).name + ".complete"))])
     # The kept copy is still reused as is; the removed one is staged again when asked for.
     assert stage_dump(str(tmp_path / "named.jsonl.gz"), str(staging), None).reused
     assert not stage_dump(str(tmp_path / "unused.jsonl.gz"), str(staging), None).reused
+    # A staging dir that does not exist holds nothing to delete, and is not created.
+    missing = tmp_path / "no-staging-yet"
+    assert sources.remove_unused_staged(str(missing), set(), 3600).removed == []
+    assert not missing.exists()
 
 
 def test_gzip_rewritten_with_the_same_size_and_mtime_is_staged_afresh(tmp_path: Path) -> None:

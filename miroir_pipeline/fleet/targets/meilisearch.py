@@ -348,7 +348,7 @@ class MeilisearchNode(NodeTarget):
             text += f"; check the node's API key ({self._key_source()}), then retry the chunk"
             return RequestRefused(text, node_id=self.node_id, status=status)
         if status == 413 or code == "payload_too_large":
-            text += "; lower payload_limit_bytes of this node in the topology, then retry the chunk"
+            text += "; set payload_limit_bytes of this node in the topology to what the node takes (its --http-payload-size-limit), then retry the chunk"
             return RequestRefused(text, node_id=self.node_id, status=status)
         return TargetError(text, node_id=self.node_id)
 

@@ -29,6 +29,7 @@ from miroir_pipeline.queue.contract import JobState, JobStore, NewChunk, ParentS
 from miroir_pipeline.sources import DumpRef, StagedDump, open_range, stage_dump
 from miroir_pipeline.sources.resolve import DumpSourceError, locate
 from miroir_pipeline.sources.split import split_dump
+from miroir_pipeline.sources.staging import mark_staged_used
 
 __all__ = ["HEAD_BYTES", "plan_dump_import", "unfinished_identical_import"]
 
@@ -84,6 +85,7 @@ def plan_dump_import(
     for node in topology.all_nodes():
         targets[node.id].ensure_index(request.index_uid, primary_key, staged.settings)
     on_invalid = request.on_invalid_document or settings.on_invalid_document
+    mark_staged_used(staged)  # the checks above can take long: a prune must not take it now
     parent = store.enqueue(
         DUMP_IMPORT,
         {

@@ -83,8 +83,15 @@ def plan_reshard(
 
     # A shadow left by an earlier reshard counts on live-only nodes too (one that reused the live
     # nodes): verification would find its copies there, extra to the shadow's topology.
+    # A live node at another URL than the shadow node of the same id (a new topology may reuse
+    # an id for another server) is a holder of its own.
+    shadow_urls = {n.id: n.url for n in shadow_topology.all_nodes()}
     holders = {n: shadow_targets[n] for n in shadow_nodes}
-    holders.update({n: live_targets[n] for n in live_nodes if n not in holders})
+    for node in live_topology.all_nodes():
+        if node.id not in holders:
+            holders[node.id] = live_targets[node.id]
+        elif shadow_urls[node.id] != node.url:
+            holders[f"{node.id} (live)"] = live_targets[node.id]
     existing = [n for n, target in holders.items() if target.index_exists(shadow_uid)]
     if existing:
         if not request.replace_shadow:

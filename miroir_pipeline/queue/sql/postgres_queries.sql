@@ -320,7 +320,7 @@ LIMIT %(limit)s;
 -- names it any more. One scan of the table: prune is occasional, and no index serves params.
 SELECT DISTINCT params ->> %(key)s AS value
 FROM jobs
-WHERE params ->> %(key)s IS NOT NULL;
+WHERE jsonb_typeof(params -> %(key)s) = 'string';
 
 -- prunable_parents --
 -- Why: finished parents past the age whose chunks are all finished too (a failed parent's

@@ -275,10 +275,10 @@ LIMIT :limit;
 -- param_values --
 -- Why: a file named in job params (a staged dump copy) is deleted by prune only when no row
 -- names it any more. One scan of the table: prune is occasional, and no index serves params.
--- :path is the JSON path of the key ('$."data_uri"').
+-- :path is the JSON path of the key ('$.data_uri').
 SELECT DISTINCT json_extract(params, :path) AS value
 FROM jobs
-WHERE json_extract(params, :path) IS NOT NULL;
+WHERE json_type(params, :path) = 'text';
 
 -- prunable_parents --
 -- Why: finished parents past the age whose chunks are all finished too (a failed parent's
