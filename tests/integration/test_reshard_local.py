@@ -373,6 +373,24 @@ def test_drain_hands_the_chunk_back_at_a_batch_boundary_and_it_resumes(
     assert_exact_placement(planned.shadow_topology, live, planned.shadow_uid, docs)
 
 
+def _drain_mid_shard(
+    store: JobStore, live: dict[str, NodeTarget], shadow: dict[str, NodeTarget], settings: PipelineSettings, at: int
+) -> dict[str, Any]:
+    """Run the first chunk until a batch commits at or past ``0:at``, then drain it (hand it back);
+    the progress it was handed back at."""
+    lease = store.claim(["reshard_backfill"], "w1", settings.lease_ttl)
+    assert lease is not None
+    shutdown = Shutdown()
+    with pytest.raises(ChunkHandedBack):
+        process_reshard_chunk(
+            store, lease, live, shadow, settings, shutdown=shutdown,
+            on_batch=lambda r, c: shutdown.request() if parse_cursor(c) >= (0, at) else None,
+        )  # fmt: skip
+    row = store.get(lease.job_id)
+    assert row.state == JobState.QUEUED
+    return dict(row.progress)
+
+
 def _fails_after(target: NodeTarget, pages: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake fault (local stores cannot crash under a running read): ``target`` serves
     ``pages`` shard pages, then every read fails as a node that went down would."""
@@ -412,23 +430,15 @@ def test_a_read_moving_to_another_replica_counts_each_document_once(
     )  # fmt: skip
     settings = PipelineSettings(allowed_roots=["/"], batch_size=100, memory_buffer_bytes=64 * 1024, batch_bytes=64 * 1024)
     first_reader = Router(topo).targets_of(0)[0]
-    lease = store.claim(["reshard_backfill"], "w1", settings.lease_ttl)
-    assert lease is not None
     if resumed:  # the first attempt reads three pages of shard 0 from its first replica, then drains
-        shutdown = Shutdown()
-        with pytest.raises(ChunkHandedBack):
-            process_reshard_chunk(
-                store, lease, live, shadow, settings, shutdown=shutdown,
-                on_batch=lambda r, c: shutdown.request() if parse_cursor(c) >= (0, 300) else None,
-            )  # fmt: skip
-        row = store.get(lease.job_id)
-        shard, offset = parse_cursor(row.progress["last_cursor"])
-        assert shard == 0 and offset >= 300 and row.progress["read_node"] == first_reader
+        progress = _drain_mid_shard(store, live, shadow, settings, 300)
+        shard, offset = parse_cursor(progress["last_cursor"])
+        assert shard == 0 and offset >= 300 and progress["read_node"] == first_reader
         _fails_after(live[first_reader], 0, monkeypatch)
-        lease = store.claim(["reshard_backfill"], "w2", settings.lease_ttl)
-        assert lease is not None
     else:
         _fails_after(live[first_reader], 3, monkeypatch)
+    lease = store.claim(["reshard_backfill"], "w2", settings.lease_ttl)
+    assert lease is not None
     report = process_reshard_chunk(store, lease, live, shadow, settings)
     assert report.documents == 2000
     assert_exact_placement(planned.shadow_topology, shadow, planned.shadow_uid, docs)
@@ -498,15 +508,7 @@ def test_a_resumed_cursor_overlaps_the_documents_read_before_it(
     load_live(topo, live, "books", docs)
     planned = plan_reshard(store, ReshardRequest(index_uid="books", new_shards=3, shards_per_chunk=2), topo, live, SETTINGS)
     settings = PipelineSettings(allowed_roots=["/"], batch_size=200, memory_buffer_bytes=64 * 1024, batch_bytes=64 * 1024)
-    lease = store.claim(["reshard_backfill"], "w1", settings.lease_ttl)
-    assert lease is not None
-    shutdown = Shutdown()
-    with pytest.raises(ChunkHandedBack):
-        process_reshard_chunk(
-            store, lease, live, live, settings, shutdown=shutdown,
-            on_batch=lambda r, c: shutdown.request() if parse_cursor(c) >= (0, 400) else None,
-        )  # fmt: skip
-    progress = store.get(lease.job_id).progress
+    progress = _drain_mid_shard(store, live, live, settings, 400)
     shard, offset = parse_cursor(progress["last_cursor"])
     assert shard == 0 and offset >= 400 and len(progress["tail_keys"]) == READ_OVERLAP_DOCS
     gone = [orjson.loads(d)["id"] for d in live["n0"].fetch_shard("books", 0, 0, 10)]
