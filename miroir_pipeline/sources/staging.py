@@ -411,13 +411,11 @@ class StagedRemoval:
     bytes_freed: int = 0
     kept_in_use: int = 0
     kept_recent: int = 0
-    #: Why the staging dir could not be cleaned (it could not be listed, a file not deleted).
+    #: Why the staging dir could not be cleaned (not listed at all, or a file not deleted).
     error: str | None = None
 
 
-def remove_unused_staged(
-    staging_dir: str, in_use: Iterable[str], idle_s: float, *, now: float | None = None
-) -> StagedRemoval:
+def remove_unused_staged(staging_dir: str, in_use: Iterable[str], idle_s: float) -> StagedRemoval:
     """Delete staged copies (with their markers) that no job names and nobody staged or reused
     for ``idle_s`` seconds, and writes cut short (``.partial-*``) as old. A staging dir that
     does not exist holds nothing to delete (it is not created).
@@ -429,7 +427,7 @@ def remove_unused_staged(
     """
     staging = _StagingDir.open(staging_dir, create=False)
     keep = {posixpath.basename(u.rstrip("/")) for u in in_use}
-    cutoff_ns = int(((time.time() if now is None else now) - idle_s) * 1e9)
+    cutoff_ns = int((time.time() - idle_s) * 1e9)
     try:
         infos = staging.filesystem.get_file_info(pafs.FileSelector(staging.path, recursive=False, allow_not_found=True))
     except (OSError, pa.ArrowException) as exc:
@@ -453,10 +451,9 @@ def remove_unused_staged(
             staging.filesystem.delete_file(info.path)
         except FileNotFoundError:
             return
-        except (OSError, pa.ArrowException) as exc:
-            raise DumpSourceError(
-                f"staged file {staging.uri_of(info.path)!r} cannot be deleted: {exc}"
-            ) from None
+        except (OSError, pa.ArrowException) as exc:  # the others are still tried
+            out.error = f"staged file {staging.uri_of(info.path)!r} cannot be deleted: {exc}"
+            return
         out.removed.append(staging.uri_of(info.path))
         out.bytes_freed += info.size or 0
 
