@@ -449,6 +449,44 @@ def test_a_read_moving_to_another_replica_counts_each_document_once(
     assert result.shadow_per_node == summary.progress["per_node"] == report.per_node
 
 
+def test_replicas_failing_in_turn_fail_the_attempt_instead_of_restarting_forever(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both replicas of a shard flap: whichever served the last page fails the next read, so
+    every read moves to the other replica and restarts the shard at offset 0. The restarts are
+    bounded: the attempt fails retryably, naming the shard and the node, and the chunk is queued
+    again at its cursor."""
+    topo = local_topology(tmp_path / "nodes", 1, [["n0", "n1"]], rf=2)
+    live = opened(topo)
+    load_live(topo, live, "books", make_docs(1000, int_ids=True))
+    plan_reshard(store, ReshardRequest(index_uid="books", new_shards=2), topo, live, SETTINGS)
+    last, reads = [""], [0]
+    for node_id, target in live.items():
+        real = target.fetch_shard
+
+        def fetch(index_uid: str, shard: int, offset: int, limit: int, node_id: str = node_id, real: Any = real) -> list[bytes]:
+            # A fake fault (local stores cannot flap): the replica that served the last read fails.
+            reads[0] += 1
+            if reads[0] > 100:  # the read would go on forever: stop the test rather than hang it
+                raise RuntimeError("the read kept moving between replicas without a bound")
+            if last[0] == node_id:
+                last[0] = ""
+                raise TargetError(f"node {node_id}: connection reset (fault injected)", node_id=node_id, retryable=True)
+            last[0] = node_id
+            return real(index_uid, shard, offset, limit)
+
+        monkeypatch.setattr(target, "fetch_shard", fetch)
+    lease = store.claim(["reshard_backfill"], "w1", 30)
+    assert lease is not None
+    with pytest.raises(TargetError, match=r"shard 0: its read restarted 3 times.*moved to node n[01].*health") as info:
+        process_reshard_chunk(store, lease, live, live, PipelineSettings(allowed_roots=["/"], batch_size=100))
+    assert info.value.retryable and info.value.node_id in {"n0", "n1"}
+    assert store.get(lease.job_id).state == JobState.QUEUED
+
+
 @pytest.mark.parametrize("deleted", [5, 150], ids=["within-the-overlap", "beyond-the-overlap"])
 def test_live_deletes_below_the_read_offset_do_not_make_the_read_skip_documents(
     tmp_path: Path,

@@ -27,7 +27,8 @@ __all__ = ["MAX_RESTARTS", "READ_OVERLAP_DOCS", "LivePages", "Page", "ShardPosit
 
 #: Documents each page re-reads of the previous one (at most a few % of a page).
 READ_OVERLAP_DOCS = 64
-#: Times one shard may be read again from its start before the chunk gives up (and retries).
+#: Times one shard may be read again from its start in one attempt (after losing its place, or
+#: moving to another replica) before the chunk gives up (and retries).
 MAX_RESTARTS = 3
 
 #: A live document's primary key: its value, and its text (what is hashed and compared).
@@ -87,10 +88,10 @@ class LivePages:
             keys = [self.key_of(r) for r in raw]
             if read_at != pos.offset - back or (before is not None and pos.node != before):
                 # Another replica, read from its start: its order is its own, so the overlap
-                # keys say nothing there.
-                start, restarted = 0, True
-                pos.offset, back = 0, 0
-                pos.tail.clear()
+                # keys say nothing there. Counted like any restart, so replicas that keep
+                # failing in turn cannot keep the read at the shard's first pages forever.
+                self._restart(pos, moved=True)
+                start, restarted, back = 0, True, 0
             else:
                 found = _after(pos.tail, [t for _, t in keys]) if back else 0
                 if found is None:
@@ -113,17 +114,27 @@ class LivePages:
             pos.tail.extend(page.texts)
             return page
 
-    def _restart(self, pos: ShardPosition) -> None:
+    def _restart(self, pos: ShardPosition, *, moved: bool = False) -> None:
+        """Start ``pos.shard`` over at offset 0; past :data:`MAX_RESTARTS` in one attempt, fail
+        it retryably (the chunk resumes later from its cursor)."""
         pos.restarts += 1
         if pos.restarts > MAX_RESTARTS:
-            raise TargetError(
-                f"{self.what} shard {pos.shard}: lost its place {MAX_RESTARTS} times on node "
-                f"{pos.node}: {READ_OVERLAP_DOCS} or more of the shard's documents were deleted below the read "
-                "between two page reads each time. The chunk is retried later from its cursor; "
-                "if this persists, pause bulk deletes on the live index during the reshard",
-                node_id=pos.node or "",
-                retryable=True,
-            )
+            where = f"{self.what} shard {pos.shard}"
+            if moved:
+                why = (
+                    f"{where}: its read restarted {MAX_RESTARTS} times, the last time because it moved "
+                    f"to node {pos.node} after another replica failed. The chunk is retried later from "
+                    "its cursor; if this persists, check the health of the live nodes holding the "
+                    "shard (their errors are logged above)"
+                )
+            else:
+                why = (
+                    f"{where}: lost its place {MAX_RESTARTS} times on node {pos.node}: "
+                    f"{READ_OVERLAP_DOCS} or more of the shard's documents were deleted below the read "
+                    "between two page reads each time. The chunk is retried later from its cursor; "
+                    "if this persists, pause bulk deletes on the live index during the reshard"
+                )
+            raise TargetError(why, node_id=pos.node or "", retryable=True)
         pos.offset = 0
         pos.tail.clear()
 
