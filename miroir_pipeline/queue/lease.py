@@ -45,7 +45,9 @@ class LeaseKeeper:
 
     A refused renewal (another worker holds the row now) or failing to renew before the lease
     would expire marks the lease lost; :meth:`check` then raises :class:`LeaseLost` so the
-    chunk stops writing at once.
+    chunk stops writing at once. The lease counts as expired one TTL after the *start* of the
+    last renewal that succeeded, measured on this worker's clock, so a heartbeat stuck in a
+    renewal that never returns (a half-open connection) still stops the chunk in time.
     """
 
     def __init__(self, store: JobStore, lease: Lease, *, ttl: float, interval: float) -> None:
@@ -55,6 +57,9 @@ class LeaseKeeper:
         self._interval = min(interval, ttl / 3)
         self._stop = threading.Event()
         self._lost: str | None = None
+        self._mark_lock = threading.Lock()
+        # The claim or renewal that produced ``lease`` started before this keeper did.
+        self._valid_until = time.monotonic() + ttl
         self._thread = threading.Thread(
             target=self._run, name=f"heartbeat-{lease.job_id}", daemon=True
         )
@@ -68,7 +73,13 @@ class LeaseKeeper:
         return self._lost is not None
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` if the lease is gone; call before every fenced write."""
+        """Raise :class:`LeaseLost` if the lease is gone or has run out unrenewed; call before
+        every fenced write."""
+        if self._lost is None and time.monotonic() >= self._valid_until:
+            self._mark_lost(
+                f"not renewed within its {self._ttl:g} s TTL (the worker was paused or starved of "
+                "CPU, or the heartbeat's renewal never returned: check the jobs store's connection)"
+            )
         if self._lost is not None:
             raise LeaseLost(self._lost)
 
@@ -90,27 +101,37 @@ class LeaseKeeper:
         self.stop()
 
     def _run(self) -> None:
-        deadline = time.monotonic() + self._ttl
         while not self._stop.wait(self._interval):
+            started = time.monotonic()
             try:
-                self._lease = self._store.renew(self._lease, self._ttl)
-                deadline = time.monotonic() + self._ttl
+                lease = self._store.renew(self._lease, self._ttl)
             except LeaseLost:
                 self._mark_lost("renewal refused: another worker holds it now")
                 return
             except Exception as exc:  # database unreachable: keep trying until the lease runs out
                 log.warning("heartbeat for chunk %s failed (%s); retrying", self._lease.job_id, exc)
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= self._valid_until:
                     self._mark_lost(f"could not renew before the lease expired ({exc})")
                     return
+                continue
+            if self._lost is not None:  # ran out while the renewal hung: the chunk has stopped
+                return
+            self._lease = lease
+            self._valid_until = started + self._ttl
 
     def _mark_lost(self, why: str) -> None:
-        self._lost = (
+        with self._mark_lock:
+            if self._lost is not None:
+                return
+            self._lost = self._message(why)
+        metrics.CHUNK_LEASE_LOSSES.labels(job_type=self._lease.job.type).inc()
+        log.error(self._lost)
+
+    def _message(self, why: str) -> str:
+        return (
             f"lease on chunk {self._lease.job_id} (attempt {self._lease.attempt}) lost: {why}; "
             "stopped writing"
         )
-        metrics.CHUNK_LEASE_LOSSES.labels(job_type=self._lease.job.type).inc()
-        log.error(self._lost)
 
 
 def run_under_lease(
