@@ -167,6 +167,7 @@ def run_under_lease(
     except Exception as exc:
         known = isinstance(exc, (*plain, *permanent))
         error = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        keeper.stop()  # as before completing: no renewal may land on the failed row
         try:
             store.fail(keeper.lease, error, retryable=not isinstance(exc, permanent))
         except LeaseLost:
@@ -180,6 +181,7 @@ def hand_back(store: JobStore, keeper: LeaseKeeper, where: str, reason: str) -> 
     """Release the chunk at its committed cursor (``where``) because its runner is shutting down;
     returns the exception the caller raises to stop the chunk."""
     keeper.check()
+    keeper.stop()  # a renewal landing after the release would be refused and counted as a loss
     store.release(keeper.lease)
     return ChunkHandedBack(f"chunk {keeper.lease.job_id} handed back at {where}: {reason}")
 

@@ -7,6 +7,7 @@ processes (``spawn``), each process opening its own store from the DSN.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import json
@@ -39,7 +40,8 @@ from miroir_pipeline.queue import (
     open_store,
 )
 from miroir_pipeline.queue.contract import chunk_id
-from miroir_pipeline.queue.lease import acquire_chunk, run_under_lease
+from miroir_pipeline.queue.lease import LeaseKeeper, acquire_chunk, hand_back, run_under_lease
+from miroir_pipeline.queue.shutdown import ChunkHandedBack
 
 DUMP = "dump_import"
 RESHARD = "reshard_backfill"
@@ -934,37 +936,50 @@ def test_a_parent_summary_reads_the_parent_and_its_chunks_at_one_moment(store: J
     )
 
 
-def test_a_completed_chunk_is_never_counted_as_a_lost_lease(store: JobStore) -> None:
-    """The heartbeat is stopped before the completion: a renewal landing after it would be
-    refused and counted (and logged) as a lease loss of a chunk that completed.
+@pytest.mark.parametrize("ending", ["complete", "fail", "release"])
+def test_a_chunk_that_ended_is_never_counted_as_a_lost_lease(store: JobStore, ending: str) -> None:
+    """The heartbeat is stopped before the lease ends (completed, failed, or handed back on
+    shutdown): a renewal landing after it would be refused and counted (and logged) as a lease
+    loss of a chunk that ended normally.
 
-    Fault stand-in: the store's completion waits (up to 1 s) for a renewal to follow it, so a
-    heartbeat still running is sure to renew after the chunk completed."""
+    Fault stand-in: the store's ending call waits (up to 1 s) for a renewal to follow it, so a
+    heartbeat still running is sure to renew after the lease ended."""
     make_parent(store, 1)
     lease = claim_one(store, ttl=3.0)
     renewed_after = threading.Event()
-    completed = threading.Event()
-    real_renew, real_complete = store.renew, store.complete
+    ended = threading.Event()
+    real_renew, real_end = store.renew, getattr(store, ending)
 
     def renew(lease: Lease, ttl: float) -> Lease:
         try:
             return real_renew(lease, ttl)
         finally:
-            if completed.is_set():
+            if ended.is_set():
                 renewed_after.set()
 
-    def complete(lease: Lease, progress: Any = None) -> Job:
-        job = real_complete(lease, progress)
-        completed.set()
+    def end(lease: Lease, *args: Any, **kw: Any) -> Job:
+        job = real_end(lease, *args, **kw)
+        ended.set()
         renewed_after.wait(1.0)
         return job
 
-    store.renew, store.complete = renew, complete  # type: ignore[method-assign]
+    store.renew = renew  # type: ignore[method-assign]
+    setattr(store, ending, end)
+
+    def body(keeper: LeaseKeeper) -> None:
+        if ending == "fail":
+            raise ValueError("the chunk's input is unreadable")
+        if ending == "release":
+            raise hand_back(store, keeper, "byte 0", "the worker is shutting down")
+
     losses = metrics.CHUNK_LEASE_LOSSES.labels(job_type=DUMP)
     before = losses._value.get()
-    run_under_lease(store, lease, lambda keeper: None, ttl=3.0, heartbeat_interval=0.01)
-    assert store.get(lease.job_id).state == JobState.COMPLETED
-    assert not renewed_after.is_set(), "the heartbeat renewed a completed chunk's lease"
+    raised = (ValueError, ChunkHandedBack) if ending != "complete" else ()
+    with contextlib.nullcontext() if not raised else pytest.raises(raised):
+        run_under_lease(store, lease, body, ttl=3.0, heartbeat_interval=0.01)
+    expected = {"complete": JobState.COMPLETED, "fail": JobState.QUEUED, "release": JobState.QUEUED}
+    assert store.get(lease.job_id).state == expected[ending]
+    assert not renewed_after.is_set(), f"the heartbeat renewed the lease after {ending}"
     assert losses._value.get() == before
 
 
