@@ -8,6 +8,7 @@ processes (``spawn``), each process opening its own store from the DSN.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -561,6 +562,40 @@ def test_cancel_parent_fails_unfinished_chunks_and_fences_leases(store: JobStore
     assert store.cancel(parent.id) == 0  # already finished
     with pytest.raises(JobNotFound):
         store.cancel("missing")
+
+
+def test_cancel_racing_the_lease_sweep_never_deadlocks(open_jobs: Callable[..., JobStore]) -> None:
+    """An operator's cancel and the sweep that re-queues expired leases touch the same chunks
+    at once; each locks them in id order, so neither is chosen as a deadlock victim and the
+    cancel always wins (a re-queued chunk is then failed too). The leases are claimed in
+    reverse id order, so expiry order (the sweep's scan) is the reverse of the rows' order."""
+    canceller, sweeper = open_jobs(), open_jobs()
+    for _ in range(8):
+        parent, children = make_parent(canceller, 200)
+        for child in reversed(children):
+            canceller.claim_by_id(child.id, "crashed", ttl=0.001)
+        errors: list[BaseException] = []
+        start = threading.Barrier(2)
+
+        def race(action: Callable[[], object], start: threading.Barrier = start,
+                 errors: list[BaseException] = errors) -> None:
+            start.wait()
+            try:
+                action()
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=race, args=(functools.partial(canceller.cancel, parent.id, "stop"),)),
+            threading.Thread(target=race, args=(sweeper.reclaim_expired,)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors, errors
+        assert canceller.get(parent.id).state == JobState.FAILED
+        assert {c.state for c in canceller.children(parent.id)} == {JobState.FAILED}
 
 
 def test_cancel_one_chunk_fails_it_and_its_parent(store: JobStore) -> None:

@@ -227,7 +227,15 @@ WHERE id = %(id)s AND state IN ('queued', 'in_progress')
 RETURNING *;
 
 -- fail_unfinished_children --
--- Why: cancel fails every chunk that has not finished, fencing live leases.
+-- Why: cancel fails every chunk that has not finished, fencing live leases. The rows are
+-- locked in id order first: a multi-row UPDATE locks in whatever order its plan scans, and
+-- the lease sweep (requeue_expired) locking the same chunks in another order would deadlock.
+WITH locked AS (
+    SELECT id FROM jobs
+    WHERE parent_job_id = %(id)s AND state IN ('queued', 'in_progress')
+    ORDER BY id
+    FOR UPDATE
+)
 UPDATE jobs
 SET state = 'failed',
     error = %(error)s,
@@ -235,7 +243,8 @@ SET state = 'failed',
     claim_expires_at = NULL,
     finished_at = now(),
     updated_at = now()
-WHERE parent_job_id = %(id)s AND state IN ('queued', 'in_progress');
+FROM locked
+WHERE jobs.id = locked.id AND jobs.state IN ('queued', 'in_progress');
 
 -- expired_exhausted --
 -- Why: chunks whose worker died on their last allowed attempt; found without locks first so
@@ -262,7 +271,16 @@ RETURNING id, parent_job_id, error;
 
 -- requeue_expired --
 -- Why: a crashed worker's chunk goes back to the queue with its progress and its attempt
--- count (the crashed attempt counts), so the next claimer resumes at the cursor.
+-- count (the crashed attempt counts), so the next claimer resumes at the cursor. Locked in id
+-- order first, as fail_unfinished_children does, so a sweep and a cancel never deadlock; the
+-- conditions are checked again on the locked row (a holder may have renewed meanwhile).
+WITH locked AS (
+    SELECT id FROM jobs
+    WHERE state = 'in_progress' AND kind = 'chunk'
+      AND claim_expires_at < now() AND attempts < max_attempts
+    ORDER BY id
+    FOR UPDATE
+)
 UPDATE jobs
 SET state = 'queued',
     claimed_by = NULL,
@@ -270,8 +288,10 @@ SET state = 'queued',
     claim_expires_at = NULL,
     available_at = now(),
     updated_at = now()
-WHERE state = 'in_progress' AND kind = 'chunk'
-  AND claim_expires_at < now() AND attempts < max_attempts;
+FROM locked
+WHERE jobs.id = locked.id
+  AND jobs.state = 'in_progress' AND jobs.claim_expires_at < now()
+  AND jobs.attempts < jobs.max_attempts;
 
 -- queue_depth --
 -- Why: what the HPA scales on - the rows a claim could take right now, expired leases
