@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 __all__ = [
     "DEFAULT_SQLITE_PATH",
     "ENV_DSN",
+    "check_url_credentials",
     "default_dsn",
     "redact_dsn",
     "scrub_password",
@@ -25,6 +26,8 @@ __all__ = [
 DEFAULT_SQLITE_PATH = "./.miroir/jobs.sqlite3"
 ENV_DSN = "MIROIR_JOBS_DSN"
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+#: Query parameters libpq takes that hold a secret (the key file's passphrase is one too).
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -50,25 +53,58 @@ def redact_dsn(dsn: str) -> str:
     except ValueError:
         return "<unparseable DSN>"
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if any(k.lower() == "password" for k, _ in pairs):
+    if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
         query = urlencode(
-            [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+            [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*"
         )
         redacted = urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
         changed = True
     return redacted if changed else dsn
 
 
+def check_url_credentials(dsn: str) -> None:
+    """Refuse a URL DSN whose user name or password holds a raw '/' or '@': libpq would take
+    part of the password for the host, port or database and quote it back in its error."""
+    if "://" not in dsn:
+        return
+    rest = dsn.split("://", 1)[1]
+    head = rest.split("/", 1)[0]
+    # Two '@' before the path, or a password found only past a raw '/' (hiding its '@').
+    ambiguous = head.count("@") > 1 if "@" in head else _userinfo(rest)[1] is not None
+    if ambiguous:
+        raise ValueError(
+            f"the jobs DSN {redact_dsn(dsn)} has a raw '/' or '@' in its user name or password, "
+            "which would be read as part of the host or database: percent-encode them "
+            "('/' as %2F, '@' as %40) and try again"
+        )
+
+
 def _userinfo(rest: str) -> tuple[str, str | None, str]:
     """``(user, password, what follows the '@')`` of a URL DSN after its ``scheme://``; password
-    ``None`` when there is none. libpq reads the user info up to the first '@' before any '/',
-    so a password may hold a raw '#' or '?' that a URL parser would take for the fragment or
-    query: it is cut the same way here."""
-    found = re.match(r"([^@/]*)@", rest)
-    if found is None or ":" not in found.group(1):
+    ``None`` when there is none.
+
+    libpq reads the user info up to the first '@' before any '/', so a password may hold a raw
+    '#' or '?' that a URL parser would take for the fragment or query: it is cut the same way.
+    Where libpq would misread the DSN (a raw '@' or '/' in the password), the password is taken
+    to run to the last '@' of the host part, or past a '/' to the last '@' of the DSN: more is
+    hidden rather than less (hosts and ports never hold an '@')."""
+    head = rest.split("/", 1)[0]
+    if "@" in head:
+        end = head.rindex("@")
+    else:
+        colon = head.find(":")
+        tail = rest[len(head) :]
+        if colon < 0 or "@" not in tail:
+            return "", None, rest
+        port_like = head[colon + 1 :].isdigit()
+        if port_like and "?" in tail[: tail.index("@")]:
+            return "", None, rest  # host:port/db?param=a@b: the '@' is a parameter's
+        end = rest.rindex("@")
+    userinfo = rest[:end]
+    if ":" not in userinfo:
         return "", None, rest
-    user, password = found.group(1).split(":", 1)
-    return user, password, rest[found.end() :]
+    user, password = userinfo.split(":", 1)
+    return user, password, rest[end + 1 :]
 
 
 def scrub_password(text: str, dsn: str) -> str:
@@ -80,7 +116,9 @@ def scrub_password(text: str, dsn: str) -> str:
         if raw is not None:
             secrets.update({raw, unquote(raw)})
         with contextlib.suppress(ValueError):
-            secrets.update(v for k, v in parse_qsl(urlsplit(dsn).query) if k.lower() == "password")
+            secrets.update(
+                v for k, v in parse_qsl(urlsplit(dsn).query) if k.lower() in _SECRET_PARAMS
+            )
     else:
         secrets.update(m.group(2).strip("'") for m in _KV_PASSWORD.finditer(dsn))
     for secret in sorted((x for x in secrets if x), key=len, reverse=True):

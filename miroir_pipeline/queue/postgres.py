@@ -35,7 +35,12 @@ from miroir_pipeline.queue.contract import (
     JobStoreError,
     WorkSignal,
 )
-from miroir_pipeline.queue.dsn import redact_dsn, scrub_password, validate_schema
+from miroir_pipeline.queue.dsn import (
+    check_url_credentials,
+    redact_dsn,
+    scrub_password,
+    validate_schema,
+)
 from miroir_pipeline.queue.shutdown import Shutdown
 from miroir_pipeline.queue.sql_store import EncodedChunk, Row, SqlJobStore
 
@@ -86,6 +91,7 @@ class PostgresJobStore(SqlJobStore[Conn]):
         retry_backoff_cap: float = RETRY_BACKOFF_CAP,
     ) -> None:
         self.schema = validate_schema(schema or DEFAULT_SCHEMA)
+        check_url_credentials(conninfo)
         super().__init__(retry_backoff_base=retry_backoff_base, retry_backoff_cap=retry_backoff_cap)
         self._where = redact_dsn(conninfo)
         self._conninfo = conninfo

@@ -240,6 +240,28 @@ def test_passwords_libpq_takes_raw_are_redacted_and_scrubbed(password: str) -> N
     assert "127.0.0.1:1/jobs" in str(err.value)
 
 
+@pytest.mark.parametrize("password", ["S3cr/tPw", "S3cr@tPw", "a/b@c"])
+def test_passwords_libpq_would_misread_are_refused_without_showing_them(password: str) -> None:
+    """A raw '/' or '@' in the password makes libpq take part of it for the host, port or
+    database (and quote it back in its error): refused before any connection, redacted."""
+    dsn = f"postgresql://miroir:{password}@127.0.0.1:1/jobs"
+    assert redact_dsn(dsn) == "postgresql://miroir:***@127.0.0.1:1/jobs"
+    with pytest.raises(ValueError, match=r"percent-encode") as err:
+        open_store(dsn, connect_timeout=1)
+    assert "S3cr" not in str(err.value) and "a/b" not in str(err.value)
+    assert "127.0.0.1:1/jobs" in str(err.value)
+
+
+def test_secret_query_parameters_are_redacted_and_an_at_sign_in_a_parameter_is_not_a_password() -> None:
+    dsn = "postgresql://h:1/jobs?sslpassword=K3yPass&sslmode=require"
+    assert redact_dsn(dsn) == "postgresql://h:1/jobs?sslpassword=***&sslmode=require"
+    with pytest.raises(JobStoreError) as err:
+        open_store(dsn, connect_timeout=1)
+    assert "K3yPass" not in str(err.value)
+    plain = "postgresql://h:5432/db?application_name=etl@nightly"
+    assert redact_dsn(plain) == plain
+
+
 # -- Postgres only -----------------------------------------------------------------------------
 
 
