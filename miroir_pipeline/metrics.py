@@ -16,12 +16,12 @@ and ``k8s/prometheusrule.yaml`` select on exactly those labels.
 
 from __future__ import annotations
 
+import http.client
 import os
 import threading
 import urllib.error
 from collections.abc import Mapping
 from typing import Final
-from urllib.parse import urlsplit, urlunsplit
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -164,16 +164,27 @@ class MetricsPushError(RuntimeError):
 
 
 def _redact_url(url: str) -> str:
-    """The URL without any ``user:password@`` part, safe for error messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.username is None and parts.password is None:
+    """The URL without any ``user:password@`` part, safe for error messages.
+
+    Everything up to the last '@' is hidden, not just what a URL parser calls the user info:
+    a raw '/' or '?' in a password would end the parser's netloc early and show the rest."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<unparseable URL>" if "@" in url else url
+    if "@" not in rest:
         return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, f"***@{netloc}", parts.path, parts.query, parts.fragment))
+    return f"{scheme}://***@{rest[rest.rindex('@') + 1 :]}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with the URL's credentials (everything before its last '@') hidden."""
+    rest = url.partition("://")[2]
+    if "@" in rest:
+        userinfo = rest[: rest.rindex("@")]
+        for secret in sorted({userinfo, *userinfo.split(":", 1)}, key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, "***")
+    return text
 
 
 def push_queue_depth(
@@ -224,14 +235,24 @@ def push_queue_depth(
             raise MetricsPushError(
                 f"Pushgateway {_redact_url(gateway_url)} refused the queue-depth push: HTTP "
                 f"{exc.code} {exc.reason}{': ' + detail if detail else ''}"
-            ) from exc
-        except (OSError, ValueError) as exc:
-            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            ) from None
+        except (http.client.InvalidURL, ValueError) as exc:
+            # Not the parser's words: they quote the port or host, which may be password.
+            raise MetricsPushError(
+                f"the Pushgateway URL {_redact_url(gateway_url)} is not a valid http(s) URL "
+                f"({type(exc).__name__}); check {PUSHGATEWAY_URL_ENV}: it is scheme://host:port, "
+                "with any '/', '@' or ':' in a user name or password percent-encoded"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            reason = _scrub(" ".join(str(cause).split()), gateway_url)
+            if isinstance(cause, http.client.HTTPException):  # the far end does not speak HTTP
+                reason = f"not an HTTP answer ({type(cause).__name__}: {reason})"
             raise MetricsPushError(
                 f"could not push {QUEUE_DEPTH_METRIC} to the Pushgateway at "
                 f"{_redact_url(gateway_url)} (timeout {timeout:g}s): {reason}; check "
                 f"{PUSHGATEWAY_URL_ENV} and that the gateway is running"
-            ) from exc
+            ) from None  # the cause's own text may quote the URL's credentials
 
 
 def push_queue_depth_from_env(

@@ -6,6 +6,7 @@ import http.server
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -154,6 +155,44 @@ def test_push_to_nothing_names_gateway_and_hides_credentials() -> None:
         )
     assert "hunter2" not in str(err.value)
     assert "ops" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "userinfo", ["ops:pQ/ss-Secret9", "ops:pQ?ss-Secret9", "ops:pQ@ss-Secret9", "ops:Secret9x"]
+)
+def test_credentials_a_url_parser_would_misread_never_reach_the_error(userinfo: str) -> None:
+    """A raw '/', '?' or '@' in the password ends a URL parser's host part early; a password
+    standing where the port goes makes http.client quote it as a bad port. Either way the
+    push fails with MetricsPushError (the sensor reports it and carries on) and no part of
+    the credentials, in its text or its chained causes."""
+    port = _closed_port()
+    url = f"http://{userinfo}@127.0.0.1:{port}"
+    with pytest.raises(MetricsPushError) as err:
+        push_queue_depth(url, {"dump_import": 1}, grouping_key={"deployment": "d"}, timeout=2)
+    shown = "".join(traceback.format_exception(err.value))  # what a log or the UI shows
+    assert "Secret9" not in shown and "pQ" not in shown, shown
+    assert f"http://***@127.0.0.1:{port}" in str(err.value)
+    assert "MIROIR_PUSHGATEWAY_URL" in str(err.value)
+
+
+def test_a_gateway_that_does_not_speak_http_is_a_push_error() -> None:
+    """A listener that answers with something other than HTTP (a real socket)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def answer_garbage() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+        server = threading.Thread(target=answer_garbage, daemon=True)
+        server.start()
+        with pytest.raises(MetricsPushError, match=r"not an HTTP answer \(BadStatusLine"):
+            push_queue_depth(f"http://127.0.0.1:{port}", {}, grouping_key={"deployment": "d"}, timeout=5)
+        server.join(10)
 
 
 def test_push_times_out_on_a_silent_gateway() -> None:
