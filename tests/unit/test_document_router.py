@@ -104,6 +104,8 @@ def test_bom_only_accepted_on_the_first_line_of_the_file() -> None:
         (b'{"id":-9223372036854775809}', "integer -9223372036854775809 is outside the 64-bit range"),
         (b'{"id":' + b"7" * 5000 + b"}", "a number of more than 300 digits"),
         (b'{"id":-1e400}', "beyond the 64-bit float range"),
+        # A carried tag makes the line be decoded whole (to replace it), where the number fails:
+        (b'{"id":"t","_miroir_shard":1,"n":1e400}', "beyond the 64-bit float range"),
     ],
 )
 def test_invalid_lines_are_reported_with_position_and_reason(line: bytes, reason: str) -> None:

@@ -344,7 +344,12 @@ class DocumentRouter:
                 invalid.append(self._explain(ctx, at, line))
                 continue
             shard = shard_of_key(key)
-            out = tag(line, shard, prefixes[shard], carries_tag=doc.shard is not unset)
+            try:
+                out = tag(line, shard, prefixes[shard], carries_tag=doc.shard is not unset)
+            except ValueError:  # a carried tag is replaced by decoding the whole line, which may fail
+                ctx, at = (lines, i) if base < 0 else (self._lines_ctx, base)
+                invalid.append(self._explain(ctx, at, line))
+                continue
             for node in targets[shard]:
                 buffers[node].append(out)
                 keys[node].append(pk)
