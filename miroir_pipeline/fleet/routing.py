@@ -7,6 +7,7 @@ Rust's ``Hash`` trait): ``str`` hashes its UTF-8 bytes followed by a ``0xFF`` te
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from itertools import repeat
@@ -23,6 +24,7 @@ __all__ = [
     "InvalidPrimaryKey",
     "Router",
     "assign_shard_in_group",
+    "negative_zero_key",
     "primary_key_text",
     "score",
     "shard_for_key",
@@ -115,6 +117,30 @@ def primary_key_text(value: object) -> bytes:
         raise InvalidPrimaryKey(f"primary key is a float ({value!r}); expected an integer or a string")
     kind = "an object" if isinstance(value, dict) else "an array" if isinstance(value, list) else type(value).__name__
     raise InvalidPrimaryKey(f"primary key is {kind}; expected an integer or a string")
+
+
+class _NegativeZero:
+    """What ``-0`` decodes to while looking for it (``int("-0")`` is plain 0)."""
+
+
+_NEGATIVE_ZERO = _NegativeZero()
+
+
+def _int_or_negative_zero(text: str) -> int | _NegativeZero:
+    return _NEGATIVE_ZERO if text == "-0" else int(text)
+
+
+def negative_zero_key(line: bytes, primary_key: str) -> bool:
+    """True when the primary key of ``line`` (a JSON object) is written ``-0``: JSON decoders
+    read it as the integer 0, but Meilisearch reads it as the float ``-0.0`` and refuses it, so
+    it must never be routed as document 0 (which it would silently replace)."""
+    if b"-0" not in line:
+        return False
+    try:
+        doc = json.loads(line, parse_int=_int_or_negative_zero)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get(primary_key) is _NEGATIVE_ZERO
 
 
 class Router:

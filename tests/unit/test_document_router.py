@@ -104,6 +104,9 @@ def test_bom_only_accepted_on_the_first_line_of_the_file() -> None:
         (b'{"id":-9223372036854775809}', "integer -9223372036854775809 is outside the 64-bit range"),
         (b'{"id":' + b"7" * 5000 + b"}", "a number of more than 300 digits"),
         (b'{"id":-1e400}', "beyond the 64-bit float range"),
+        (b'{"id":-0}', "written -0"),
+        (b'{"id": -0 ,"v":1}', "written -0"),
+        (b'{"\\u0069d":-0}', "written -0"),
         # A carried tag makes the line be decoded whole (to replace it), where the number fails:
         (b'{"id":"t","_miroir_shard":1,"n":1e400}', "beyond the 64-bit float range"),
     ],
@@ -124,6 +127,17 @@ def test_64_bit_integer_ids_are_accepted_at_both_ends() -> None:
     dr, invalid, n, _ = route(b'{"id":18446744073709551615}\n{"id":-9223372036854775808}\n')
     assert invalid == [] and n == 2
     assert sorted({k for keys in dr.keys for k in keys}) == [-(2**63), 2**64 - 1]
+
+
+def test_zero_is_a_key_and_negative_zero_is_refused_on_both_paths() -> None:
+    """``-0`` decodes to 0 in Python, but Meilisearch refuses it (as ``-0.0``): routed as 0 it
+    would silently replace document 0. A plain 0, and "-0" inside strings, are fine."""
+    docs = [b'{"id":%d,"d":"2024-01-0%d"}' % (i, i % 9) for i in range(50)]
+    for block in (b"\n".join(docs) + b"\n", b"\n".join([*docs, b'{"id":-0,"d":"x"}']) + b"\n"):
+        dr, invalid, n, _ = route(block)
+        assert n == 50
+        assert sorted({k for keys in dr.keys for k in keys}) == list(range(50))
+        assert [bad.line_in_block for bad in invalid] == ([50] if b"-0," in block else [])
 
 
 def test_511_byte_key_is_accepted() -> None:

@@ -40,6 +40,7 @@ from miroir_pipeline.fleet.routing import (
     U64_MAX,
     InvalidPrimaryKey,
     Router,
+    negative_zero_key,
     primary_key_text,
 )
 from miroir_pipeline.fleet.shard_tag import shard_prefixes, tag
@@ -270,8 +271,11 @@ class DocumentRouter:
             return -1
         if int in types:  # integer ids must fit in 64 bits (signed or unsigned), as Meilisearch's
             ints = list(compress(pks, map(_IS_INT, pks)))
-            if min(ints) < I64_MIN or max(ints) > U64_MAX:
+            low, high = min(ints), max(ints)
+            if low < I64_MIN or high > U64_MAX:
                 return -1
+            if low <= 0 <= high and 0 in ints and b"-0" in block:
+                return -1  # maybe a key written -0, which Meilisearch refuses: checked per line
         try:
             texts = list(map(format, pks))
         except ValueError:  # an integer too long to print; the per-line path words it
@@ -338,6 +342,10 @@ class DocumentRouter:
             if type(pk) is str:
                 key = pk.encode()
             elif I64_MIN <= pk <= U64_MAX:
+                if not pk and negative_zero_key(line, primary_key):  # refused as -0.0
+                    ctx, at = (lines, i) if base < 0 else (self._lines_ctx, base)
+                    invalid.append(self._explain(ctx, at, line))
+                    continue
                 key = b"%d" % pk
             else:  # an integer id beyond 64 bits: Meilisearch refuses it
                 ctx, at = (lines, i) if base < 0 else (self._lines_ctx, base)
@@ -405,6 +413,11 @@ class DocumentRouter:
             primary_key_text(pk)
         except InvalidPrimaryKey as exc:
             return self._invalid(lines, i, str(exc))
+        if pk == 0 and negative_zero_key(line, self.primary_key):
+            return self._invalid(
+                lines, i, "primary key is written -0, which Meilisearch reads as the float -0.0 and "
+                "refuses (it is not document 0); write 0"
+            )
         problem = document_problem(line, self.primary_key, self._quoted_pk)
         if problem is not None:
             return self._invalid(lines, i, problem)
