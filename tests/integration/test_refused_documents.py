@@ -229,6 +229,19 @@ def test_fleet_skip_counts_identical_refused_lines_each_at_its_own_line(fleet: A
     assert len({r["line"] for r in dead}) == 4
 
 
+@pytest.mark.meilisearch
+def test_fleet_skip_places_a_refused_document_at_its_own_line_not_inside_an_earlier_one(fleet: Any) -> None:
+    """An earlier good document holds the refused one's text inside a field: the dead letter
+    names the refused document's own line, and the good one lands."""
+    root, store, topo, targets, uid = fleet
+    decoy = {"wrapper": orjson.loads(GEO_BAD), "id": "innocent"}
+    assert GEO_BAD[1:] in orjson.dumps(decoy)
+    check_skip(
+        root, store, targets, topo, uid, [decoy, *make_docs(20, seed=9)], [GEO_BAD],
+        ["invalid_document_geo_field", "Could not parse latitude"], settings_for(root, batch_size=64),
+    )  # fmt: skip
+
+
 # -- a document larger than a node's payload limit -------------------------------------------
 
 

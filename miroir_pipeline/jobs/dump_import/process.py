@@ -132,6 +132,11 @@ def _run_chunk(
     return report
 
 
+#: What the router strips around a document before routing it (a BOM only opens a file).
+_BOM = b"\xef\xbb\xbf"
+_BLANKS = b" \t\r"
+
+
 class _RefusedByNodes:
     """Documents the nodes refused for what they are (found after their batch was written).
 
@@ -229,18 +234,31 @@ class _RefusedByNodes:
     def _locate(self, doc: bytes, data: bytes, start: int, search_from: int) -> tuple[int, int, int]:
         """(line number, byte offset) of the first dump line at or after ``search_from`` that a
         refused document came from, and where to look for its next copy; line 0 when it cannot
-        be found (a document whose ``_miroir_shard`` the router replaced)."""
-        at = data.find(untag(doc)[1:], search_from)
-        if at < 0:
-            return 0, 0, search_from
-        line_start = data.rfind(b"\n", 0, at) + 1
-        line_end = data.find(b"\n", at)
-        next_from = len(data) if line_end < 0 else line_end + 1
-        return (
-            self.line_counter.line_at(start) + data.count(b"\n", 0, line_start),
-            start + line_start,
-            next_from,
-        )
+        be found (a document whose ``_miroir_shard`` the router replaced).
+
+        The line must be the document whole (give or take the BOM and the blanks the router
+        strips): the same bytes inside a longer line, or ending one, are another document."""
+        body = untag(doc)[1:]  # what follows the opening brace, as the dump has it
+        at = data.find(body, search_from)
+        while at >= 0:
+            line_start = data.rfind(b"\n", 0, at) + 1
+            line_end = data.find(b"\n", at)
+            if line_end < 0:
+                line_end = len(data)
+            before = data[line_start : at - 1]
+            if (
+                at > line_start
+                and data[at - 1] == 123  # "{"
+                and not before.removeprefix(_BOM).strip(_BLANKS)
+                and not data[at + len(body) : line_end].strip(_BLANKS)
+            ):
+                return (
+                    self.line_counter.line_at(start) + data.count(b"\n", 0, line_start),
+                    start + line_start,
+                    line_end + 1,
+                )
+            at = data.find(body, at + 1)
+        return 0, 0, search_from
 
 
 def _read(ref: DumpRef, start: int, end: int) -> bytes:
