@@ -288,7 +288,7 @@ def _verify(
     names = runtime.names()
     ops = {names.reshard_shadow_op: {"config": {"parent_job_id": parent_id}}}
     verify = runtime.run_job(names.reshard_verify_job, ops, instance, logs)
-    passed, why, meta = latest_verification(instance, names.key_prefix)
+    passed, why, meta = latest_verification(instance, names.key_prefix, verify.run_id)
     if meta:
         result["per_node"] = meta.get("shadow_per_node", result["per_node"])
     if passed:

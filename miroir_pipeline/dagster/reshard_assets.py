@@ -62,8 +62,17 @@ def _reshard_params(store: JobStore, parent_id: str) -> ReshardChunkParams:
     return ReshardChunkParams.model_validate(children[0].params)
 
 
-def _latest_shadow(instance: dg.DagsterInstance, names: MiroirNames) -> tuple[int, dict[str, Any]]:
-    """Storage id and metadata (plain values) of the latest ``reshard_shadow`` materialization."""
+def _latest_shadow(
+    instance: dg.DagsterInstance, names: MiroirNames, run_id: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Storage id and metadata (plain values) of the ``reshard_shadow`` materialization of run
+    ``run_id`` when it made one (the shadow that run verifies: another reshard's verify run may
+    have materialized the asset since), else the latest one."""
+    if run_id is not None:
+        for record in _run_records(instance, run_id, dg.DagsterEventType.ASSET_MATERIALIZATION):
+            mat = record.asset_materialization
+            if mat is not None and mat.asset_key == names.reshard_shadow_key:
+                return record.storage_id, {k: v.value for k, v in mat.metadata.items()}
     records = instance.fetch_materializations(names.reshard_shadow_key, limit=1).records
     if not records:
         raise dg.Failure(
@@ -73,6 +82,13 @@ def _latest_shadow(instance: dg.DagsterInstance, names: MiroirNames) -> tuple[in
     mat = record.asset_materialization
     assert mat is not None
     return record.storage_id, {k: v.value for k, v in mat.metadata.items()}
+
+
+def _run_records(
+    instance: dg.DagsterInstance, run_id: str, of_type: dg.DagsterEventType
+) -> list[dg.EventLogRecord]:
+    """Events of one type a run logged, newest first."""
+    return list(instance.get_records_for_run(run_id, of_type=of_type, ascending=False).records)
 
 
 def result_metadata(result: VerificationResult) -> dict[str, Any]:
@@ -100,24 +116,45 @@ def result_metadata(result: VerificationResult) -> dict[str, Any]:
 
 
 def latest_verification(
-    instance: dg.DagsterInstance, key_prefix: str = DEFAULT_KEY_PREFIX
+    instance: dg.DagsterInstance, key_prefix: str = DEFAULT_KEY_PREFIX, run_id: str | None = None
 ) -> tuple[bool, str, dict[str, Any]]:
-    """Whether the latest check evaluation passed *for the latest shadow materialization*, why
-    not if it did not, and the evaluation's metadata (plain values); for the definitions built
-    with ``key_prefix``."""
+    """Whether the check passed *for the shadow it was meant to verify*, why not if it did not,
+    and the evaluation's metadata (plain values); for the definitions built with ``key_prefix``.
+
+    With ``run_id`` (a verify run), the shadow and the check evaluation are that run's own, so
+    a verify run of another reshard finishing meanwhile is never reported; without it, the
+    latest evaluation must target the latest shadow materialization."""
     names = MiroirNames(key_prefix)
     check = names.shadow_check_name
-    storage_id, _ = _latest_shadow(instance, names)
-    record = instance.get_latest_asset_check_evaluation_record(names.shadow_check_key)
-    if record is None or record.event is None or record.event.dagster_event is None:
-        return False, f"the {check} check has not run yet", {}
-    evaluation = record.event.dagster_event.event_specific_data
-    if not isinstance(evaluation, dg.AssetCheckEvaluation):
-        return False, f"the latest {check} check is {record.status.value}, not finished", {}
+    storage_id, shadow = _latest_shadow(instance, names, run_id)
+    event: dg.EventLogEntry | None = None
+    if run_id is not None:
+        for record in _run_records(instance, run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+            evaluation = record.event_log_entry.dagster_event.event_specific_data  # type: ignore[union-attr]
+            if isinstance(evaluation, dg.AssetCheckEvaluation) and evaluation.asset_check_key == names.shadow_check_key:
+                event = record.event_log_entry
+                break
+        if event is None:
+            return False, f"the {check} check did not run in this verify run", {}
+    else:
+        latest = instance.get_latest_asset_check_evaluation_record(names.shadow_check_key)
+        if latest is None or latest.event is None:
+            return False, f"the {check} check has not run yet", {}
+        event = latest.event
+        if event.dagster_event is None or not isinstance(
+            event.dagster_event.event_specific_data, dg.AssetCheckEvaluation
+        ):
+            return False, f"the latest {check} check is {latest.status.value}, not finished", {}
+    assert event.dagster_event is not None
+    evaluation = event.dagster_event.event_specific_data
+    assert isinstance(evaluation, dg.AssetCheckEvaluation)
     meta = {k: v.value for k, v in evaluation.metadata.items()}
     target = evaluation.target_materialization_data
-    if target is None or target.storage_id != storage_id:
+    # A run's own records may be numbered apart from the asset index (run-sharded storage):
+    # within a run, the check must target the shadow that run materialized.
+    if target is None or (target.run_id != run_id if run_id else target.storage_id != storage_id):
         return False, f"the latest {check} check ran against an older reshard_shadow", meta
+    meta.setdefault("parent_job_id", shadow.get("parent_job_id"))
     if not evaluation.passed:
         return False, f"the latest {check} check failed: {meta.get('summary', '')}", meta
     return True, "verified", meta
@@ -236,7 +273,7 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
     )
     def _shadow_matches_live(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         jobs: JobStoreResource = getattr(context.resources, jobs_key)
-        _, meta = _latest_shadow(context.instance, names)
+        _, meta = _latest_shadow(context.instance, names, context.run.run_id)
         params = _reshard_params(jobs.get_store(), str(meta["parent_job_id"]))
         live = Topology.parse(params.live_topology)
         shadow = Topology.parse(params.shadow_topology)
@@ -264,10 +301,15 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
         group_name=names.group_name,
     )
     def _cutover(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
-        ok, why, check_meta = latest_verification(context.instance, names.key_prefix)
+        # In a verify run: that run's shadow and check; materialized on its own: the latest.
+        this_run = context.run.run_id
+        run_id = this_run if _run_records(
+            context.instance, this_run, dg.DagsterEventType.ASSET_MATERIALIZATION
+        ) else None
+        ok, why, check_meta = latest_verification(context.instance, names.key_prefix, run_id)
         if not ok:
             raise dg.Failure(description=f"cutover refused: {why}", allow_retries=False)
-        _, shadow = _latest_shadow(context.instance, names)
+        _, shadow = _latest_shadow(context.instance, names, run_id)
         context.log.info(
             f"shadow {shadow['shadow_index']} verified ({check_meta.get('shadow_documents')} documents): "
             f"ready for Miroir to point {shadow['index_uid']} at it"

@@ -796,3 +796,59 @@ def test_dagster_plan_backfill_blocking_check_and_cutover(
         cutover = defs.get_assets_def(names.reshard_cutover_key)
         alone = dg.materialize([cutover], instance=instance, raise_on_error=False)
         assert not alone.success
+
+
+def test_each_verify_run_reports_its_own_reshard_not_the_latest_one(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two reshards verified one after the other (or at once, from two terminals): the first
+    run's outcome, read after the second finished, is still the first reshard's, and the
+    cutover of a verify run records that run's own shadow."""
+    from miroir_pipeline.dagster import MiroirNames
+    from miroir_pipeline.dagster.reshard_assets import latest_verification
+
+    topo = local_topology(tmp_path / "nodes", 16, [["n0", "n1"]])
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True)))
+    monkeypatch.setenv("MIROIR_TOPOLOGY", str(tmp_path / "topology.yaml"))
+    monkeypatch.setenv("MIROIR_JOBS_DSN", f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    live = opened(topo)
+    docs = {"books": make_docs(300, int_ids=True), "films": make_docs(200, int_ids=False)}
+    for uid, batch in docs.items():
+        load_live(topo, live, uid, batch)
+    defs = _defs()
+    names = MiroirNames()
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    verify_job = defs.resolve_job_def(names.reshard_verify_job)
+    chunk_job = defs.resolve_job_def(names.chunk_job("reshard_backfill"))
+    with dg.instance_for_test() as instance:
+        parents = {}
+        for uid in docs:
+            plan = defs.resolve_job_def(names.plan_reshard_job).execute_in_process(
+                run_config={"ops": {names.plan_reshard_op: {"config": {"index_uid": uid, "new_shards": 4}}}, **quiet},
+                instance=instance,
+            )
+            parents[uid] = plan.output_for_node(names.plan_reshard_op)
+            for chunk in store.children(parents[uid]):
+                assert chunk_job.execute_in_process(instance=instance, partition_key=chunk.id, run_config=quiet).success
+        # The films shadow loses a document: its verification fails.
+        pk = str(docs["films"][5]["id"])
+        for node in write_targets(shard_for_key(pk, 4), topo):
+            live[node].delete_documents("films__reshard_4", [pk])
+
+        def verify(uid: str) -> dg.ExecuteInProcessResult:
+            config = {"ops": {names.reshard_shadow_op: {"config": {"parent_job_id": parents[uid]}}}, **quiet}
+            return verify_job.execute_in_process(run_config=config, instance=instance, raise_on_error=False)
+
+        books, films = verify("books"), verify("films")
+        assert books.success and not films.success
+        passed, why, meta = latest_verification(instance, run_id=books.run_id)
+        assert passed, why
+        assert meta["parent_job_id"] == parents["books"] and meta["shadow_documents"] == 300
+        passed, why, meta = latest_verification(instance, run_id=films.run_id)
+        assert not passed and meta["parent_job_id"] == parents["films"] and meta["missing_count"] == 1
+        cutover = books.asset_materializations_for_node(names.op_name(names.reshard_cutover_key))[0].metadata
+        assert cutover["parent_job_id"].value == parents["books"]
+
