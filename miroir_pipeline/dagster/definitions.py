@@ -174,6 +174,7 @@ def miroir_definitions(
             names.settings_resource: SettingsResource.from_value(settings),
             names.pushgateway_resource: PushgatewayResource(url=pushgateway_url, deployment=deployment),
             names.runtime_resource: runtime_resource(),
+            names.results_io_manager: dg.mem_io_manager,
         },
     )
     return dg.Definitions.merge(*parts, core)

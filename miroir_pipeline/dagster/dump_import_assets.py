@@ -41,6 +41,7 @@ def dump_import_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions
 
     @dg.op(
         name=names.plan_dump_import_op,
+        out=dg.Out(io_manager_key=names.results_io_manager),
         description=(
             "Stage and validate a dump, enqueue the parent, split it, and register one partition "
             f"of {chunk_asset} per chunk."

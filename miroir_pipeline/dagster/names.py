@@ -85,6 +85,12 @@ class MiroirNames:
         return self._name("pushgateway")
 
     @property
+    def results_io_manager(self) -> str:
+        """Where the plan and prune ops' return values go: in memory, so an ``io_manager`` of
+        the code location Miroir is merged into is never asked to store them."""
+        return self._name("results_io_manager")
+
+    @property
     def runtime_resource(self) -> str:
         """What the launcher of a chunk run hands it (its shutdown); see ``ChunkRuntime``."""
         return self._name("runtime")
@@ -97,6 +103,7 @@ class MiroirNames:
             self.settings_resource,
             self.pushgateway_resource,
             self.runtime_resource,
+            self.results_io_manager,
         )
 
     # -- assets -------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import dagster as dg
 from miroir_pipeline.dagster.checks import has_documents_result, has_documents_spec
 from miroir_pipeline.dagster.names import DEFAULT_KEY_PREFIX, TAG_PARENT_REPORT, MiroirNames
 from miroir_pipeline.dagster.resources import JobStoreResource, SettingsResource
+from miroir_pipeline.dagster.run_logs import console_log_level
 from miroir_pipeline.jobs.registry import JobKind, UnknownJobKind, kind_for
 from miroir_pipeline.queue.contract import Job, JobNotFound, JobState, JobStore, ParentSummary
 from miroir_pipeline.queue.contract import JobKind as RowKind
@@ -69,7 +70,6 @@ REPORT_SLACK_S = 120.0
 #: Failed chunks listed, with their errors, in a failed parent's metadata.
 MAX_FAILED_CHUNKS_LISTED = 50
 _FINISHED = (JobState.COMPLETED, JobState.FAILED)
-_QUIET_RUN_LOGS: Mapping[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def report_key(parent: Job) -> str:
@@ -424,8 +424,9 @@ def record_parent(
             parent_id, kind.job_type, str(parent.state), run.run_id, False, run.status == dg.DagsterRunStatus.SUCCESS
         )
     instance.add_dynamic_partitions(names.parent_partitions(kind), [parent_id])
-    result = defs.resolve_job_def(job_name).execute_in_process(
-        run_config=dict(_QUIET_RUN_LOGS) if quiet else None,
+    job_def = defs.resolve_job_def(job_name)
+    result = job_def.execute_in_process(
+        run_config=console_log_level(job_def, "CRITICAL") if quiet else None,
         instance=instance,
         partition_key=parent_id,
         tags={TAG_PARENT_REPORT: key},

@@ -113,6 +113,7 @@ def prune_definitions(names: MiroirNames) -> dg.Definitions:
 
     @dg.op(
         name=names.prune_op,
+        out=dg.Out(io_manager_key=names.results_io_manager),
         description=(
             "Delete completed and failed parents finished longer ago than older_than_s (with their "
             "chunks) and finished standalone chunks, and remove their dynamic partitions; then the "

@@ -174,6 +174,7 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
 
     @dg.op(
         name=names.plan_reshard_op,
+        out=dg.Out(io_manager_key=names.results_io_manager),
         description=(
             "Check the live index, prepare the shadow index, enqueue the reshard parent, split it "
             f"into shard ranges, and register one partition of {chunk_asset} per range."

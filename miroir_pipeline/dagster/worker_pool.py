@@ -32,6 +32,7 @@ from miroir_pipeline.dagster.names import (
     MiroirNames,
 )
 from miroir_pipeline.dagster.resources import runtime_resource
+from miroir_pipeline.dagster.run_logs import console_log_level
 from miroir_pipeline.jobs.registry import JobKind, job_types, kind_for, kinds
 from miroir_pipeline.jobs.settings import PipelineSettings
 from miroir_pipeline.queue.contract import (
@@ -321,7 +322,7 @@ class Worker:
         def target() -> None:
             try:
                 box["result"] = job_def.execute_in_process(
-                    run_config={"loggers": {"console": {"config": {"log_level": self.run_log_level}}}},
+                    run_config=console_log_level(job_def, self.run_log_level),
                     instance=self.instance,
                     partition_key=chunk_id,
                     tags=tags,

@@ -227,6 +227,53 @@ def test_the_launchers_shutdown_reaches_the_chunk_through_the_runtime_resource(p
 
 
 # -- (c) two prefixes ------------------------------------------------------------------------------
+class _RefusingIOManager(dg.ConfigurableIOManager):
+    """The user's own default io manager: it stores only what the user's assets hand it, and
+    refuses anything else (as one that writes to the user's warehouse would)."""
+
+    def handle_output(self, context: dg.OutputContext, obj: object) -> None:
+        raise RuntimeError(f"the user's io_manager was asked to store {context.step_key}'s output")
+
+    def load_input(self, context: dg.InputContext) -> object:
+        raise RuntimeError("the user's io_manager was asked to load an input")
+
+
+def test_a_location_with_its_own_io_manager_and_loggers_runs_every_miroir_job(planned: dict[str, Any]) -> None:
+    """Its ``io_manager`` is never asked to store a plan's or prune's return value, and run
+    config Miroir sets for its own runs (worker pool, parent reports) never names a ``console``
+    logger the location's jobs do not have."""
+    from miroir_pipeline.dagster import Worker, record_parent
+
+    names = MiroirNames()
+    user = dg.Definitions(
+        resources={"io_manager": _RefusingIOManager()}, loggers={"user_json": dg.json_console_logger}
+    )
+    settings = {
+        "allowed_roots": [str(planned["root"])],
+        "staging_dir": str(planned["root"] / "staging"),
+        "dead_letter_dir": str(planned["root"] / "dead-letter"),
+    }
+    defs = dg.Definitions.merge(
+        user, miroir_definitions(jobs_dsn=dg.EnvVar(DSN_VAR), topology=str(planned["root"] / "topology.yaml"), settings=settings)
+    )
+    assert "console" not in defs.resolve_job_def(names.chunk_job("dump_import")).loggers
+    store = open_store(planned["dsn"])
+    try:
+        with dg.instance_for_test() as instance:
+            parent_id = _plan(defs, instance, planned["dump"], chunk_size=16 * 1024)
+            stats = Worker(store, instance, defs, PipelineSettings(**settings), parent_id=parent_id, exit_when_empty=True).run()
+            assert stats.chunks_run >= 3 and stats.chunks_failed == 0
+            assert store.get(parent_id).state == JobState.COMPLETED
+            report = record_parent(defs, instance, parent_id, store=store, quiet=True)
+            assert report is not None and report.materialized
+            prune = defs.resolve_job_def(names.prune_job).execute_in_process(
+                run_config={"ops": {names.prune_op: {"config": {"older_than_s": 0}}}}, instance=instance
+            )
+            assert prune.success and prune.output_for_node(names.prune_op) >= 1
+    finally:
+        store.close()
+
+
 def test_two_prefixes_merge_without_clashing(monkeypatch: pytest.MonkeyPatch) -> None:
     fleet_b = miroir_definitions(key_prefix="fleet_b", jobs_dsn=dg.EnvVar("FLEET_B_DSN"), max_chunk_runs=2)
     # the user's location (its own `jobs`, an asset, Miroir under the default prefix) plus a second fleet
