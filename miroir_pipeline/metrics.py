@@ -48,6 +48,7 @@ __all__ = [
     "INVALID_DOCUMENTS",
     "INVALID_DOCUMENT_POLICIES",
     "JOB_TYPE_LABEL",
+    "KEY_PREFIX_LABEL",
     "METRICS_ADDR_ENV",
     "METRICS_PORT_ENV",
     "PUSHGATEWAY_URL_ENV",
@@ -72,6 +73,8 @@ JOB_TYPE_LABEL: Final = "job_type"
 PUSH_JOB: Final = "miroir_pipeline"
 #: Grouping-key label that keeps two deployments (e.g. staging and production) apart.
 DEPLOYMENT_LABEL: Final = "deployment"
+#: Grouping label of the queue depth pushed by definitions built with a non-default key prefix.
+KEY_PREFIX_LABEL: Final = "key_prefix"
 DEFAULT_PUSH_TIMEOUT: Final = 10.0
 
 #: Environment read by :func:`push_queue_depth_from_env` and :func:`start_metrics_server_from_env`.

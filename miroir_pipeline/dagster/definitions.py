@@ -172,7 +172,9 @@ def miroir_definitions(
             names.jobs_resource: JobStoreResource(dsn=jobs_dsn),
             names.topology_resource: TopologyResource.from_value(topology),
             names.settings_resource: SettingsResource.from_value(settings),
-            names.pushgateway_resource: PushgatewayResource(url=pushgateway_url, deployment=deployment),
+            names.pushgateway_resource: PushgatewayResource(
+                url=pushgateway_url, deployment=deployment, key_prefix=names.key_prefix
+            ),
             names.runtime_resource: runtime_resource(),
             names.results_io_manager: dg.mem_io_manager,
         },

@@ -17,6 +17,7 @@ import dagster as dg
 import yaml
 
 from miroir_pipeline import metrics
+from miroir_pipeline.dagster.names import DEFAULT_KEY_PREFIX
 from miroir_pipeline.fleet.targets.base import NodeTarget
 from miroir_pipeline.fleet.targets.factory import open_target
 from miroir_pipeline.fleet.topology import Topology
@@ -136,10 +137,16 @@ class SettingsResource(dg.ConfigurableResource):  # type: ignore[type-arg]
 class PushgatewayResource(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Where the queue-depth sensor pushes ``miroir_background_queue_depth``: ``url`` (an
     ``EnvVar`` if it carries credentials), else ``$MIROIR_PUSHGATEWAY_URL``; grouped by
-    ``deployment``, else ``$MIROIR_DEPLOYMENT``, else the default deployment label."""
+    ``deployment``, else ``$MIROIR_DEPLOYMENT``, else the default deployment label.
+
+    Definitions built with another ``key_prefix`` than the default push a group of their own
+    (``key_prefix`` label too): each push replaces its whole group, so two sets of definitions
+    sharing one group would overwrite each other's depths. The default prefix keeps the plain
+    group, so an upgrade leaves no stale group behind for the autoscaler to add up."""
 
     url: str | None = None
     deployment: str | None = None
+    key_prefix: str = DEFAULT_KEY_PREFIX
 
     def push(self, depth: Mapping[str, int]) -> bool:
         """Push ``depth``; False (nothing pushed) when no gateway is configured. Raises
@@ -150,7 +157,10 @@ class PushgatewayResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         deployment = (
             self.deployment or os.environ.get(metrics.DEPLOYMENT_ENV, "")
         ).strip() or metrics.DEFAULT_DEPLOYMENT
-        metrics.push_queue_depth(url, depth, grouping_key={metrics.DEPLOYMENT_LABEL: deployment})
+        group = {metrics.DEPLOYMENT_LABEL: deployment}
+        if self.key_prefix != DEFAULT_KEY_PREFIX:
+            group[metrics.KEY_PREFIX_LABEL] = self.key_prefix
+        metrics.push_queue_depth(url, depth, grouping_key=group)
         return True
 
 

@@ -11,6 +11,7 @@ from miroir_pipeline.jobs.registry import job_types
 from miroir_pipeline.metrics import (
     DEPLOYMENT_ENV,
     JOB_TYPE_LABEL,
+    KEY_PREFIX_LABEL,
     PUSH_JOB,
     PUSHGATEWAY_URL_ENV,
     QUEUE_DEPTH_METRIC,
@@ -69,6 +70,23 @@ def test_push_drops_series_of_a_type_no_longer_reported(gateway: Pushgateway) ->
     push_queue_depth(gateway.url, {"dump_import": 1}, grouping_key={"deployment": "prod"})
 
     assert _depths(gateway, "prod") == {"dump_import": 1.0}
+
+
+def test_two_key_prefixes_in_one_deployment_keep_their_own_depths(
+    gateway: Pushgateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sets of definitions (default prefix and ``fleet_b``) push under one deployment: each
+    push replaces only its own group, so neither wipes the other's depths; the default prefix
+    keeps the plain group (no stale group left behind on upgrade)."""
+    from miroir_pipeline.dagster.resources import PushgatewayResource
+
+    monkeypatch.delenv(PUSHGATEWAY_URL_ENV, raising=False)
+    default = PushgatewayResource(url=gateway.url, deployment="prod")
+    fleet_b = PushgatewayResource(url=gateway.url, deployment="prod", key_prefix="fleet_b")
+    assert default.push({"dump_import": 4}) and fleet_b.push({"dump_import": 11})
+    assert default.push({"dump_import": 5})
+    series = samples_of(gateway.scrape(), QUEUE_DEPTH_METRIC, job=PUSH_JOB, deployment="prod")
+    assert sorted((s.labels.get(KEY_PREFIX_LABEL, ""), s.value) for s in series) == [("", 5.0), ("fleet_b", 11.0)]
 
 
 def test_deployments_are_separate_groups(gateway: Pushgateway) -> None:
