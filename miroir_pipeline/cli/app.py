@@ -35,7 +35,7 @@ Chunked, resumable Meilisearch dump imports and reshard backfills for a Miroir f
 run as Dagster chunk runs from a leased jobs table (SQLite or Postgres)."""
 EPILOG = """\
 environment:
-  MIROIR_JOBS_DSN   jobs store: sqlite:///PATH or postgresql://... (default ./.miroir/jobs.sqlite3)
+  MIROIR_JOBS_DSN   jobs store: sqlite:///PATH or postgresql://... (default $MIROIR_HOME/jobs.sqlite3)
   MIROIR_TOPOLOGY   topology YAML (default: 3 local node stores under ./.miroir/nodes)
   MIROIR_HOME       home of the embedded defaults and of the import/reshard logs (default ./.miroir)
   MIROIR_ALLOWED_ROOTS  comma-separated roots dump URIs must lie under (default: the current directory)

@@ -25,7 +25,7 @@ __all__ = [
 
 N = TypeVar("N", int, float)
 
-_DSN_HELP = "jobs store DSN: sqlite:///PATH or postgresql://... (default $MIROIR_JOBS_DSN, else a SQLite file under ./.miroir)"
+_DSN_HELP = "jobs store DSN: sqlite:///PATH or postgresql://... (default $MIROIR_JOBS_DSN, else $MIROIR_HOME/jobs.sqlite3)"
 _TOPOLOGY_HELP = (
     "topology YAML (default $MIROIR_TOPOLOGY, else 3 local nodes under ./.miroir/nodes)"
 )

@@ -11,6 +11,8 @@ import os
 import re
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
+from miroir_pipeline.util.home import default_home
+
 __all__ = [
     "DEFAULT_SQLITE_PATH",
     "ENV_DSN",
@@ -23,6 +25,7 @@ __all__ = [
     "validate_schema",
 ]
 
+#: Where the embedded default jobs store is when ``$MIROIR_HOME`` is not set.
 DEFAULT_SQLITE_PATH = "./.miroir/jobs.sqlite3"
 ENV_DSN = "MIROIR_JOBS_DSN"
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -32,9 +35,12 @@ _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORE
 
 
 def default_dsn() -> str:
-    """The embedded default: a SQLite file under ``./.miroir/`` (the folder is created)."""
-    os.makedirs(os.path.dirname(DEFAULT_SQLITE_PATH), exist_ok=True)
-    return "sqlite:///" + DEFAULT_SQLITE_PATH
+    """The embedded default: ``jobs.sqlite3`` in the home of the embedded defaults
+    (``$MIROIR_HOME``, else ``./.miroir``; the folder is created)."""
+    home = default_home()
+    home.mkdir(parents=True, exist_ok=True)
+    path = str(home / "jobs.sqlite3")
+    return "sqlite:///" + (path if os.path.isabs(path) else "./" + path)
 
 
 def redact_dsn(dsn: str) -> str:

@@ -205,9 +205,19 @@ def test_sqlite_dsn_forms_and_default(tmp_path: Path, monkeypatch: pytest.Monkey
         stores.append(open_store())
         assert (tmp_path / "from-env.db").is_file()
         monkeypatch.delenv("MIROIR_JOBS_DSN")
+        monkeypatch.delenv("MIROIR_HOME", raising=False)
         assert default_dsn() == "sqlite:///./.miroir/jobs.sqlite3"
         stores.append(open_store())
         assert (tmp_path / ".miroir/jobs.sqlite3").is_file()
+        # The home of the embedded defaults holds it, relative or absolute.
+        monkeypatch.setenv("MIROIR_HOME", "rel-home")
+        assert default_dsn() == "sqlite:///./rel-home/jobs.sqlite3"
+        stores.append(open_store())
+        assert (tmp_path / "rel-home/jobs.sqlite3").is_file()
+        monkeypatch.setenv("MIROIR_HOME", str(tmp_path / "abs-home"))
+        assert default_dsn() == f"sqlite:///{tmp_path}/abs-home/jobs.sqlite3"
+        stores.append(open_store())
+        assert (tmp_path / "abs-home/jobs.sqlite3").is_file()
     finally:
         for s in stores:
             s.close()
