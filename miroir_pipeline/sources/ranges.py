@@ -138,9 +138,11 @@ def iter_line_blocks(
                 cut = data.rfind(b"\n") + 1
                 if not cut and pos + len(data) == end:
                     cut = len(data)  # the range's last line, without a newline
-                if cut or len(data) > max_line:
+                # A line of exactly max_line bytes may end in CR LF: one more byte finds its LF.
+                crlf = len(data) == max_line + 1 and data.endswith(b"\r")
+                if cut or len(data) > max_line + crlf:
                     break
-                size = min(size * 2, end - pos, max_line + 1)
+                size = min(size * 2, end - pos, max_line + 1 + crlf)
             if cut:
                 yield LineBlock(data, pos, cut)
                 pos += cut

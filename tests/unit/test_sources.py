@@ -329,6 +329,25 @@ def test_property_iter_line_blocks_covers_the_range_and_skips_only_overlong_line
     assert skipped == want
 
 
+@pytest.mark.parametrize("block_size", [4, 16, 64])
+def test_a_crlf_line_exactly_at_the_limit_is_read_not_skipped(tmp_path: Path, block_size: int) -> None:
+    """The limit is on the document: a line of exactly ``max_line`` bytes is handed over whether
+    it ends in LF or CR LF; one byte more is skipped when it cannot fit in a read (in a block
+    read whole, the router refuses it by its length)."""
+    max_line = 20
+    exact, over = b"a" * max_line, b"b" * (max_line + 1)
+    data = exact + b"\r\n" + over + b"\r\n" + b"c\r\n"
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    ref = resolve_dump(str(path), [str(tmp_path)])
+    routed, skipped = [], []
+    for block in iter_line_blocks(ref, 0, len(data), block_size=block_size, max_line=max_line):
+        (skipped if block.overlong else routed).append(data[block.at : block.at + block.end])
+    handed = b"".join(routed).split(b"\r\n")[:-1]
+    assert handed == ([exact, b"c"] if skipped else [exact, over, b"c"])
+    assert skipped == ([over + b"\r\n"] if block_size <= max_line else [])
+
+
 def test_truncated_dump_is_reported_while_reading(dump: Path) -> None:
     ref = resolve_dump(str(dump), None)
     dump.write_bytes(DOCS[:100])
