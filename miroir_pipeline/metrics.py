@@ -50,6 +50,7 @@ __all__ = [
     "JOB_TYPE_LABEL",
     "KEY_PREFIX_LABEL",
     "METRICS_ADDR_ENV",
+    "METRICS_PORTS",
     "METRICS_PORT_ENV",
     "PUSHGATEWAY_URL_ENV",
     "PUSH_JOB",
@@ -58,6 +59,7 @@ __all__ = [
     "QUEUE_DEPTH_REGISTRY",
     "RESHARD_DOCUMENTS_BACKFILLED",
     "MetricsPushError",
+    "parse_port",
     "prime_job_type",
     "push_queue_depth",
     "push_queue_depth_from_env",
@@ -83,6 +85,9 @@ DEPLOYMENT_ENV: Final = "MIROIR_DEPLOYMENT"
 METRICS_PORT_ENV: Final = "MIROIR_METRICS_PORT"
 METRICS_ADDR_ENV: Final = "MIROIR_METRICS_ADDR"
 DEFAULT_DEPLOYMENT: Final = "default"
+#: The ports :func:`start_metrics_server` serves on (0: the system picks a free one); the one rule
+#: for ``$MIROIR_METRICS_PORT`` and ``worker --metrics-port`` (see :func:`parse_port`).
+METRICS_PORTS: Final = range(0, 65536)
 
 #: ``outcome`` label values of :data:`CHUNK_DURATION`.
 CHUNK_OUTCOMES: Final = ("completed", "failed", "lease_lost", "released")
@@ -284,6 +289,8 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1") -> WSGIServer:
     server: call ``shutdown()`` then ``server_close()`` to stop it. Port 0 picks a free port
     (read it from ``server.server_port``).
     """
+    if port not in METRICS_PORTS:
+        raise ValueError(f"cannot serve metrics on {addr}:{port}: a port is 0-65535")
     try:
         server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
     except OSError as exc:
@@ -294,6 +301,18 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1") -> WSGIServer:
     return server
 
 
+def parse_port(text: str, name: str = METRICS_PORT_ENV) -> int:
+    """``text`` as a port of :data:`METRICS_PORTS` (0-65535); else a ``ValueError`` naming
+    ``name`` (where the text came from), the text and the range."""
+    try:
+        port = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a port number (0-65535)") from None
+    if port not in METRICS_PORTS:
+        raise ValueError(f"{name}={text!r} is outside 0-65535")
+    return port
+
+
 def start_metrics_server_from_env(environ: Mapping[str, str] | None = None) -> WSGIServer | None:
     """Start the metrics server when ``$MIROIR_METRICS_PORT`` is set (bind ``$MIROIR_METRICS_ADDR``,
     default loopback); return None when it is unset or empty."""
@@ -301,11 +320,6 @@ def start_metrics_server_from_env(environ: Mapping[str, str] | None = None) -> W
     raw = env.get(METRICS_PORT_ENV, "").strip()
     if not raw:
         return None
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ValueError(f"{METRICS_PORT_ENV}={raw!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{METRICS_PORT_ENV}={port} is outside 0-65535")
+    port = parse_port(raw, METRICS_PORT_ENV)
     addr = env.get(METRICS_ADDR_ENV, "").strip() or "127.0.0.1"
     return start_metrics_server(port, addr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -175,11 +176,18 @@ def _documents_key(job_type: str) -> str:
 
 
 def parse_age(text: str) -> float:
-    """Seconds from ``90s``, ``30m``, ``12h``, ``7d`` or plain seconds; ``ValueError`` otherwise."""
+    """Seconds from ``90s``, ``30m``, ``12h``, ``7d`` or plain seconds, 0 or more and finite;
+    ``ValueError`` otherwise (a negative age would prune every finished job, NaN none or all)."""
     t = text.strip().lower()
     try:
-        return float(t[:-1]) * _AGE_UNITS[t[-1]] if t and t[-1] in _AGE_UNITS else float(t)
+        age = float(t[:-1]) * _AGE_UNITS[t[-1]] if t and t[-1] in _AGE_UNITS else float(t)
     except ValueError:
         raise ValueError(
             f"--older-than {text!r}: use seconds or a number with s, m, h or d (e.g. 7d)"
         ) from None
+    if not 0 <= age < math.inf:  # also refuses NaN
+        raise ValueError(
+            f"--older-than {text!r}: must be a finite age of 0 or more: seconds or a number "
+            "with s, m, h or d (e.g. 7d)"
+        )
+    return age

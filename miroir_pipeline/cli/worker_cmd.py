@@ -15,13 +15,17 @@ import os
 from miroir_pipeline.cli import collector, runtime
 from miroir_pipeline.cli.options import Subparsers, add_store_options, positive_float, positive_int
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "metrics_port", "run"]
 
 log = logging.getLogger(__name__)
 
 #: Dagster console log level of the chunk runs: normal, and under ``--quiet``.
 RUN_LOG_LEVEL = "WARNING"
 QUIET_RUN_LOG_LEVEL = "ERROR"
+
+#: Default of ``--metrics-port`` (``miroir_pipeline.metrics.METRICS_PORT_ENV``, not imported:
+#: the parser is built for every command, and the metrics module loads ``prometheus_client``).
+METRICS_PORT_ENV = "MIROIR_METRICS_PORT"
 
 
 DESCRIPTION = (
@@ -65,8 +69,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
-        default=os.environ.get("MIROIR_METRICS_PORT", "0"),
+        type=metrics_port,
+        # A string: argparse checks it with ``metrics_port`` only when the flag is not given.
+        default=_FromEnvironment(os.environ.get(METRICS_PORT_ENV, "").strip() or "0"),
         metavar="PORT",
         help="serve Prometheus /metrics on PORT; 0 disables it (default $MIROIR_METRICS_PORT, else 0)",
     )
@@ -84,6 +89,26 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     add_store_options(p)
     p.set_defaults(func=run)
     return p
+
+
+class _FromEnvironment(str):
+    """The default of ``--metrics-port``, read from ``$MIROIR_METRICS_PORT``: a refusal names it."""
+
+    __slots__ = ()
+
+
+def metrics_port(text: str) -> int:
+    """The argument type of ``--metrics-port``: a port 0-65535, the rule of
+    :func:`miroir_pipeline.metrics.parse_port` (also that of ``$MIROIR_METRICS_PORT``)."""
+    from miroir_pipeline.metrics import parse_port  # prometheus_client loads for `worker` only
+
+    try:
+        return parse_port(text)
+    except ValueError:
+        source = f" (from ${METRICS_PORT_ENV})" if isinstance(text, _FromEnvironment) else ""
+        raise argparse.ArgumentTypeError(
+            f"must be a port number from 0 to 65535 (0 turns /metrics off), not {text!r}{source}"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ same from the UI, GraphQL or a schedule (config ``older_than_s``). Run history s
 keeps the runs and materializations of a removed partition, it only stops listing the partition.
 """
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -122,8 +123,11 @@ def prune_definitions(names: MiroirNames) -> dg.Definitions:
         required_resource_keys={jobs_key, settings_key},
     )
     def _prune(context: dg.OpExecutionContext, config: PruneConfig) -> int:
-        if config.older_than_s < 0:
-            raise dg.Failure(description=f"older_than_s={config.older_than_s} must be 0 or more", allow_retries=False)
+        if not (math.isfinite(config.older_than_s) and config.older_than_s >= 0):
+            raise dg.Failure(
+                description=f"older_than_s={config.older_than_s} must be a finite number of seconds, 0 or more",
+                allow_retries=False,
+            )
         jobs: JobStoreResource = getattr(context.resources, jobs_key)
         store = jobs.get_store()
         outcome = prune_finished(store, context.instance, config.older_than_s, key_prefix=names.key_prefix)

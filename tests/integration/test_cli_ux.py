@@ -26,8 +26,12 @@ from typing import Any, TypeVar
 import orjson
 import pytest
 
+from miroir_pipeline.cli import worker_cmd
+from miroir_pipeline.cli.admin_cmd import parse_age
+from miroir_pipeline.cli.app import build_parser
 from miroir_pipeline.fleet.targets.local_store import LocalNodeStore
 from miroir_pipeline.fleet.topology import default_topology
+from miroir_pipeline.metrics import METRICS_PORT_ENV
 from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import JobState, JobStore
 from tests.import_helpers import actual_placement, assert_exact_placement, expected_placement
@@ -127,6 +131,37 @@ def test_every_refusal_is_one_line_with_exit_2(tmp_path: Path) -> None:
     assert store.list_parents() == []
     logs = tmp_path / ".miroir" / "logs"
     assert not logs.exists() or list(logs.iterdir()) == []
+
+
+@pytest.mark.timeout(300)
+def test_prune_refuses_a_negative_or_non_finite_age(tmp_path: Path) -> None:
+    # A negative age would prune every finished job, however recent; NaN or inf is no age at all.
+    for age in ("-1", "-5d", "nan", "inf", "-inf", "1e400", "nand"):
+        line = one_line(cli(tmp_path, "prune", f"--older-than={age}", timeout=120))  # "=": -5d is no option
+        assert line == (
+            f"error: --older-than {age!r}: must be a finite age of 0 or more: seconds or a number "
+            "with s, m, h or d (e.g. 7d)"
+        ), (age, line)
+    assert not (tmp_path / ".miroir").exists()  # refused before the jobs store is opened
+    assert parse_age("0") == 0 and parse_age("7d") == 7 * 86400 and parse_age(" 1.5h ") == 5400
+
+
+@pytest.mark.timeout(300)
+def test_worker_refuses_a_metrics_port_outside_0_65535(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wanted = "argument --metrics-port: must be a port number from 0 to 65535 (0 turns /metrics off), not "
+    for port in ("99999", "65536", "-1", "http"):
+        line = one_line(cli(tmp_path, "worker", "--metrics-port", port, timeout=120))
+        assert line == f"miroir-pipeline worker: error: {wanted}{port!r} (see miroir-pipeline worker --help)"
+    # The same rule for the environment default, and the refusal says where the value came from.
+    line = one_line(cli(tmp_path, "worker", env={METRICS_PORT_ENV: "99999"}, timeout=120))
+    assert f"{wanted}'99999' (from ${METRICS_PORT_ENV})" in line, line
+    assert worker_cmd.METRICS_PORT_ENV == METRICS_PORT_ENV
+    # A flag overrides a bad environment value; an empty one is off, as for the metrics module.
+    monkeypatch.setenv(METRICS_PORT_ENV, "99999")
+    assert build_parser().parse_args(["worker", "--metrics-port", "9108"]).metrics_port == 9108
+    for value, expected in (("", 0), (" 9108 ", 9108), ("65535", 65535)):
+        monkeypatch.setenv(METRICS_PORT_ENV, value)
+        assert build_parser().parse_args(["worker"]).metrics_port == expected
 
 
 @pytest.mark.timeout(300)

@@ -382,6 +382,16 @@ def test_prune_removes_the_partitions_of_what_it_deletes(env: Env) -> None:
             f.write_bytes(b"{}\n")
             os.utime(f, (time.time() - 7200, time.time() - 7200))
 
+        for bad in (-1.0, float("nan"), float("inf")):  # refused before anything is deleted
+            refused = env.defs.resolve_job_def(NAMES.prune_job).execute_in_process(
+                instance=instance, run_config={"ops": {NAMES.prune_op: {"config": {"older_than_s": bad}}}},
+                raise_on_error=False,
+            )
+            assert not refused.success
+            failure = refused.failure_data_for_node(NAMES.prune_op)
+            assert failure is not None and failure.user_failure_data is not None
+            assert "must be a finite number of seconds, 0 or more" in str(failure.user_failure_data.description)
+        assert set(instance.get_dynamic_partitions(parent_parts)) == {done.parent.id, kept.parent.id}
         result = env.defs.resolve_job_def(NAMES.prune_job).execute_in_process(
             instance=instance, run_config={"ops": {NAMES.prune_op: {"config": {"older_than_s": 0}}}}
         )
