@@ -279,6 +279,13 @@ class SqlJobStore(JobStore, Generic[ConnT]):
                 raise JobNotFound(f"cannot split job {parent_id}: it does not exist")
             if parent.kind != JobKind.PARENT:
                 raise SplitRefused(f"cannot split job {parent_id}: it is a chunk, not a parent")
+            if parent.state == JobState.FAILED and parent.total_chunks is None:
+                # Never split, yet out of the queue: cancelled (or failed) while waiting.
+                raise SplitRefused(
+                    f"cannot split job {parent_id}: it was cancelled or failed before it was "
+                    f"split (state {parent.state}, error: {parent.error or 'none recorded'}), "
+                    "and a cancelled or failed parent cannot be split; enqueue a new job instead"
+                )
             if parent.state != JobState.QUEUED or parent.total_chunks is not None:
                 raise SplitRefused(
                     f"cannot split job {parent_id} again: it is already split "
