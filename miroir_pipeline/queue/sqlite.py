@@ -26,6 +26,7 @@ from miroir_pipeline.queue.contract import (
     JobStoreError,
     WorkSignal,
 )
+from miroir_pipeline.queue.dsn import ENV_DSN
 from miroir_pipeline.queue.shutdown import Shutdown
 from miroir_pipeline.queue.sql_store import EncodedChunk, Row, SqlJobStore
 from miroir_pipeline.util.sqlite_wal import set_wal
@@ -100,39 +101,68 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
         except sqlite3.Error as exc:
             raise JobStoreError(f"cannot open the SQLite job store {self.path}: {exc}") from None
         conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        set_wal(conn, self.busy_timeout)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            with self._lock_errors():
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                set_wal(conn, self.busy_timeout)
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            conn.close()  # not registered yet: nothing else would close it
+            raise
         with self._lock:
             self._connections.append(conn)
         self._local.held = _ThreadConnection(conn, self._connections, self._lock)
         return conn
 
     @contextmanager
+    def _lock_errors(self) -> Iterator[None]:
+        """SQLite's "database is locked" (busy/locked past ``busy_timeout``) as a
+        :class:`JobStoreError` saying where, why and what to do; other errors pass through."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise
+            raise JobStoreError(
+                f"the SQLite jobs file {self.path} is locked ({exc}): another process held its "
+                f"write lock for longer than the busy timeout ({self.busy_timeout:g} s). A SQLite "
+                "jobs store is for one host and a few processes; for many concurrent workers "
+                f"use Postgres (set {ENV_DSN}=postgresql://...), or raise busy_timeout "
+                "(open_store(..., busy_timeout=SECONDS))"
+            ) from exc
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One writer transaction, lock taken up front."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._lock_errors():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                if conn.in_transaction:  # e.g. busy on COMMIT: never leave the connection in it
+                    conn.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def _read(self, *, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
         """Reads run on this thread's connection; a snapshot inside one read transaction."""
         conn = self._conn()
-        if not snapshot:
-            yield conn
-            return
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+        with self._lock_errors():
+            if not snapshot:
+                yield conn
+                return
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
 
     # -- dialect hooks ---------------------------------------------------------------------
     def _ts(self, value: float | None) -> datetime | None:
