@@ -70,6 +70,8 @@ def dump_import_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions
 
     @dg.job(
         name=names.plan_dump_import_job,
+        # One op, whose result stays in memory: a run of it never needs another process.
+        executor_def=dg.in_process_executor,
         description=f"Plan a dump import: one dynamic partition of {chunk_asset} per chunk.",
     )
     def _plan_job() -> None:

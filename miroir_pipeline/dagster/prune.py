@@ -158,6 +158,8 @@ def prune_definitions(names: MiroirNames) -> dg.Definitions:
 
     @dg.job(
         name=names.prune_job,
+        # One op, whose result stays in memory: a run of it never needs another process.
+        executor_def=dg.in_process_executor,
         description="Prune finished jobs older than older_than_s and their Dagster partitions.",
     )
     def _prune_job() -> None:

@@ -223,6 +223,8 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
 
     @dg.job(
         name=names.plan_reshard_job,
+        # One op, whose result stays in memory: a run of it never needs another process.
+        executor_def=dg.in_process_executor,
         description=f"Plan a reshard: one dynamic partition of {chunk_asset} per shard range.",
     )
     def _plan_job() -> None:

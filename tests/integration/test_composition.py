@@ -274,6 +274,34 @@ def test_a_location_with_its_own_io_manager_and_loggers_runs_every_miroir_job(pl
         store.close()
 
 
+def test_every_miroir_job_plans_with_its_own_executor_wherever_it_is_launched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run launched from the UI, the daemon or a schedule uses the job's own executor (the
+    multiprocess one unless the job names another), which refuses outputs kept in memory: each
+    Miroir job must build its execution plan as those launchers would, not only in process."""
+    from dagster._core.execution.api import create_execution_plan
+
+    monkeypatch.setenv(DSN_VAR, f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    names = MiroirNames()
+    defs = _user_definitions()
+    config = {
+        names.plan_dump_import_job: {names.plan_dump_import_op: {"config": {"uri": "/d.ndjson", "index_uid": "i"}}},
+        names.plan_reshard_job: {names.plan_reshard_op: {"config": {"index_uid": "i", "new_shards": 4}}},
+        names.prune_job: {names.prune_op: {"config": {"older_than_s": 0}}},
+        names.reshard_verify_job: {names.reshard_shadow_op: {"config": {"parent_job_id": "p"}}},
+    }
+    planned = []
+    for job in defs.get_repository_def().get_all_jobs():
+        if not job.name.startswith(f"{names.key_prefix}_") or job.name.startswith("__"):
+            continue
+        ops = config.get(job.name)
+        plan = create_execution_plan(job, run_config={"ops": ops} if ops else None)
+        assert plan.step_keys_to_execute, job.name
+        planned.append(job.name)
+    assert set(config) <= set(planned)
+
+
 def test_two_prefixes_merge_without_clashing(monkeypatch: pytest.MonkeyPatch) -> None:
     fleet_b = miroir_definitions(key_prefix="fleet_b", jobs_dsn=dg.EnvVar("FLEET_B_DSN"), max_chunk_runs=2)
     # the user's location (its own `jobs`, an asset, Miroir under the default prefix) plus a second fleet
