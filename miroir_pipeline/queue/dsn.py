@@ -61,7 +61,7 @@ def redact_dsn(dsn: str) -> str:
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
         query = urlencode(
-            [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*"
+            [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*@:/"
         )
         redacted = urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
         changed = True
@@ -75,14 +75,19 @@ def check_url_credentials(dsn: str) -> None:
         return
     rest = dsn.split("://", 1)[1]
     head = rest.split("/", 1)[0]
-    # Two '@' before the path, or a password found only past a raw '/' (hiding its '@').
-    ambiguous = head.count("@") > 1 if "@" in head else _userinfo(rest)[1] is not None
+    # Two '@' before the path, or one only past a raw '/' (in the path, before the query).
+    ambiguous = head.count("@") > 1 or ("@" not in head and "@" in _path(rest, head))
     if ambiguous:
         raise ValueError(
             f"the jobs DSN {redact_dsn(dsn)} has a raw '/' or '@' in its user name or password, "
             "which would be read as part of the host or database: percent-encode them "
             "('/' as %2F, '@' as %40) and try again"
         )
+
+
+def _path(rest: str, head: str) -> str:
+    """What follows the host part of a URL DSN, up to its query."""
+    return rest[len(head) :].split("?", 1)[0]
 
 
 def _userinfo(rest: str) -> tuple[str, str | None, str]:
@@ -92,25 +97,19 @@ def _userinfo(rest: str) -> tuple[str, str | None, str]:
     libpq reads the user info up to the first '@' before any '/', so a password may hold a raw
     '#' or '?' that a URL parser would take for the fragment or query: it is cut the same way.
     Where libpq would misread the DSN (a raw '@' or '/' in the password), the password is taken
-    to run to the last '@' of the host part, or past a '/' to the last '@' of the DSN: more is
-    hidden rather than less (hosts and ports never hold an '@')."""
+    to run to the last '@' of the host part, or past a '/' to the last '@' before the query:
+    more is hidden rather than less (hosts and ports never hold an '@'). An '@' in the query
+    (``?user=admin@server``) is a parameter's."""
     head = rest.split("/", 1)[0]
     if "@" in head:
         end = head.rindex("@")
     else:
-        colon = head.find(":")
-        tail = rest[len(head) :]
-        if colon < 0 or "@" not in tail:
+        path = _path(rest, head)
+        if "@" not in path:
             return "", None, rest
-        port_like = head[colon + 1 :].isdigit()
-        if port_like and "?" in tail[: tail.index("@")]:
-            return "", None, rest  # host:port/db?param=a@b: the '@' is a parameter's
-        end = rest.rindex("@")
-    userinfo = rest[:end]
-    if ":" not in userinfo:
-        return "", None, rest
-    user, password = userinfo.split(":", 1)
-    return user, password, rest[end + 1 :]
+        end = len(head) + path.rindex("@")
+    user, colon, password = rest[:end].partition(":")
+    return user, (password if colon else None), rest[end + 1 :]
 
 
 def scrub_password(text: str, dsn: str) -> str:

@@ -250,12 +250,30 @@ def test_passwords_libpq_takes_raw_are_redacted_and_scrubbed(password: str) -> N
     assert "127.0.0.1:1/jobs" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://127.0.0.1:1,127.0.0.1:2/jobs?user=admin@srv&password=S3cr-qp",
+        "postgresql://[::1]:1/jobs?application_name=svc@x&password=S3cr-qp",
+    ],
+)
+def test_an_at_sign_in_a_query_parameter_is_not_taken_for_credentials(dsn: str) -> None:
+    """Valid DSNs (Azure-style user names, application names): tried, not refused, and the
+    password parameter is still hidden in what is shown."""
+    with pytest.raises(JobStoreError) as err:
+        open_store(dsn, connect_timeout=1)
+    assert "cannot connect" in str(err.value) and "S3cr" not in str(err.value)
+    assert "password=***" in redact_dsn(dsn)
+
+
 @pytest.mark.parametrize("password", ["S3cr/tPw", "S3cr@tPw", "a/b@c"])
 def test_passwords_libpq_would_misread_are_refused_without_showing_them(password: str) -> None:
     """A raw '/' or '@' in the password makes libpq take part of it for the host, port or
     database (and quote it back in its error): refused before any connection, redacted."""
     dsn = f"postgresql://miroir:{password}@127.0.0.1:1/jobs"
     assert redact_dsn(dsn) == "postgresql://miroir:***@127.0.0.1:1/jobs"
+    with pytest.raises(ValueError, match=r"percent-encode"):
+        open_store(f"postgresql://mi/roir:{password}@127.0.0.1:1/jobs", connect_timeout=1)  # in the user
     with pytest.raises(ValueError, match=r"percent-encode") as err:
         open_store(dsn, connect_timeout=1)
     assert "S3cr" not in str(err.value) and "a/b" not in str(err.value)
