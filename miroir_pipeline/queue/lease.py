@@ -88,9 +88,12 @@ class LeaseKeeper:
         return self
 
     def stop(self) -> None:
+        """Stop renewing. Waits at most one interval for a renewal in flight (none is waited
+        for once the lease is lost): one that lands later is refused by the ended row's fence,
+        and a refusal after stop is not a loss."""
         self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=self._ttl)
+        if self._lost is None and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=self._interval)
 
     def __enter__(self) -> LeaseKeeper:
         return self.start()
@@ -106,7 +109,8 @@ class LeaseKeeper:
             try:
                 lease = self._store.renew(self._lease, self._ttl)
             except LeaseLost:
-                self._mark_lost("renewal refused: another worker holds it now")
+                if not self._stop.is_set():  # after stop the row has ended: refused by design
+                    self._mark_lost("renewal refused: another worker holds it now")
                 return
             except Exception as exc:  # database unreachable: keep trying until the lease runs out
                 log.warning("heartbeat for chunk %s failed (%s); retrying", self._lease.job_id, exc)
@@ -162,7 +166,19 @@ def run_under_lease(
         keeper.check()
         store.complete(keeper.lease, None)
         return result
-    except (LeaseLost, ChunkHandedBack):
+    except ChunkHandedBack:
+        raise
+    except LeaseLost as exc:
+        # Lost on this worker's own clock, the row may still carry this lease's token (nobody
+        # re-claimed it yet): fail it, fenced, so it is re-queued now rather than held until it
+        # expires. Where another worker holds it, the fence refuses and nothing changes.
+        keeper.stop()
+        try:
+            store.fail(keeper.lease, str(exc), retryable=True)
+        except LeaseLost:
+            pass
+        except Exception as fail_exc:  # the store itself may be what failed: the row expires
+            log.warning("chunk %s: could not fail the lost lease (%s)", keeper.lease.job_id, fail_exc)
         raise
     except Exception as exc:
         known = isinstance(exc, (*plain, *permanent))

@@ -1018,6 +1018,42 @@ def test_a_chunk_that_ended_is_never_counted_as_a_lost_lease(store: JobStore, en
     assert losses._value.get() == before
 
 
+def test_a_lease_run_out_on_the_workers_clock_is_failed_not_left_held(store: JobStore) -> None:
+    """The heartbeat's renewal hangs; nobody else claims the chunk. Once the lease has run out
+    on the worker's own clock the chunk stops, and its row is re-queued at once (failed,
+    fenced, retryable) instead of staying held by a worker that has given it up.
+
+    Fault stand-in: the store's renewal blocks until the test ends (a half-open connection)."""
+    make_parent(store, 1)
+    lease = claim_one(store, ttl=1.0)
+    hung = threading.Event()
+    release = threading.Event()
+    real_renew = store.renew
+
+    def renew(lease: Lease, ttl: float) -> Lease:
+        hung.set()
+        release.wait(30)
+        return real_renew(lease, ttl)
+
+    store.renew = renew  # type: ignore[method-assign]
+
+    def body(keeper: LeaseKeeper) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            keeper.check()  # raises once the lease has run out unrenewed
+            time.sleep(0.02)
+
+    try:
+        with pytest.raises(LeaseLost, match="not renewed within its 1 s TTL"):
+            run_under_lease(store, lease, body, ttl=1.0, heartbeat_interval=0.2)
+        assert hung.is_set()
+        row = store.get(lease.job_id)
+        assert row.state == JobState.QUEUED and row.claim_token is None
+        assert row.error is not None and "not renewed within" in row.error
+    finally:
+        release.set()
+
+
 def test_threads_that_come_and_go_do_not_leave_connections_behind(store: JobStore) -> None:
     """A worker runs each chunk's heartbeat in a thread of its own: a connection (and its file
     descriptors) per finished thread would pile up until the process hits its limit."""
