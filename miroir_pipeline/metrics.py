@@ -175,21 +175,24 @@ def _redact_url(url: str) -> str:
     """The URL without any ``user:password@`` part, safe for error messages.
 
     Everything up to the last '@' is hidden, not just what a URL parser calls the user info:
-    a raw '/' or '?' in a password would end the parser's netloc early and show the rest."""
+    a raw '/' or '?' in a password would end the parser's netloc early and show the rest. A
+    URL without a scheme is read as ``http://``, as the push reads it."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return "<unparseable URL>" if "@" in url else url
+        scheme, rest = "http", url
     if "@" not in rest:
         return url
     return f"{scheme}://***@{rest[rest.rindex('@') + 1 :]}"
 
 
 def _scrub(text: str, url: str) -> str:
-    """``text`` with the URL's credentials (everything before its last '@') hidden."""
-    rest = url.partition("://")[2]
+    """``text`` with the URL's credentials hidden: the whole user info and the password (the
+    user name alone is not a secret, and may be a short word found elsewhere in the text)."""
+    rest = url.partition("://")[2] if "://" in url else url
     if "@" in rest:
         userinfo = rest[: rest.rindex("@")]
-        for secret in sorted({userinfo, *userinfo.split(":", 1)}, key=len, reverse=True):
+        password = userinfo.partition(":")[2]
+        for secret in sorted({userinfo, password}, key=len, reverse=True):
             if secret:
                 text = text.replace(secret, "***")
     return text

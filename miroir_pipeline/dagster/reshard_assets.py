@@ -306,9 +306,11 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
     def _cutover(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
         # In a verify run: that run's shadow and check; materialized on its own: the latest.
         this_run = context.run.run_id
-        run_id = this_run if _run_records(
-            context.instance, this_run, dg.DagsterEventType.ASSET_MATERIALIZATION
-        ) else None
+        shadows = [
+            r for r in _run_records(context.instance, this_run, dg.DagsterEventType.ASSET_MATERIALIZATION)
+            if r.asset_materialization is not None and r.asset_materialization.asset_key == names.reshard_shadow_key
+        ]
+        run_id = this_run if shadows else None
         ok, why, check_meta = latest_verification(context.instance, names.key_prefix, run_id)
         if not ok:
             raise dg.Failure(description=f"cutover refused: {why}", allow_retries=False)

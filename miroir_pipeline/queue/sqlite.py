@@ -122,7 +122,8 @@ class SqliteJobStore(SqlJobStore[sqlite3.Connection]):
         try:
             yield
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            code = getattr(exc, "sqlite_errorcode", None)  # unset on an error raised by hand
+            if code is None or code & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise
             raise JobStoreError(
                 f"the SQLite jobs file {self.path} is locked ({exc}): another process held its "

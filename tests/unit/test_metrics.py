@@ -166,13 +166,13 @@ def test_credentials_a_url_parser_would_misread_never_reach_the_error(userinfo: 
     push fails with MetricsPushError (the sensor reports it and carries on) and no part of
     the credentials, in its text or its chained causes."""
     port = _closed_port()
-    url = f"http://{userinfo}@127.0.0.1:{port}"
-    with pytest.raises(MetricsPushError) as err:
-        push_queue_depth(url, {"dump_import": 1}, grouping_key={"deployment": "d"}, timeout=2)
-    shown = "".join(traceback.format_exception(err.value))  # what a log or the UI shows
-    assert "Secret9" not in shown and "pQ" not in shown, shown
-    assert f"http://***@127.0.0.1:{port}" in str(err.value)
-    assert "MIROIR_PUSHGATEWAY_URL" in str(err.value)
+    for url in (f"http://{userinfo}@127.0.0.1:{port}", f"{userinfo}@127.0.0.1:{port}"):  # no scheme: http
+        with pytest.raises(MetricsPushError) as err:
+            push_queue_depth(url, {"dump_import": 1}, grouping_key={"deployment": "d"}, timeout=2)
+        shown = "".join(traceback.format_exception(err.value))  # what a log or the UI shows
+        assert "Secret9" not in shown and "pQ" not in shown, shown
+        assert f"http://***@127.0.0.1:{port}" in str(err.value)
+        assert "MIROIR_PUSHGATEWAY_URL" in str(err.value)
 
 
 def test_a_gateway_that_does_not_speak_http_is_a_push_error() -> None:
