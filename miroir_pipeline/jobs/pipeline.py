@@ -87,8 +87,11 @@ class _InFlight:
 class _Window:
     """Batches handed to the targets and not yet committed, oldest first."""
 
-    def __init__(self, targets: Sequence[NodeTarget], name: str) -> None:
+    def __init__(self, targets: Sequence[NodeTarget], name: str, guard: Callable[[], None] = lambda: None) -> None:
         self.targets = targets
+        #: Raises once the lease is lost: checked before each enqueue and each wait, so a worker
+        #: that lost its chunk never sends an older batch after the new holder's newer ones.
+        self.guard = guard
         # One thread per target: a node receives its batches strictly in order.
         self.senders = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-{i}") for i in range(len(targets))]
         self.batches: deque[_InFlight] = deque()
@@ -97,7 +100,7 @@ class _Window:
     def send(self, index_uid: str, primary_key: str, batch: Batch) -> None:
         writes = {
             i: self.senders[i].submit(
-                target.enqueue_routed, index_uid, primary_key, lines, keys, shards, checked=batch.checked
+                self._guarded, target.enqueue_routed, index_uid, primary_key, lines, keys, shards, batch.checked
             )
             for i, (target, lines, keys, shards) in enumerate(
                 zip(self.targets, batch.lines, batch.keys, batch.shards, strict=True)
@@ -107,6 +110,21 @@ class _Window:
         nbytes = batch.nbytes
         self.batches.append(_InFlight(batch, nbytes, writes))
         self.nbytes += nbytes
+
+    def _guarded(
+        self,
+        enqueue: Callable[..., PendingWrite],
+        index_uid: str,
+        primary_key: str,
+        lines: Sequence[bytes],
+        keys: Sequence[str | int],
+        shards: Sequence[int],
+        checked: bool,
+    ) -> PendingWrite:
+        """An enqueue on a sender thread, only while the lease is held (a batch may wait its
+        turn behind a slow send for longer than the lease)."""
+        self.guard()
+        return enqueue(index_uid, primary_key, lines, keys, shards, checked=checked)
 
     def settle_oldest(
         self, index_uid: str, primary_key: str, *, block: bool, stop: Callable[[], bool] = lambda: False
@@ -123,6 +141,7 @@ class _Window:
                 return oldest
             if not block or stop():
                 return None
+            self.guard()
             time.sleep(delay)
             delay = min(delay * 2, _MAX_POLL_S)
 
@@ -221,7 +240,7 @@ def run_batches(
     claimer, after what the nodes already hold (add-or-replace, in order), so a drain takes one
     poll, not the time a slow or unreachable node needs for the whole window.
     """
-    window = _Window(targets, f"send-{keeper.lease.job_id}")
+    window = _Window(targets, f"send-{keeper.lease.job_id}", keeper.check)
     committed = "its resume cursor (nothing committed by this run)"  # where a hand-back leaves it
 
     def commit(flight: _InFlight) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,70 @@ def test_a_drain_stops_waiting_on_the_window_and_hands_back_at_the_acknowledged_
     assert (row.state, row.attempts, row.claimed_by) == (JobState.QUEUED, 0, None)
     assert row.progress["last_cursor"] == 3
     assert sorted(node.writes) == [0, 1, 2, 3], "nothing is sent after the drain"
+
+
+class StuckNode(ScriptedNode):
+    """Its first enqueue hangs until released (a send stuck in retries against a slow node)."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def enqueue_routed(self, index_uid: str, primary_key: str, lines: Sequence[bytes], keys: Sequence[Any], shards: Sequence[int], *, checked: bool = False) -> PendingWrite:
+        if int(keys[0]) == 0:
+            self.entered.set()
+            self.release.wait(30)
+        return super().enqueue_routed(index_uid, primary_key, lines, keys, shards, checked=checked)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_lost_its_lease_sends_nothing_more_from_its_window(tmp_path: Path) -> None:
+    """The window holds batches queued behind a send that hangs; meanwhile the lease is lost
+    (here: the chunk is cancelled, so the next renewal is refused). Once the send returns, not
+    one more batch reaches the node: a newer holder's writes of the same documents must be the
+    last ones, and the run ends with LeaseLost."""
+    from miroir_pipeline.queue.contract import LeaseLost
+
+    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    parent = store.enqueue("dump_import", {})
+    store.split(parent.id, [NewChunk(0, {})])
+    lease = store.claim(["dump_import"], "w", 30)
+    assert lease is not None
+    keeper = LeaseKeeper(store, lease, ttl=30, interval=0.05).start()
+    node = StuckNode("a")
+    routed = threading.Event()
+
+    def all_batches() -> Iterator[Batch]:
+        for batch in batches(BATCHES, 1):
+            batch.final = False  # so the pipeline asks for more after the last one was sent
+            yield batch
+        routed.set()  # every batch was handed to the window by now
+
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_batches(store, keeper, [node], "idx", "id", all_batches(), Shutdown(), window_bytes=1 << 30)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    try:
+        assert node.entered.wait(30) and routed.wait(30), "every batch was queued behind the stuck send"
+        store.cancel(lease.job_id, "taken away")
+        deadline = time.monotonic() + 30
+        while not keeper.lost:
+            assert time.monotonic() < deadline, "the heartbeat never saw the lease go"
+            time.sleep(0.01)
+        node.release.set()
+        runner.join(30)
+        assert not runner.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], LeaseLost), outcome
+        assert sorted(node.writes) == [0], f"batches sent after the lease was lost: {sorted(node.writes)[1:]}"
+    finally:
+        node.release.set()
+        keeper.stop()
+        store.close()
+
