@@ -3,6 +3,7 @@ primary key, route, tag with ``_miroir_shard`` and hand batches to the chunk pip
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -106,10 +107,10 @@ def _run_chunk(
             dead.close()
             raise
         report.dead_letter = str(dead.path)
-    data = resolve_planned_dump(params.data_uri, params.data_size, (cursor, params.end))
-    line_counter = _LineCounter(data)
-    refusals = _RefusedByNodes(params, router, line_counter, refused_dead, report)
     try:
+        data = resolve_planned_dump(params.data_uri, params.data_size, (cursor, params.end))
+        line_counter = _LineCounter(data)
+        refusals = _RefusedByNodes(params, router, line_counter, refused_dead, report)
         run_batches(
             store,
             keeper,
@@ -364,17 +365,21 @@ def _batches(
 
 
 class _LineCounter:
-    """Global line numbers for error messages, computed lazily (only an invalid line pays)."""
+    """Global line numbers for error messages, computed lazily (only an invalid line pays).
+
+    Known positions are kept as checkpoints (offset, newlines before it): the router runs a
+    window ahead of the refusals the nodes report, so a lookup may go back, and it counts from
+    the nearest checkpoint before it rather than from the start of the dump."""
+
+    _MAX_POINTS = 4096
 
     def __init__(self, ref: DumpRef) -> None:
         self.ref = ref
-        self._known: tuple[int, int] | None = None  # (offset, newlines before offset)
+        self._points: list[tuple[int, int]] = [(0, 0)]  # sorted by offset
 
     def line_at(self, offset: int) -> int:
         """1-based line number of the line starting at ``offset``."""
-        if self._known is None or self._known[0] > offset:
-            self._known = (0, 0)
-        start, count = self._known
+        start, count = self._points[bisect.bisect_right(self._points, (offset, float("inf"))) - 1]
         if offset > start:
             reader = open_range(self.ref, start, offset)
             try:
@@ -382,13 +387,18 @@ class _LineCounter:
                     count += chunk.count(b"\n")
             finally:
                 reader.close()
-            self._known = (offset, count)
+            self._remember(offset, count)
         return count + 1
 
     def advance(self, block_start: int, block_end: int, newlines: int) -> None:
-        """Keep the known position moving with the reader so later lookups stay cheap."""
-        if self._known is not None and self._known[0] == block_start:
-            self._known = (block_end, self._known[1] + newlines)
+        """Keep a checkpoint moving with the reader so later lookups stay cheap."""
+        at = bisect.bisect_left(self._points, (block_start, -1))
+        if at < len(self._points) and self._points[at][0] == block_start:
+            self._remember(block_end, self._points[at][1] + newlines)
+
+    def _remember(self, offset: int, count: int) -> None:
+        if len(self._points) < self._MAX_POINTS:
+            bisect.insort(self._points, (offset, count))
 
 
 def _where(params: DumpChunkParams) -> str:
