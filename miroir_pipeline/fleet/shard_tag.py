@@ -8,11 +8,15 @@ replaced: the tag is reserved for the pipeline.
 
 from __future__ import annotations
 
+import msgspec
 import orjson
 
 from miroir_pipeline.fleet.routing import SHARD_FIELD
 
 __all__ = ["TAG_START", "retag", "shard_prefixes", "tag", "untag"]
+
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_encode = msgspec.json.encode
 
 #: How every document the pipeline wrote starts: ``{"_miroir_shard":``.
 TAG_START = b'{"' + SHARD_FIELD.encode() + b'":'
@@ -25,12 +29,20 @@ def shard_prefixes(shards: int) -> list[bytes]:
 
 def tag(line: bytes, shard: int, prefix: bytes, *, carries_tag: bool) -> bytes:
     """``line`` (one JSON object, first byte ``{``) tagged with ``shard``; ``prefix`` is
-    ``shard_prefixes(S)[shard]``. ``carries_tag``: the object already has a ``_miroir_shard``."""
+    ``shard_prefixes(S)[shard]``. ``carries_tag``: the object already has a ``_miroir_shard``.
+
+    A carried tag is dropped and the other members are spliced back as they were written (a
+    re-encode would rewrite numbers, ``1e9`` as ``1000000000.0``, and could make the document
+    longer than the limit it was checked against). Raises ``ValueError`` for a line that is not
+    valid JSON (a number beyond the float range included), as Meilisearch would refuse it."""
     if not carries_tag:
         return prefix + line[1:]
-    doc = orjson.loads(line)
-    doc[SHARD_FIELD] = shard
-    return bytes(orjson.dumps(doc))
+    orjson.loads(line)  # the same checks as the untagged path's target will make
+    members = _TOP_LEVEL.decode(line)
+    members.pop(SHARD_FIELD, None)
+    parts = [prefix[:-1]]
+    parts.extend(b"," + _encode(name) + b":" + bytes(value) for name, value in members.items())
+    return b"".join(parts) + b"}"
 
 
 def retag(raw: bytes, shard: int) -> bytes:

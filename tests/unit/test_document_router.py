@@ -63,6 +63,18 @@ def test_existing_miroir_shard_is_replaced_not_duplicated() -> None:
     assert orjson.loads(raw) == {"id": "s", "_miroir_shard": shard_for_key("s", 64), "x": 1}
 
 
+def test_a_replaced_tag_keeps_every_other_member_as_written() -> None:
+    """Numbers stay as the dump wrote them (no ``1e9`` → ``1000000000.0``, no big integer made a
+    float), so the document is what the dump holds and no longer than it was checked at."""
+    line = b'{"id":"s", "_miroir_shard":999,"x":1e9,"big":123456789012345678901234567890,"n":{"a":[1.50]}}'
+    dr, invalid, n, _ = route(line + b"\n")
+    assert invalid == [] and n == 1
+    raw = next(x for buf in dr.buffers for x in buf)
+    shard = shard_for_key("s", 64)
+    assert raw == b'{"_miroir_shard":%d,"id":"s","x":1e9,"big":123456789012345678901234567890,"n":{"a":[1.50]}}' % shard
+    assert len(raw) <= len(line) + len(b'{"_miroir_shard":%d,' % shard)
+
+
 def test_bom_crlf_blank_lines_and_whitespace_are_accepted() -> None:
     block = b'\xef\xbb\xbf{"id":1}\r\n\r\n   \n  {"id":"b"}  \r\n\n{"id":3}'
     dr, invalid, n, blank = route(block)
