@@ -118,14 +118,19 @@ def batches(n: int, nodes: int) -> Iterator[Batch]:
         )
 
 
-@pytest.fixture
-def leased(tmp_path: Path) -> Iterator[tuple[JobStore, LeaseKeeper]]:
+def lease_one_chunk(tmp_path: Path, *, ttl: float, interval: float) -> tuple[JobStore, LeaseKeeper]:
+    """A SQLite job store with one chunk, claimed, and the heartbeat holding it."""
     store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
     parent = store.enqueue("dump_import", {})
     store.split(parent.id, [NewChunk(0, {})])
-    lease = store.claim(["dump_import"], "w", 60)
+    lease = store.claim(["dump_import"], "w", ttl)
     assert lease is not None
-    keeper = LeaseKeeper(store, lease, ttl=60, interval=20).start()
+    return store, LeaseKeeper(store, lease, ttl=ttl, interval=interval).start()
+
+
+@pytest.fixture
+def leased(tmp_path: Path) -> Iterator[tuple[JobStore, LeaseKeeper]]:
+    store, keeper = lease_one_chunk(tmp_path, ttl=60, interval=20)
     yield store, keeper
     keeper.stop()
     store.close()
@@ -269,12 +274,7 @@ def test_a_worker_that_lost_its_lease_sends_nothing_more_from_its_window(tmp_pat
     last ones, and the run ends with LeaseLost."""
     from miroir_pipeline.queue.contract import LeaseLost
 
-    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
-    parent = store.enqueue("dump_import", {})
-    store.split(parent.id, [NewChunk(0, {})])
-    lease = store.claim(["dump_import"], "w", 30)
-    assert lease is not None
-    keeper = LeaseKeeper(store, lease, ttl=30, interval=0.05).start()
+    store, keeper = lease_one_chunk(tmp_path, ttl=30, interval=0.05)
     node = StuckNode("a")
     routed = threading.Event()
 
@@ -296,7 +296,7 @@ def test_a_worker_that_lost_its_lease_sends_nothing_more_from_its_window(tmp_pat
     runner.start()
     try:
         assert node.entered.wait(30) and routed.wait(30), "every batch was queued behind the stuck send"
-        store.cancel(lease.job_id, "taken away")
+        store.cancel(keeper.lease.job_id, "taken away")
         deadline = time.monotonic() + 30
         while not keeper.lost:
             assert time.monotonic() < deadline, "the heartbeat never saw the lease go"
