@@ -45,9 +45,11 @@ from miroir_pipeline.fleet.routing import (
 )
 from miroir_pipeline.fleet.shard_tag import shard_prefixes, tag
 
-__all__ = ["BlockResult", "DocumentRouter", "InvalidLine", "RoutedBatch"]
+__all__ = ["BLANKS", "BOM", "BlockResult", "DocumentRouter", "InvalidLine", "RoutedBatch"]
 
-_BOM = b"\xef\xbb\xbf"
+#: What the router strips around a document: a BOM (opening the file only) and blanks.
+BOM = b"\xef\xbb\xbf"
+BLANKS = b" \t\r"
 # Meilisearch's document id rules, checked inside msgspec's decoder (C) on the fast path;
 # the reason for a rejection is worded by routing.primary_key_text on the slow path.
 # (msgspec cannot bound an integer beyond int64: the 64-bit range is checked after decoding.)
@@ -368,8 +370,8 @@ class DocumentRouter:
     def _route_careful(self, lines: list[bytes], i: int, invalid: list[InvalidLine]) -> int:
         """Per-line checks for one unusual line: BOM, CR, blank, whitespace, size, UTF-8."""
         raw = lines[i]
-        line = raw[len(_BOM):] if i == 0 and self._at_file_start and raw.startswith(_BOM) else raw
-        line = line.strip(b" \t\r")
+        line = raw[len(BOM):] if i == 0 and self._at_file_start and raw.startswith(BOM) else raw
+        line = line.strip(BLANKS)
         if not line:
             self._blank += 1
             return 0

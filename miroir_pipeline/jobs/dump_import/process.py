@@ -20,7 +20,12 @@ from miroir_pipeline.fleet.targets.base import (
 )
 from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.dump_import.dead_letter import DeadLetter, DeadLetterMissing
-from miroir_pipeline.jobs.dump_import.document_router import DocumentRouter, InvalidLine
+from miroir_pipeline.jobs.dump_import.document_router import (
+    BLANKS,
+    BOM,
+    DocumentRouter,
+    InvalidLine,
+)
 from miroir_pipeline.jobs.dump_import.params import (
     DUMP_IMPORT,
     ChunkReport,
@@ -132,10 +137,6 @@ def _run_chunk(
     report.duration_s = time.monotonic() - started
     return report
 
-
-#: What the router strips around a document before routing it (a BOM only opens a file).
-_BOM = b"\xef\xbb\xbf"
-_BLANKS = b" \t\r"
 
 
 class _RefusedByNodes:
@@ -250,8 +251,8 @@ class _RefusedByNodes:
             if (
                 at > line_start
                 and data[at - 1] == 123  # "{"
-                and not before.removeprefix(_BOM).strip(_BLANKS)
-                and not data[at + len(body) : line_end].strip(_BLANKS)
+                and not before.removeprefix(BOM).strip(BLANKS)
+                and not data[at + len(body) : line_end].strip(BLANKS)
             ):
                 return (
                     self.line_counter.line_at(start) + data.count(b"\n", 0, line_start),
