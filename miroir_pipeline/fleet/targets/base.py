@@ -102,12 +102,13 @@ class Acknowledged(PendingWrite):
 
 def isolate_refused(
     lines: Sequence[bytes],
-    write: Callable[[Sequence[bytes]], None],
+    write: Callable[[Sequence[bytes], int], None],
     refusal_of: Callable[[TargetError], RefusedDocument | None],
 ) -> list[RefusedDocument]:
     """Write ``lines`` by halves until every refused document is alone, and return those.
 
-    ``write`` sends documents to the node (raising :class:`TargetError`); ``refusal_of`` says
+    ``write`` sends documents (and the position of the first) to the node, raising
+    :class:`TargetError`; ``refusal_of`` says
     whether an error is about the documents sent (a :class:`RefusedDocument` template) or about
     the node (None: re-raised at once). Halves are written in order, so a later version of a
     document still lands last. Costs about ``2 * refused * log2(len(lines))`` writes.
@@ -116,7 +117,7 @@ def isolate_refused(
 
     def attempt(part: Sequence[bytes], base: int) -> None:
         try:
-            write(part)
+            write(part, base)
             return
         except TargetError as exc:
             template = refusal_of(exc)

@@ -54,13 +54,23 @@ class TaskFailed(TargetError):
     """A Meilisearch task ended ``failed`` or ``canceled``; ``code`` is Meilisearch's error code."""
 
     def __init__(
-        self, message: str, *, node_id: str, task_uid: int, code: str | None, node_message: str = ""
+        self,
+        message: str,
+        *,
+        node_id: str,
+        task_uid: int,
+        code: str | None,
+        node_message: str = "",
+        batch_uid: int | None = None,
     ) -> None:
         super().__init__(message, node_id=node_id, retryable=False)
         self.task_uid = task_uid
         self.code = code
         #: The node's own error message, as it gave it.
         self.node_message = node_message
+        #: The node batch the task ran in: a batch fails as a whole, so its error may be about
+        #: another client's documents batched with ours (see ``MeilisearchNode._shared_batch``).
+        self.batch_uid = batch_uid
 
 
 class _EnqueuedTasks(PendingWrite):
@@ -124,6 +134,17 @@ DOCUMENT_ERROR_CODES = frozenset(
 _DOCUMENT_PARSE_ERROR = re.compile(
     r"(invalid type|recursion limit exceeded|invalid value|number out of range).* at line \d+ column \d+"
 )
+#: How a node's message names the document it is about (its primary key, JSON-encoded).
+_NAMED_DOCUMENT = re.compile(r"(?:the document with the id: |Document identifier )`([^`]*)`")
+
+
+def names_document(message: str, key: str | int) -> bool | None:
+    """Whether a node's message is about the document with primary key ``key``: None when the
+    message names no document (a parse error, say), so it cannot tell."""
+    named = _NAMED_DOCUMENT.search(message)
+    if named is None:
+        return None
+    return named.group(1) == msgspec.json.encode(key).decode()
 
 
 def document_refusal(exc: TargetError) -> RefusedDocument | None:
@@ -404,7 +425,22 @@ class MeilisearchNode(NodeTarget):
             task_uid=int(task.get("uid", -1)),
             code=code,
             node_message=str(error.get("message", "")),
+            batch_uid=None if task.get("batchUid") is None else int(task["batchUid"]),
         )
+
+    def _shared_batch(self, exc: TaskFailed, ours: Sequence[int]) -> bool:
+        """Whether the batch ``exc``'s task failed in also held tasks not in ``ours``: the node
+        auto-batches the additions of every client of an index and fails the batch as a whole,
+        so then its error may be about another client's documents."""
+        if exc.batch_uid is None:
+            return False
+        body = self._json(
+            "GET",
+            "/tasks",
+            what=f"listing the tasks of batch {exc.batch_uid}",
+            params={"batchUids": exc.batch_uid, "limit": len(ours) + 1},
+        )
+        return any(int(task["uid"]) not in ours for task in body.get("results", []))
 
     def _task_lost(self, uid: int, index_uid: str, why: str) -> TargetError:
         """A batch whose task cannot be followed any more: the chunk retries from its cursor."""
@@ -610,13 +646,42 @@ class MeilisearchNode(NodeTarget):
     ) -> None:
         """Write the batch; when the node refuses documents for what they are, write it again by
         halves until each refused document is alone, so the good ones of the batch still land
-        (:class:`DocumentsRefused` then names the refused ones with the node's own message)."""
+        (:class:`DocumentsRefused` then names the refused ones with the node's own message).
 
-        def write(part: Sequence[bytes]) -> None:
-            self.write_documents(index_uid, primary_key, b"\n".join(part) + b"\n", len(part))
+        A document is only taken as refused when the node's error is its own: the task failed
+        in a batch of ours alone, or the message names that document. Written while another
+        client's failing tasks share its batch, it is written again (up to ``max_retries``
+        times, with backoff), then the write fails as retryable rather than blame it."""
+
+        def write(part: Sequence[bytes], first: int) -> None:
+            for attempt in range(self.max_retries + 1):
+                tasks = self._enqueue_documents(index_uid, primary_key, b"\n".join(part) + b"\n", len(part))
+                try:
+                    for task in tasks:  # tasks run in order on the node: awaiting in order polls least
+                        self.await_task(task, what="adding documents", index_uid=index_uid)
+                    return
+                except TaskFailed as exc:
+                    if document_refusal(exc) is None or len(part) > 1 or not self._shared_batch(exc, tasks):
+                        raise  # halving goes on below a batch; a document alone is judged here
+                    named = names_document(exc.node_message, keys[first])
+                    if named is True:
+                        raise
+                    last = exc
+                if attempt < self.max_retries:
+                    time.sleep(self._backoff(attempt, None))
+            raise TargetError(
+                f"{self._where(index_uid)}: the document at position {first} of the batch was "
+                f"written {self.max_retries + 1} times, and each time the node batched it with "
+                f"other clients' tasks and failed the batch ({last.node_message}), so which "
+                "document it refuses cannot be told; the chunk is retried from its cursor. If this "
+                "repeats, run the nodes with --experimental-max-number-of-batched-tasks 1 while "
+                "importing",
+                node_id=self.node_id,
+                retryable=True,
+            )
 
         try:
-            write(lines)
+            write(lines, 0)
             return
         except TaskFailed as exc:
             if document_refusal(exc) is None or len(lines) == 0:
