@@ -217,6 +217,18 @@ def test_fleet_fail_names_the_line_and_the_nodes_message(fleet: Any, bad: bytes,
 
 
 @pytest.mark.meilisearch
+def test_fleet_skip_dead_letters_a_node_share_whose_every_document_is_refused(fleet: Any) -> None:
+    """Both documents of the dump go to one node and it refuses each: two invalid documents
+    under the policy, not a node failure retried until the chunk gives up."""
+    root, store, topo, targets, uid = fleet
+    check_skip(
+        root, store, targets, topo, uid, [], [GEO_BAD, HUGE_NUMBER],
+        ["invalid_document_geo_field", "Could not parse latitude", "number out of range"],
+        settings_for(root, batch_size=64),
+    )  # fmt: skip
+
+
+@pytest.mark.meilisearch
 def test_fleet_skip_counts_identical_refused_lines_each_at_its_own_line(fleet: Any) -> None:
     """The same bad line twice in one batch is two documents: two dead letters at two lines,
     and the counts (routed, invalid, per node) agree with them."""

@@ -680,19 +680,12 @@ class MeilisearchNode(NodeTarget):
                 retryable=True,
             )
 
-        try:
-            write(lines, 0)
+        if not lines:
             return
-        except TaskFailed as exc:
-            if document_refusal(exc) is None or len(lines) == 0:
-                raise
-            whole = exc
+        # Its first write is the whole batch; only a refusal makes it split.
         refused = isolate_refused(lines, write, document_refusal)
-        if not refused:
-            return  # the refusal did not repeat (the documents were fine): all written now
-        if len(refused) == len(lines) > 1:
-            raise whole  # every document refused alone: a problem of the node, not the documents
-        raise DocumentsRefused(self.node_id, index_uid, refused)
+        if refused:
+            raise DocumentsRefused(self.node_id, index_uid, refused)
 
     def index_exists(self, index_uid: str) -> bool:
         return self._index_info(index_uid) is not None
