@@ -6,12 +6,15 @@
 2. With a small retry budget the chunk fails instead, with an error naming the node (id and
    URL); the row stays retryable with its progress, and a later attempt, after the node is
    back, completes it — again with exact placement.
+3. A node restarted on a fresh database hands the same task uids out again: a pending write
+   whose uid now names another task (same index, succeeded) is not taken for acknowledged.
 
 The fleet is dedicated to this test (``meili_fleet(dedicated=True)``): killing it harms no one.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ import pytest
 
 from miroir_pipeline.fleet.targets.base import NodeTarget, TargetError
 from miroir_pipeline.fleet.targets.factory import open_targets
+from miroir_pipeline.fleet.targets.meilisearch import MeilisearchNode, _EnqueuedTasks
 from miroir_pipeline.jobs.dump_import import DumpImportRequest, plan_dump_import, process_dump_chunk
 from miroir_pipeline.queue import open_store
 from miroir_pipeline.queue.contract import JobState, JobStore
@@ -153,3 +157,39 @@ def test_small_retry_budget_fails_the_chunk_naming_the_node_and_a_later_attempt_
     assert row.progress["per_node"] == {n: len(d) for n, d in expected.items()}
     assert_exact_placement(expected, actual_placement(targets, "budget"))
     print(f"\nfirst attempt failed: {message}")
+
+
+def test_a_task_uid_handed_out_again_after_a_fresh_restart_is_not_taken_for_ours(meili_fleet: Any) -> None:
+    """Our batch was enqueued, then the node restarted on an empty database and the same uid
+    went to another write of the same index, which succeeded. Matching by uid and index alone,
+    the batch counted as acknowledged though the node holds none of it."""
+    proc = meili_fleet(1, dedicated=True)[0]
+    node = MeilisearchNode("n0", proc.url, api_key=proc.master_key, max_retries=2, backoff_base=0.05)
+    try:
+        node.ensure_index("reused", "id")
+        pending = node.enqueue_routed("reused", "id", [b'{"id":"ours"}'], ["ours"], [0])
+        assert isinstance(pending, _EnqueuedTasks)
+        [ours] = pending.remaining
+        proc.kill()
+        shutil.rmtree(proc.data_dir / "data.ms")
+        proc.start()
+        node.ensure_index("reused", "id")
+        while True:  # another client writes until the node hands out our uid again
+            task = node._enqueue_task(
+                "POST", "/indexes/reused/documents", what="another write", index_uid="reused",
+                json=[{"id": "theirs"}],
+            )  # fmt: skip
+            assert task.uid <= ours, "the fresh node skipped our uid"
+            if task.uid == ours:
+                break
+        node.await_task(task.uid, what="another write", index_uid="reused")
+
+        node.refresh([pending])
+        with pytest.raises(TargetError, match="is now another task") as info:
+            pending.check()
+        assert info.value.retryable and "fresh database" in str(info.value)
+        with pytest.raises(TargetError, match="is now another task"):
+            node.await_task(ours, what="adding documents", index_uid="reused", enqueued_at=pending.enqueued_at[ours])
+        assert node.count_documents("reused") == 1  # theirs: ours never landed
+    finally:
+        node.close()

@@ -20,7 +20,7 @@ import pytest
 
 from miroir_pipeline.fleet.routing import shard_for_key
 from miroir_pipeline.fleet.targets.base import DocumentsRefused, TargetError
-from miroir_pipeline.fleet.targets.meilisearch import MeilisearchNode, names_document
+from miroir_pipeline.fleet.targets.meilisearch import EnqueuedTask, MeilisearchNode, names_document
 from tests.fixtures.meilisearch import MeiliFleet, MeiliProcess
 
 pytestmark = pytest.mark.meilisearch
@@ -88,10 +88,10 @@ class NodeWithNeighbour(MeilisearchNode):
     neighbour: Neighbour
     ours: list[int]
 
-    def _enqueue_documents(self, index_uid: str, primary_key: str, ndjson: bytes, count: int) -> list[int]:
+    def _enqueue_documents(self, index_uid: str, primary_key: str, ndjson: bytes, count: int) -> list[EnqueuedTask]:
         self.neighbour.before_write()
         tasks = super()._enqueue_documents(index_uid, primary_key, ndjson, count)
-        self.ours.extend(tasks)
+        self.ours.extend(task.uid for task in tasks)
         return tasks
 
 

@@ -18,7 +18,7 @@ import random
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import httpx
@@ -73,13 +73,23 @@ class TaskFailed(TargetError):
         self.batch_uid = batch_uid
 
 
+class EnqueuedTask(NamedTuple):
+    """A task as the node acknowledged enqueuing it. A uid alone does not name it for good: a
+    node restarted on a fresh database hands the same uids out again, so the time it was
+    enqueued goes with it."""
+
+    uid: int
+    enqueued_at: str | None
+
+
 class _EnqueuedTasks(PendingWrite):
     """The tasks one enqueued batch became on one node; settled by :meth:`MeilisearchNode.refresh`."""
 
-    def __init__(self, node: MeilisearchNode, index_uid: str, task_uids: list[int]) -> None:
+    def __init__(self, node: MeilisearchNode, index_uid: str, tasks: list[EnqueuedTask]) -> None:
         self.node = node
         self.index_uid = index_uid
-        self.remaining = set(task_uids)
+        self.remaining = {task.uid for task in tasks}
+        self.enqueued_at = {task.uid: task.enqueued_at for task in tasks}
         self.failure: TargetError | None = None
         self.deadline = time.monotonic() + node.task_timeout
 
@@ -383,14 +393,22 @@ class MeilisearchNode(NodeTarget):
     def _enqueue(
         self, method: str, path: str, *, what: str, index_uid: str | None, **kw: Any
     ) -> int:
+        return self._enqueue_task(method, path, what=what, index_uid=index_uid, **kw).uid
+
+    def _enqueue_task(
+        self, method: str, path: str, *, what: str, index_uid: str | None, **kw: Any
+    ) -> EnqueuedTask:
         body = self._json(method, path, what=what, index_uid=index_uid, **kw)
-        return int(body["taskUid"])
+        enqueued_at = body.get("enqueuedAt")
+        return EnqueuedTask(int(body["taskUid"]), None if enqueued_at is None else str(enqueued_at))
 
     def await_task(
-        self, task_uid: int, *, what: str, index_uid: str | None = None
+        self, task_uid: int, *, what: str, index_uid: str | None = None, enqueued_at: str | None = None
     ) -> dict[str, Any]:
         """Poll ``GET /tasks/{uid}`` (5 ms doubling to 200 ms) until it ends; only ``succeeded``
-        returns, ``failed``/``canceled`` raise :class:`TaskFailed`."""
+        returns, ``failed``/``canceled`` raise :class:`TaskFailed`. Given ``enqueued_at``, a task
+        under that uid enqueued at another time is not ours (the node's task store was
+        replaced): a retryable error, as no answer about ours will come."""
         delay = _FIRST_POLL_S
         deadline = time.monotonic() + self.task_timeout
         while True:
@@ -400,6 +418,8 @@ class MeilisearchNode(NodeTarget):
                 what=f"{what}: polling task {task_uid}",
                 index_uid=index_uid,
             )
+            if enqueued_at is not None and task.get("enqueuedAt") != enqueued_at:
+                raise self._task_lost(task_uid, index_uid, self._replaced(task, enqueued_at), what)
             status = task.get("status")
             if status == "succeeded":
                 return task
@@ -442,13 +462,20 @@ class MeilisearchNode(NodeTarget):
         )
         return any(int(task["uid"]) not in ours for task in body.get("results", []))
 
-    def _task_lost(self, uid: int, index_uid: str, why: str) -> TargetError:
+    def _task_lost(self, uid: int, index_uid: str | None, why: str, what: str = "adding documents") -> TargetError:
         """A batch whose task cannot be followed any more: the chunk retries from its cursor."""
         return TargetError(
-            f"{self._where(index_uid)}: task {uid} (adding documents) {why}; the batch is written "
+            f"{self._where(index_uid)}: task {uid} ({what}) {why}; the batch is written "
             "again from the chunk's last acknowledged cursor",
             node_id=self.node_id,
             retryable=True,
+        )
+
+    @staticmethod
+    def _replaced(task: Mapping[str, Any], enqueued_at: str) -> str:
+        return (
+            f"is now another task, enqueued at {task.get('enqueuedAt')} where ours was enqueued at "
+            f"{enqueued_at} (the node lost its task store, e.g. restarted on a fresh database)"
         )
 
     def _await_index_idle(self, index_uid: str) -> None:
@@ -554,7 +581,7 @@ class MeilisearchNode(NodeTarget):
         """Send the batch in pieces under the payload limit, then await every task."""
         # Tasks run in order on the node: awaiting them in order polls the least.
         for task in self._enqueue_documents(index_uid, primary_key, ndjson, count):
-            self.await_task(task, what="adding documents", index_uid=index_uid)
+            self.await_task(task.uid, what="adding documents", index_uid=index_uid, enqueued_at=task.enqueued_at)
 
     def enqueue_routed(
         self,
@@ -591,10 +618,13 @@ class MeilisearchNode(NodeTarget):
                 for p in mine:
                     if uid not in p.remaining:
                         continue
+                    ours_at = p.enqueued_at.get(uid)
                     if task.get("indexUid") not in (None, p.index_uid):
                         # Not the task we enqueued (the node's task store was replaced): its
                         # outcome says nothing about our batch.
                         p.settle(uid, self._task_lost(uid, p.index_uid, f"is now a task of index {task.get('indexUid')!r}"))
+                    elif ours_at is not None and task.get("enqueuedAt") != ours_at:
+                        p.settle(uid, self._task_lost(uid, p.index_uid, self._replaced(task, ours_at)))
                     elif status in ("succeeded", "failed", "canceled"):
                         p.settle(uid, None if status == "succeeded" else self._task_failed(task, "adding documents", p.index_uid))
             for uid in set(part) - seen:
@@ -607,8 +637,8 @@ class MeilisearchNode(NodeTarget):
     def refusal_of(self, exc: TargetError) -> RefusedDocument | None:
         return document_refusal(exc)
 
-    def _enqueue_documents(self, index_uid: str, primary_key: str, ndjson: bytes, count: int) -> list[int]:
-        """Enqueue the documents in pieces under the payload limit; their task uids, in order."""
+    def _enqueue_documents(self, index_uid: str, primary_key: str, ndjson: bytes, count: int) -> list[EnqueuedTask]:
+        """Enqueue the documents in pieces under the payload limit; their tasks, in order."""
         lines = ndjson.count(b"\n")
         if lines != count:
             raise TargetError(
@@ -622,7 +652,7 @@ class MeilisearchNode(NodeTarget):
         for piece in split_ndjson(ndjson, self.payload_limit_bytes):
             body = gzip.compress(piece, compresslevel=self.gzip_level, mtime=0)
             tasks.append(
-                self._enqueue(
+                self._enqueue_task(
                     "POST",
                     path,
                     what="adding documents",
@@ -658,10 +688,11 @@ class MeilisearchNode(NodeTarget):
                 tasks = self._enqueue_documents(index_uid, primary_key, b"\n".join(part) + b"\n", len(part))
                 try:
                     for task in tasks:  # tasks run in order on the node: awaiting in order polls least
-                        self.await_task(task, what="adding documents", index_uid=index_uid)
+                        self.await_task(task.uid, what="adding documents", index_uid=index_uid, enqueued_at=task.enqueued_at)
                     return
                 except TaskFailed as exc:
-                    if document_refusal(exc) is None or len(part) > 1 or not self._shared_batch(exc, tasks):
+                    ours = [task.uid for task in tasks]
+                    if document_refusal(exc) is None or len(part) > 1 or not self._shared_batch(exc, ours):
                         raise  # halving goes on below a batch; a document alone is judged here
                     named = names_document(exc.node_message, keys[first])
                     if named is True:
