@@ -8,6 +8,7 @@ and ready (metadata and a log line) for Miroir to act on.
 """
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import dagster as dg
@@ -66,13 +67,12 @@ def _latest_shadow(
     instance: dg.DagsterInstance, names: MiroirNames, run_id: str | None = None
 ) -> tuple[int, dict[str, Any]]:
     """Storage id and metadata (plain values) of the ``reshard_shadow`` materialization of run
-    ``run_id`` when it made one (the shadow that run verifies: another reshard's verify run may
-    have materialized the asset since), else the latest one."""
-    if run_id is not None:
-        for record in _run_records(instance, run_id, dg.DagsterEventType.ASSET_MATERIALIZATION):
-            mat = record.asset_materialization
-            if mat is not None and mat.asset_key == names.reshard_shadow_key:
-                return record.storage_id, {k: v.value for k, v in mat.metadata.items()}
+    ``run_id``, or of the run it re-executes (and so on), when one made it: the shadow that run
+    verifies, as another reshard's verify run may have materialized the asset since. Else the
+    latest one."""
+    found = _run_shadow(instance, names, run_id) if run_id is not None else None
+    if found is not None:
+        return found[0], found[1]
     records = instance.fetch_materializations(names.reshard_shadow_key, limit=1).records
     if not records:
         raise dg.Failure(
@@ -82,6 +82,30 @@ def _latest_shadow(
     mat = record.asset_materialization
     assert mat is not None
     return record.storage_id, {k: v.value for k, v in mat.metadata.items()}
+
+
+def _run_shadow(
+    instance: dg.DagsterInstance, names: MiroirNames, run_id: str
+) -> tuple[int, dict[str, Any], str] | None:
+    """The ``reshard_shadow`` materialization of ``run_id`` or of the nearest run it re-executes
+    (a re-execution from failure skips the steps that succeeded), and the run that made it."""
+    for rid in _run_chain(instance, run_id):
+        for record in _run_records(instance, rid, dg.DagsterEventType.ASSET_MATERIALIZATION):
+            mat = record.asset_materialization
+            if mat is not None and mat.asset_key == names.reshard_shadow_key:
+                return record.storage_id, {k: v.value for k, v in mat.metadata.items()}, rid
+    return None
+
+
+def _run_chain(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """``run_id``, the run it re-executes, that run's parent, and so on."""
+    chain: list[str] = []
+    rid: str | None = run_id
+    while rid is not None and rid not in chain:
+        chain.append(rid)
+        run = instance.get_run_by_id(rid)
+        rid = run.parent_run_id if run is not None else None
+    return chain
 
 
 def _run_records(
@@ -121,22 +145,26 @@ def latest_verification(
     """Whether the check passed *for the shadow it was meant to verify*, why not if it did not,
     and the evaluation's metadata (plain values); for the definitions built with ``key_prefix``.
 
-    With ``run_id`` (a verify run), the shadow and the check evaluation are that run's own, so
-    a verify run of another reshard finishing meanwhile is never reported; without it, the
+    With ``run_id`` (a verify run, or a re-execution of one), the shadow and the check
+    evaluation are that run's own or those of the runs it re-executes, the newest first, so a
+    verify run of another reshard finishing meanwhile is never reported; without it, the
     latest evaluation must target the latest shadow materialization."""
     names = MiroirNames(key_prefix)
     check = names.shadow_check_name
-    storage_id, shadow = _latest_shadow(instance, names, run_id)
     event: dg.EventLogEntry | None = None
     if run_id is not None:
-        for record in _run_records(instance, run_id, dg.DagsterEventType.ASSET_CHECK_EVALUATION):
-            evaluation = record.event_log_entry.dagster_event.event_specific_data  # type: ignore[union-attr]
-            if isinstance(evaluation, dg.AssetCheckEvaluation) and evaluation.asset_check_key == names.shadow_check_key:
-                event = record.event_log_entry
-                break
+        found = _run_shadow(instance, names, run_id)
+        if found is None:
+            return False, f"no {names.reshard_shadow_key.to_user_string()} was recorded in this verify run", {}
+        storage_id, shadow, shadow_run = found
+        chain = _run_chain(instance, run_id)
+        # The check of a later re-execution wins; none older than the shadow's own run counts.
+        event = _run_check_evaluation(instance, names, chain[: chain.index(shadow_run) + 1])
+        run_id = shadow_run  # the evaluation must target the shadow of that run
         if event is None:
             return False, f"the {check} check did not run in this verify run", {}
     else:
+        storage_id, shadow = _latest_shadow(instance, names)
         latest = instance.get_latest_asset_check_evaluation_record(names.shadow_check_key)
         if latest is None or latest.event is None:
             return False, f"the {check} check has not run yet", {}
@@ -158,6 +186,18 @@ def latest_verification(
     if not evaluation.passed:
         return False, f"the latest {check} check failed: {meta.get('summary', '')}", meta
     return True, "verified", meta
+
+
+def _run_check_evaluation(
+    instance: dg.DagsterInstance, names: MiroirNames, run_ids: Sequence[str]
+) -> dg.EventLogEntry | None:
+    """The newest evaluation of the shadow check in the first of ``run_ids`` that has one."""
+    for rid in run_ids:
+        for record in _run_records(instance, rid, dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+            evaluation = record.event_log_entry.dagster_event.event_specific_data  # type: ignore[union-attr]
+            if isinstance(evaluation, dg.AssetCheckEvaluation) and evaluation.asset_check_key == names.shadow_check_key:
+                return record.event_log_entry
+    return None
 
 
 def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
@@ -304,13 +344,10 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
         group_name=names.group_name,
     )
     def _cutover(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
-        # In a verify run: that run's shadow and check; materialized on its own: the latest.
+        # In a verify run (or a re-execution of one): that run's shadow and check; materialized
+        # on its own: the latest.
         this_run = context.run.run_id
-        shadows = [
-            r for r in _run_records(context.instance, this_run, dg.DagsterEventType.ASSET_MATERIALIZATION)
-            if r.asset_materialization is not None and r.asset_materialization.asset_key == names.reshard_shadow_key
-        ]
-        run_id = this_run if shadows else None
+        run_id = this_run if _run_shadow(context.instance, names, this_run) is not None else None
         ok, why, check_meta = latest_verification(context.instance, names.key_prefix, run_id)
         if not ok:
             raise dg.Failure(description=f"cutover refused: {why}", allow_retries=False)

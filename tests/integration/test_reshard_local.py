@@ -725,6 +725,13 @@ def _defs() -> dg.Definitions:
     return miroir_definitions()
 
 
+def _verify_job() -> dg.JobDefinition:
+    """The verify job, reconstructable (a re-execution is launched from it)."""
+    from miroir_pipeline.dagster import MiroirNames
+
+    return _defs().resolve_job_def(MiroirNames().reshard_verify_job)
+
+
 def test_dagster_plan_backfill_blocking_check_and_cutover(
     tmp_path: Path,
     store: JobStore,
@@ -852,3 +859,66 @@ def test_each_verify_run_reports_its_own_reshard_not_the_latest_one(
         cutover = books.asset_materializations_for_node(names.op_name(names.reshard_cutover_key))[0].metadata
         assert cutover["parent_job_id"].value == parents["books"]
 
+
+
+def test_a_re_executed_cutover_records_the_shadow_of_the_run_it_re_executes(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Re-executing the cutover step of a verify run (from the UI, after another reshard's
+    verify run): the re-execution materializes no shadow of its own, and the cutover used to
+    take the latest shadow, recording the other reshard as ready for cutover."""
+    from miroir_pipeline.dagster import MiroirNames
+    from miroir_pipeline.dagster.reshard_assets import latest_verification
+
+    topo = local_topology(tmp_path / "nodes", 8, [["n0", "n1"]])
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True)))
+    monkeypatch.setenv("MIROIR_TOPOLOGY", str(tmp_path / "topology.yaml"))
+    monkeypatch.setenv("MIROIR_JOBS_DSN", f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    live = opened(topo)
+    docs = {"books": make_docs(120, int_ids=True), "films": make_docs(80, int_ids=False)}
+    for uid, batch in docs.items():
+        load_live(topo, live, uid, batch)
+    defs = _defs()
+    names = MiroirNames()
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    cutover_step = names.op_name(names.reshard_cutover_key)
+    with dg.instance_for_test() as instance:
+        runs = {}
+        for uid in docs:
+            plan = defs.resolve_job_def(names.plan_reshard_job).execute_in_process(
+                run_config={"ops": {names.plan_reshard_op: {"config": {"index_uid": uid, "new_shards": 4}}}, **quiet},
+                instance=instance,
+            )
+            parent = plan.output_for_node(names.plan_reshard_op)
+            for chunk in store.children(parent):
+                run = defs.resolve_job_def(names.chunk_job("reshard_backfill")).execute_in_process(
+                    instance=instance, partition_key=chunk.id, run_config=quiet
+                )
+                assert run.success
+            config = {"ops": {names.reshard_shadow_op: {"config": {"parent_job_id": parent}}}, **quiet}
+            with dg.execute_job(dg.reconstructable(_verify_job), instance, run_config=config) as verified:
+                assert verified.success
+                runs[uid] = (verified.run_id, parent, config)
+
+        books_run, books_parent, books_config = runs["books"]
+        with dg.execute_job(
+            dg.reconstructable(_verify_job),
+            instance,
+            run_config=books_config,  # a re-execution keeps its parent run's config
+            reexecution_options=dg.ReexecutionOptions(parent_run_id=books_run, step_selection=[cutover_step]),
+        ) as again:
+            assert again.success
+            assert again.dagster_run.parent_run_id == books_run
+            [cutover] = [
+                e for e in again.get_asset_materialization_events()
+                if e.asset_key and e.asset_key == names.reshard_cutover_key
+            ]  # fmt: skip
+            metadata = cutover.materialization.metadata
+            assert metadata["parent_job_id"].value == books_parent
+            assert metadata["index_uid"].value == "books"
+            passed, why, meta = latest_verification(instance, run_id=again.run_id)
+            assert passed, why
+            assert meta["parent_job_id"] == books_parent and meta["shadow_documents"] == 120
