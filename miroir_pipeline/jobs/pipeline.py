@@ -34,6 +34,7 @@ from miroir_pipeline.fleet.targets.base import (
     NodeTarget,
     PendingWrite,
     TargetError,
+    sending_under,
 )
 from miroir_pipeline.queue.contract import JobStore
 from miroir_pipeline.queue.lease import LeaseKeeper, hand_back
@@ -122,9 +123,10 @@ class _Window:
         checked: bool,
     ) -> PendingWrite:
         """An enqueue on a sender thread, only while the lease is held (a batch may wait its
-        turn behind a slow send for longer than the lease)."""
+        turn behind a slow send for longer than the lease); the node's own retries check it too."""
         self.guard()
-        return enqueue(index_uid, primary_key, lines, keys, shards, checked=checked)
+        with sending_under(self.guard):
+            return enqueue(index_uid, primary_key, lines, keys, shards, checked=checked)
 
     def settle_oldest(
         self, index_uid: str, primary_key: str, *, block: bool, stop: Callable[[], bool] = lambda: False
@@ -182,7 +184,8 @@ class _Window:
                 continue
             b = flight.batch
             try:
-                target.write_routed(index_uid, primary_key, b.lines[i], b.keys[i], b.shards[i], checked=b.checked)
+                with sending_under(self.guard):
+                    target.write_routed(index_uid, primary_key, b.lines[i], b.keys[i], b.shards[i], checked=b.checked)
                 flight.settled[i] = None
             except DocumentsRefused as exc:
                 flight.settled[i] = exc

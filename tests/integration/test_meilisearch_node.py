@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from miroir_pipeline.fleet.routing import shard_for_key
-from miroir_pipeline.fleet.targets.base import IndexNotFound, TargetError
+from miroir_pipeline.fleet.targets.base import IndexNotFound, TargetError, sending_under
 from miroir_pipeline.fleet.targets.factory import open_target, open_targets
 from miroir_pipeline.fleet.targets.meilisearch import (
     MeilisearchNode,
@@ -416,6 +416,46 @@ def test_overload_answers_are_retried_then_retryable_error(status: int) -> None:
         assert info.value.retryable
         assert f"HTTP {status}: overloaded" in str(info.value) and "3 attempts" in str(info.value)
         assert handler.seen == 3
+    finally:
+        target.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_write_under_a_guard_stops_retrying_once_the_guard_raises() -> None:
+    """The chunk pipeline sends under its lease's guard: the node target checks it before every
+    attempt, so a write retrying against an overloaded node stops when the lease is lost."""
+
+    class Handler(_Unavailable):
+        pass
+
+    class Gone(Exception):
+        pass
+
+    Handler.status, Handler.seen = 503, 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    target = MeilisearchNode(
+        "fake-0", f"http://127.0.0.1:{server.server_address[1]}", max_retries=50, backoff_base=0.001, backoff_cap=0.002
+    )
+    checks = 0
+
+    def guard() -> None:
+        nonlocal checks
+        checks += 1
+        if checks > 3:
+            raise Gone
+
+    try:
+        with sending_under(guard), pytest.raises(Gone):
+            target.write_documents("books", "id", ndjson(routed([1], 4)), 1)
+        assert Handler.seen == 3, "every attempt, the first one included, asked the guard first"
+        # Outside the block the guard no longer applies: the whole retry budget is spent.
+        with pytest.raises(TargetError, match="51 attempts"):
+            target.write_documents("books", "id", ndjson(routed([1], 4)), 1)
+        assert Handler.seen == 3 + 51
     finally:
         target.close()
         server.shutdown()

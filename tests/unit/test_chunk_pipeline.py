@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from miroir_pipeline.fleet.targets.base import NodeTarget, PendingWrite, TargetError
+from miroir_pipeline.fleet.targets.base import NodeTarget, PendingWrite, TargetError, send_guard
 from miroir_pipeline.jobs.pipeline import Batch, run_batches
 from miroir_pipeline.queue import JobStore, open_store
 from miroir_pipeline.queue.contract import JobState, Lease, NewChunk
@@ -311,3 +311,53 @@ def test_a_worker_that_lost_its_lease_sends_nothing_more_from_its_window(tmp_pat
         keeper.stop()
         store.close()
 
+
+
+class RetryingNode(ScriptedNode):
+    """Its first enqueue fails every attempt, as a node answering 503 would, and retries with
+    the node target's rule: the send guard is checked before every attempt. FAKE: stands in for
+    a node failing a request for as long as the test needs."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.retrying = threading.Event()
+        self.attempts = 0
+
+    def enqueue_routed(self, index_uid: str, primary_key: str, lines: Sequence[bytes], keys: Sequence[Any], shards: Sequence[int], *, checked: bool = False) -> PendingWrite:
+        deadline = time.monotonic() + 30
+        while int(keys[0]) == 0 and time.monotonic() < deadline:
+            send_guard()
+            self.attempts += 1
+            self.retrying.set()
+            time.sleep(0.01)
+        return super().enqueue_routed(index_uid, primary_key, lines, keys, shards, checked=checked)
+
+
+@pytest.mark.timeout(60)
+def test_a_send_inside_its_retries_stops_once_the_lease_is_lost(tmp_path: Path) -> None:
+    """The first batch's send is retrying against a failing node when the lease is lost: its
+    next attempt is not made, so it cannot land after a newer holder's write of it."""
+    from miroir_pipeline.queue.contract import LeaseLost
+
+    store, keeper = lease_one_chunk(tmp_path, ttl=30, interval=0.05)
+    node = RetryingNode("a")
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_batches(store, keeper, [node], "idx", "id", iter(batches(BATCHES, 1)), Shutdown(), window_bytes=1 << 30)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    try:
+        assert node.retrying.wait(30)
+        store.cancel(keeper.lease.job_id, "taken away")
+        runner.join(30)
+        assert not runner.is_alive(), "the send kept retrying after the lease was lost"
+        assert len(outcome) == 1 and isinstance(outcome[0], LeaseLost), outcome
+        assert not node.writes, "the retried batch landed after the lease was lost"
+    finally:
+        keeper.stop()
+        store.close()

@@ -7,7 +7,9 @@ Two implementations: the local node store (``local://PATH``) and a Meilisearch n
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,30 @@ __all__ = [
     "RequestRefused",
     "TargetError",
     "isolate_refused",
+    "send_guard",
+    "sending_under",
 ]
+
+_SEND_GUARD: ContextVar[Callable[[], None] | None] = ContextVar("miroir_send_guard", default=None)
+
+
+@contextlib.contextmanager
+def sending_under(guard: Callable[[], None]) -> Iterator[None]:
+    """Writes made in this block (this thread) check ``guard`` before every request they send,
+    retries included: it raises once nothing more may be sent (the chunk's lease was lost),
+    so a write waiting out a node's errors does not land after the new holder's."""
+    token = _SEND_GUARD.set(guard)
+    try:
+        yield
+    finally:
+        _SEND_GUARD.reset(token)
+
+
+def send_guard() -> None:
+    """Raise if the block this thread writes in may send nothing more (see :func:`sending_under`)."""
+    guard = _SEND_GUARD.get()
+    if guard is not None:
+        guard()
 
 
 class TargetError(RuntimeError):

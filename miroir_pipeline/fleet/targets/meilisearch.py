@@ -35,6 +35,7 @@ from miroir_pipeline.fleet.targets.base import (
     RequestRefused,
     TargetError,
     isolate_refused,
+    send_guard,
 )
 from miroir_pipeline.fleet.topology import DEFAULT_PAYLOAD_LIMIT, Node
 
@@ -336,6 +337,8 @@ class MeilisearchNode(NodeTarget):
         last = ""
         for attempt in range(self.max_retries + 1):
             retry_after: str | None = None
+            if method != "GET":
+                send_guard()  # a write on a lost lease stops, even between retries
             try:
                 resp = self._http().request(method, path, **kw)
             except httpx.LocalProtocolError:
