@@ -22,6 +22,7 @@ from miroir_pipeline.fleet.topology import Topology
 from miroir_pipeline.jobs.dump_import import (
     DumpImportRequest,
     InvalidDocumentError,
+    ReplicasDisagree,
     plan_dump_import,
     process_dump_chunk,
 )
@@ -252,6 +253,47 @@ def test_fleet_skip_places_a_refused_document_at_its_own_line_not_inside_an_earl
         root, store, targets, topo, uid, [decoy, *make_docs(20, seed=9)], [GEO_BAD],
         ["invalid_document_geo_field", "Could not parse latitude"], settings_for(root, batch_size=64),
     )  # fmt: skip
+
+
+@pytest.fixture
+def disagreeing_replicas(tmp_path: Path, meili_fleet: Any, meili_topology: Any, meili_index_uid: str) -> Any:
+    """Two nodes holding every shard (RF 2): only the first has ``_geo`` filterable, so only
+    it checks a document's ``_geo``."""
+    procs = meili_fleet(2)
+    topo = meili_topology(procs, shards=4, replication_factor=2, groups=[[0, 1]])
+    targets = open_targets(topo)
+    first, second = (n.id for n in topo.all_nodes())
+    targets[first].ensure_index(meili_index_uid, "id", {"filterableAttributes": ["_geo"]})
+    targets[second].ensure_index(meili_index_uid, "id")
+    store = open_store(f"sqlite:///{tmp_path}/jobs.sqlite3")
+    yield tmp_path, store, topo, targets, meili_index_uid, first, second
+    store.close()
+
+
+@pytest.mark.meilisearch
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_replicas_that_disagree_about_a_document_fail_the_chunk_naming_both(disagreeing_replicas: Any, policy: str) -> None:
+    """One replica refuses the document, the other wrote it: a dead letter would leave it
+    searchable on one node of its shard. The chunk fails for good, naming the line and both
+    nodes, and nothing is dead-lettered."""
+    root, store, topo, targets, uid, first, second = disagreeing_replicas
+    dump, (number,) = write_mixed(root / f"{uid}.ndjson", make_docs(12, seed=12), [GEO_BAD])
+    request = DumpImportRequest(uri=str(dump), index_uid=uid, primary_key="id", on_invalid_document=policy)
+    settings = settings_for(root)
+    plan = plan_dump_import(store, request, topo, targets, settings)
+    lease = store.claim(["dump_import"], "w", settings.lease_ttl)
+    assert lease is not None
+    with pytest.raises(ReplicasDisagree) as caught:
+        process_dump_chunk(store, lease, targets, settings)
+    message = str(caught.value)
+    offset = len(b"".join(line + b"\n" for line in dump.read_bytes().split(b"\n")[: number - 1]))
+    assert f"line {number}, byte offset {offset}" in message
+    assert f"node {first} refused it" in message and "latitude" in message
+    assert f"node(s) {second} wrote it" in message and "retry the chunk" in message
+    (chunk,) = store.children(plan.parent.id)
+    assert chunk.state == JobState.FAILED and chunk.attempts == 1
+    assert store.claim(["dump_import"], "w", settings.lease_ttl) is None, "failed for good, not re-queued"
+    assert dead_letters(root, plan.parent.id) == []
 
 
 # -- a document larger than a node's payload limit -------------------------------------------

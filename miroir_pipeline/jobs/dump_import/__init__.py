@@ -15,6 +15,7 @@ from miroir_pipeline.jobs.dump_import.params import (
     DumpImportRequest,
     InvalidDocumentError,
     PlannedImport,
+    ReplicasDisagree,
 )
 from miroir_pipeline.jobs.dump_import.plan import plan_dump_import
 from miroir_pipeline.jobs.dump_import.process import process_dump_chunk
@@ -29,6 +30,7 @@ __all__ = [
     "DumpImportRequest",
     "InvalidDocumentError",
     "PlannedImport",
+    "ReplicasDisagree",
     "plan_dump_import",
     "process_dump_chunk",
 ]

@@ -70,6 +70,12 @@ class InvalidDocumentError(ValueError):
     """A dump line that cannot be imported under the ``fail`` policy."""
 
 
+class ReplicasDisagree(RuntimeError):
+    """Nodes holding the same shard judged one document differently: some refused it, others
+    wrote it. Neither policy fits (a dead letter would still be searchable on the others), and
+    a retry changes nothing until the nodes are aligned, so the chunk fails for good."""
+
+
 _INVALID_LINE_RE = re.compile(r"line \d+, byte offset \d+: .*--on-invalid skip", re.DOTALL)
 
 

@@ -31,6 +31,7 @@ from miroir_pipeline.jobs.dump_import.params import (
     ChunkReport,
     DumpChunkParams,
     InvalidDocumentError,
+    ReplicasDisagree,
 )
 from miroir_pipeline.jobs.pipeline import Batch, Refusals, run_batches
 from miroir_pipeline.jobs.settings import PipelineSettings
@@ -63,7 +64,7 @@ def process_dump_chunk(
         lambda keeper: _run_chunk(store, keeper, targets, settings, shutdown or Shutdown(), on_batch),
         ttl=settings.lease_ttl,
         heartbeat_interval=settings.heartbeat_interval,
-        permanent=(InvalidDocumentError, RequestRefused),
+        permanent=(InvalidDocumentError, ReplicasDisagree, RequestRefused),
         plain=(TargetError, DeadLetterMissing),
     )
 
@@ -176,6 +177,7 @@ class _RefusedByNodes:
         start, end = int(batch.extra["start"]), int(batch.extra["end"])
         data = _read(self.line_counter.ref, start, end)
         for doc, by_node in found.items():
+            self._agree(batch, doc, by_node, data, start, end)
             search_from = 0
             for copy in range(max(len(r) for r in by_node.values())):
                 node, refused = next((n, r[copy]) for n, r in by_node.items() if copy < len(r))
@@ -183,6 +185,31 @@ class _RefusedByNodes:
                 self._refuse(doc, node, refused, line_no, offset, start, end)
             for n, r in by_node.items():
                 self.per_node[n] = self.per_node.get(n, 0) + len(r)
+
+    def _agree(
+        self, batch: Batch, doc: bytes, by_node: dict[str, list[RefusedDocument]], data: bytes, start: int, end: int
+    ) -> None:
+        """Raise :class:`ReplicasDisagree` when a node that was sent ``doc`` wrote it while
+        another refused it."""
+        wrote = [
+            node
+            for node, lines in zip(self.node_ids, batch.lines, strict=True)
+            if node not in by_node and any(line == doc for line in lines)
+        ]
+        if not wrote:
+            return
+        line_no, offset, _ = self._locate(doc, data, start, 0)
+        where = (
+            f"{_where(self.params)}: line {line_no}, byte offset {offset}"
+            if line_no
+            else f"{_where(self.params)}: a line between byte offsets {start} and {end}"
+        )
+        refused = "; ".join(f"node {node} refused it: {r[0].message}" for node, r in sorted(by_node.items()))
+        raise ReplicasDisagree(
+            f"{where}: nodes holding the same shard disagree about this document: {refused}; "
+            f"node(s) {', '.join(wrote)} wrote it. Give those nodes the same Meilisearch version, "
+            "index settings and payload limit, then retry the chunk (its progress is kept)"
+        )
 
     def _refuse(
         self, doc: bytes, node: str, refused: RefusedDocument, line_no: int, offset: int, start: int, end: int
