@@ -75,6 +75,11 @@ class Batch:
         return sum(len(line) for lines in self.lines for line in lines)
 
 
+class _SendAbandoned(TargetError):
+    """A send stopped between two attempts because the chunk is being handed back: the next
+    claimer sends the batch again, so nothing waits out the node's retries."""
+
+
 @dataclass
 class _InFlight:
     batch: Batch
@@ -88,11 +93,19 @@ class _InFlight:
 class _Window:
     """Batches handed to the targets and not yet committed, oldest first."""
 
-    def __init__(self, targets: Sequence[NodeTarget], name: str, guard: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        targets: Sequence[NodeTarget],
+        name: str,
+        guard: Callable[[], None] = lambda: None,
+        abandon: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.targets = targets
         #: Raises once the lease is lost: checked before each enqueue and each wait, so a worker
         #: that lost its chunk never sends an older batch after the new holder's newer ones.
         self.guard = guard
+        #: True once the chunk is to be handed back: a send stops at its next attempt.
+        self.abandon = abandon
         # One thread per target: a node receives its batches strictly in order.
         self.senders = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-{i}") for i in range(len(targets))]
         self.batches: deque[_InFlight] = deque()
@@ -100,9 +113,7 @@ class _Window:
 
     def send(self, index_uid: str, primary_key: str, batch: Batch) -> None:
         writes = {
-            i: self.senders[i].submit(
-                self._guarded, target.enqueue_routed, index_uid, primary_key, lines, keys, shards, batch.checked
-            )
+            i: self.senders[i].submit(self._guarded, target, index_uid, primary_key, lines, keys, shards, batch.checked)
             for i, (target, lines, keys, shards) in enumerate(
                 zip(self.targets, batch.lines, batch.keys, batch.shards, strict=True)
             )
@@ -114,7 +125,7 @@ class _Window:
 
     def _guarded(
         self,
-        enqueue: Callable[..., PendingWrite],
+        target: NodeTarget,
         index_uid: str,
         primary_key: str,
         lines: Sequence[bytes],
@@ -123,10 +134,21 @@ class _Window:
         checked: bool,
     ) -> PendingWrite:
         """An enqueue on a sender thread, only while the lease is held (a batch may wait its
-        turn behind a slow send for longer than the lease); the node's own retries check it too."""
-        self.guard()
-        with sending_under(self.guard):
-            return enqueue(index_uid, primary_key, lines, keys, shards, checked=checked)
+        turn behind a slow send for longer than the lease) and no hand-back is under way; the
+        node's own retries check both too."""
+
+        def may_send() -> None:
+            self.guard()
+            if self.abandon():
+                raise _SendAbandoned(
+                    f"node {target.node_id}: send stopped, the chunk is being handed back",
+                    node_id=target.node_id,
+                    retryable=True,
+                )
+
+        may_send()
+        with sending_under(may_send):
+            return target.enqueue_routed(index_uid, primary_key, lines, keys, shards, checked=checked)
 
     def settle_oldest(
         self, index_uid: str, primary_key: str, *, block: bool, stop: Callable[[], bool] = lambda: False
@@ -153,7 +175,10 @@ class _Window:
                 continue
             if not write.done() and not block:
                 return False
-            pending = write.result()  # the enqueue's own error (node down, refused request)
+            try:
+                pending = write.result()  # the enqueue's own error (node down, refused request)
+            except _SendAbandoned:
+                return False  # never sent whole: not acknowledged, the next claimer sends it
             target = self.targets[i]
             target.refresh(
                 [f.writes[i].result() for f in self.batches if i in f.writes and f.writes[i].done() and f.writes[i].exception() is None]
@@ -208,7 +233,8 @@ class _Window:
 
     def close(self) -> None:
         """Stop the senders: batches not yet handed to their node are dropped (nothing past the
-        committed cursor needs them), the one being sent finishes."""
+        committed cursor needs them); the one being sent finishes its request, and on a
+        hand-back makes no further attempt."""
         for sender in self.senders:
             sender.shutdown(wait=True, cancel_futures=True)
 
@@ -243,7 +269,7 @@ def run_batches(
     claimer, after what the nodes already hold (add-or-replace, in order), so a drain takes one
     poll, not the time a slow or unreachable node needs for the whole window.
     """
-    window = _Window(targets, f"send-{keeper.lease.job_id}", keeper.check)
+    window = _Window(targets, f"send-{keeper.lease.job_id}", keeper.check, lambda: shutdown.requested)
     committed = "its resume cursor (nothing committed by this run)"  # where a hand-back leaves it
 
     def commit(flight: _InFlight) -> None:

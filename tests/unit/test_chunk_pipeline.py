@@ -361,3 +361,31 @@ def test_a_send_inside_its_retries_stops_once_the_lease_is_lost(tmp_path: Path) 
     finally:
         keeper.stop()
         store.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_drain_stops_a_send_inside_its_retries_and_hands_back(leased: tuple[JobStore, LeaseKeeper]) -> None:
+    """The first batch's send is retrying against a failing node (the whole retry budget is
+    half a minute with a real node) when the worker is asked to drain: the send makes no
+    further attempt and the chunk is handed back at once, its attempt given back."""
+    store, keeper = leased
+    node = RetryingNode("a")
+    shutdown = Shutdown()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_batches(store, keeper, [node], "idx", "id", iter(batches(BATCHES, 1)), shutdown, window_bytes=1 << 30)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    assert node.retrying.wait(30)
+    shutdown.request("test drain")
+    runner.join(20)
+    assert not runner.is_alive(), "the drain waited for the send's retries"
+    assert len(outcome) == 1 and isinstance(outcome[0], ChunkHandedBack), outcome
+    assert not node.writes, "the retried batch was sent after the drain"
+    row = store.get(keeper.lease.job_id)
+    assert (row.state, row.attempts, row.claimed_by) == (JobState.QUEUED, 0, None)
