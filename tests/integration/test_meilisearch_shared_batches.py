@@ -20,7 +20,12 @@ import pytest
 
 from miroir_pipeline.fleet.routing import shard_for_key
 from miroir_pipeline.fleet.targets.base import DocumentsRefused, TargetError
-from miroir_pipeline.fleet.targets.meilisearch import EnqueuedTask, MeilisearchNode, names_document
+from miroir_pipeline.fleet.targets.meilisearch import (
+    EnqueuedTask,
+    MeilisearchNode,
+    blames,
+    names_document,
+)
 from tests.fixtures.meilisearch import MeiliFleet, MeiliProcess
 
 pytestmark = pytest.mark.meilisearch
@@ -127,7 +132,10 @@ def neighbours(proc: MeiliProcess) -> Iterator[list[Neighbour]]:
 
 
 def write(node: MeilisearchNode, index_uid: str, docs: Sequence[dict[str, object]]) -> None:
-    lines = [json.dumps({**d, "_miroir_shard": shard_for_key(d["id"], 1)}).encode() for d in docs]  # type: ignore[arg-type]
+    lines = [
+        json.dumps({**d, "_miroir_shard": shard_for_key(d["id"], 1)}).encode().replace(b'"HUGE"', b"-1e400")  # type: ignore[arg-type]
+        for d in docs
+    ]
     node.write_routed(index_uid, "id", lines, [d["id"] for d in docs], [0] * len(docs))  # type: ignore[misc]
 
 
@@ -183,23 +191,29 @@ def test_a_neighbour_failing_every_batch_makes_the_write_retryable_not_a_refusal
     assert not stored(proc, index_uid, "ours")
 
 
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [({"_geo": {"lat": "north", "lng": 1}}, "mine-bad"), ({"x": [1, "HUGE"]}, "number out of range")],
+    ids=["message-names-it", "number-out-of-range"],
+)
 def test_our_bad_document_batched_with_a_neighbours_good_one_is_still_refused(
-    proc: MeiliProcess, index_uid: str, neighbours: list[Neighbour]
+    proc: MeiliProcess, index_uid: str, neighbours: list[Neighbour], bad: dict[str, object], words: str
 ) -> None:
-    """The message names our document: it is refused at once, the good one beside it lands.
-    The neighbour shares every write of ours, the whole batch and each half of it."""
+    """The message names our document, or says a number is out of range and ours has one: it
+    is refused at once, the good one beside it lands. The neighbour shares every write of ours,
+    the whole batch and each half of it."""
     neighbour = Neighbour(proc, index_uid, b'{"id":"theirs","title":"fine"}\n', rounds=10)
     neighbours.append(neighbour)
     node = make_node(proc, neighbour, max_retries=4)
     try:
         with pytest.raises(DocumentsRefused) as caught:
-            write(node, index_uid, [{"id": "mine-ok", "title": "good"}, {"id": "mine-bad", "_geo": {"lat": "north", "lng": 1}}])
+            write(node, index_uid, [{"id": "mine-ok", "title": "good"}, {"id": "mine-bad", **bad}])
     finally:
         node.close()
     assert neighbour.task(node.ours[-1])["batchUid"] == neighbour.task(neighbour.tasks[-1])["batchUid"]
     # Refused at its first write alone: the last one, and shared.
     assert [r.position for r in caught.value.refused] == [1]
-    assert "mine-bad" in caught.value.refused[0].message
+    assert words in caught.value.refused[0].message
     assert stored(proc, index_uid, "mine-ok")
     assert stored(proc, index_uid, "theirs")
 
@@ -212,3 +226,11 @@ def test_names_document_compares_the_json_encoded_key() -> None:
     assert names_document("in the document with the id: `12`.", "12") is False
     assert names_document("Document identifier `\"a b\"` is invalid.", "a b") is True
     assert names_document("internal: number out of range at line 1 column 5.", "g") is None
+
+
+def test_blames_a_number_out_of_range_only_on_a_document_that_has_one() -> None:
+    message = "Index `x`: internal: number out of range at line 1 column 5."
+    assert blames(message, b'{"id":"a","x":{"y":[1,-1e400]}}', "a") is True
+    assert blames(message, b'{"id":"a","x":1e308}', "a") is False
+    assert blames("internal: invalid type: integer `3`, expected a map at line 1 column 1", b'{"id":"a"}', "a") is None
+    assert blames("in the document with the id: `\"a\"`.", b'{"id":"a"}', "a") is True

@@ -158,6 +158,20 @@ def names_document(message: str, key: str | int) -> bool | None:
     return named.group(1) == msgspec.json.encode(key).decode()
 
 
+def blames(message: str, line: bytes, key: str | int) -> bool | None:
+    """Whether a node's error is about this document: by the key its message names, or, for a
+    number beyond the float range (a message naming no document), by decoding the document
+    whole as the node did. None when neither can tell."""
+    named = names_document(message, key)
+    if named is not None or "number out of range" not in message:
+        return named
+    try:
+        msgspec.json.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return "out of range" in str(exc)
+    return False
+
+
 def document_refusal(exc: TargetError) -> RefusedDocument | None:
     """The refusal an error makes of the documents sent, or None when it is about the node."""
     if not isinstance(exc, TaskFailed):
@@ -697,8 +711,7 @@ class MeilisearchNode(NodeTarget):
                     ours = [task.uid for task in tasks]
                     if document_refusal(exc) is None or len(part) > 1 or not self._shared_batch(exc, ours):
                         raise  # halving goes on below a batch; a document alone is judged here
-                    named = names_document(exc.node_message, keys[first])
-                    if named is True:
+                    if blames(exc.node_message, part[0], keys[first]) is True:
                         raise
                     last = exc
                 if attempt < self.max_retries:
