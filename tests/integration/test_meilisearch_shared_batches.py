@@ -193,8 +193,12 @@ def test_a_neighbour_failing_every_batch_makes_the_write_retryable_not_a_refusal
 
 @pytest.mark.parametrize(
     ("bad", "words"),
-    [({"_geo": {"lat": "north", "lng": 1}}, "mine-bad"), ({"x": [1, "HUGE"]}, "number out of range")],
-    ids=["message-names-it", "number-out-of-range"],
+    [
+        ({"_geo": {"lat": "north", "lng": 1}}, "mine-bad"),
+        ({"id": 77, "_geo": {"lat": "north", "lng": 1}}, '`"77"`'),
+        ({"x": [1, "HUGE"]}, "number out of range"),
+    ],
+    ids=["message-names-it", "message-names-an-integer-key", "number-out-of-range"],
 )
 def test_our_bad_document_batched_with_a_neighbours_good_one_is_still_refused(
     proc: MeiliProcess, index_uid: str, neighbours: list[Neighbour], bad: dict[str, object], words: str
@@ -222,8 +226,11 @@ def test_names_document_compares_the_json_encoded_key() -> None:
     geo = "Index `x`: Could not parse latitude in the document with the id: `\"g-1\"`. Was expecting"
     assert names_document(geo, "g-1") is True
     assert names_document(geo, "g") is False
-    assert names_document("in the document with the id: `12`.", 12) is True
-    assert names_document("in the document with the id: `12`.", "12") is False
+    # A real node quotes every id as a string, an integer one included.
+    assert names_document("in the document with the id: `\"12\"`.", 12) is True
+    assert names_document("in the document with the id: `\"12\"`.", 13) is False
+    assert names_document("dimensions in document with id `a3`", "a3") is True
+    assert names_document("expected a map in the document with id: `a4`", "a4") is True
     assert names_document("Document identifier `\"a b\"` is invalid.", "a b") is True
     assert names_document("internal: number out of range at line 1 column 5.", "g") is None
 
@@ -232,5 +239,6 @@ def test_blames_a_number_out_of_range_only_on_a_document_that_has_one() -> None:
     message = "Index `x`: internal: number out of range at line 1 column 5."
     assert blames(message, b'{"id":"a","x":{"y":[1,-1e400]}}', "a") is True
     assert blames(message, b'{"id":"a","x":1e308}', "a") is False
+    assert blames(message, b'{"id":"a","x":[1' + b"0" * 400 + b"]}", "a") is True
     assert blames("internal: invalid type: integer `3`, expected a map at line 1 column 1", b'{"id":"a"}', "a") is None
     assert blames("in the document with the id: `\"a\"`.", b'{"id":"a"}', "a") is True

@@ -146,7 +146,7 @@ _DOCUMENT_PARSE_ERROR = re.compile(
     r"(invalid type|recursion limit exceeded|invalid value|number out of range).* at line \d+ column \d+"
 )
 #: How a node's message names the document it is about (its primary key, JSON-encoded).
-_NAMED_DOCUMENT = re.compile(r"(?:the document with the id: |Document identifier )`([^`]*)`")
+_NAMED_DOCUMENT = re.compile(r"(?:document with (?:the )?id:? |Document identifier )`([^`]*)`")
 
 
 def names_document(message: str, key: str | int) -> bool | None:
@@ -155,7 +155,8 @@ def names_document(message: str, key: str | int) -> bool | None:
     named = _NAMED_DOCUMENT.search(message)
     if named is None:
         return None
-    return named.group(1) == msgspec.json.encode(key).decode()
+    # Quoted as a JSON string, or bare; an integer id is the same id as its decimal string.
+    return named.group(1) in (msgspec.json.encode(str(key)).decode(), str(key))
 
 
 def blames(message: str, line: bytes, key: str | int) -> bool | None:
@@ -166,9 +167,24 @@ def blames(message: str, line: bytes, key: str | int) -> bool | None:
     if named is not None or "number out of range" not in message:
         return named
     try:
-        msgspec.json.decode(line)
+        doc = msgspec.json.decode(line)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return "out of range" in str(exc)
+    return _has_huge_integer(doc)
+
+
+def _has_huge_integer(value: Any) -> bool:
+    """An integer beyond the 64-bit float range somewhere in ``value`` (the node reads every
+    number as a float, so such an integer is out of range for it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > 1.7976931348623157e308:
+            return True
     return False
 
 
