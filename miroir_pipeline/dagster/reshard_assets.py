@@ -84,6 +84,16 @@ def _latest_shadow(
     return record.storage_id, {k: v.value for k, v in mat.metadata.items()}
 
 
+def _own_or_latest_shadow(instance: dg.DagsterInstance, names: MiroirNames, run_id: str) -> dict[str, Any]:
+    """Metadata of the ``reshard_shadow`` materialization run ``run_id`` made itself, else of
+    the latest one (runs it re-executes are not looked at)."""
+    for record in _run_records(instance, run_id, dg.DagsterEventType.ASSET_MATERIALIZATION):
+        mat = record.asset_materialization
+        if mat is not None and mat.asset_key == names.reshard_shadow_key:
+            return {k: v.value for k, v in mat.metadata.items()}
+    return _latest_shadow(instance, names)[1]
+
+
 def _run_shadow(
     instance: dg.DagsterInstance, names: MiroirNames, run_id: str
 ) -> tuple[int, dict[str, Any], str] | None:
@@ -316,7 +326,10 @@ def reshard_definitions(names: MiroirNames, kind: JobKind) -> dg.Definitions:
     )
     def _shadow_matches_live(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         jobs: JobStoreResource = getattr(context.resources, jobs_key)
-        _, meta = _latest_shadow(context.instance, names, context.run.run_id)
+        # The shadow this run materialized, else the latest: Dagster records the evaluation
+        # against the latest materialization, so a re-executed check must not verify an older
+        # shadow of the run it re-executes (it would be recorded as verifying another one).
+        meta = _own_or_latest_shadow(context.instance, names, context.run.run_id)
         params = _reshard_params(jobs.get_store(), str(meta["parent_job_id"]))
         live = Topology.parse(params.live_topology)
         shadow = Topology.parse(params.shadow_topology)

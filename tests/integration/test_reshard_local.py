@@ -922,3 +922,63 @@ def test_a_re_executed_cutover_records_the_shadow_of_the_run_it_re_executes(
             passed, why, meta = latest_verification(instance, run_id=again.run_id)
             assert passed, why
             assert meta["parent_job_id"] == books_parent and meta["shadow_documents"] == 120
+
+
+def test_a_re_executed_check_never_makes_a_failed_reshard_read_as_verified(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """books verifies, then films fails its check; re-executing only the check step of the
+    books run must not leave the latest verification reading as passed. (Dagster records an
+    evaluation against the latest shadow, films': checking books' shadow there made films
+    read as verified.)"""
+    from miroir_pipeline.dagster import MiroirNames
+    from miroir_pipeline.dagster.reshard_assets import latest_verification
+
+    topo = local_topology(tmp_path / "nodes", 8, [["n0", "n1"]])
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True)))
+    monkeypatch.setenv("MIROIR_TOPOLOGY", str(tmp_path / "topology.yaml"))
+    monkeypatch.setenv("MIROIR_JOBS_DSN", f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    live = opened(topo)
+    docs = {"books": make_docs(120, int_ids=True), "films": make_docs(80, int_ids=False)}
+    for uid, batch in docs.items():
+        load_live(topo, live, uid, batch)
+    defs = _defs()
+    names = MiroirNames()
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    check_step = names.op_name(names.reshard_shadow_key) + "_" + names.shadow_check_name
+    with dg.instance_for_test() as instance:
+        runs = {}
+        for uid in docs:
+            plan = defs.resolve_job_def(names.plan_reshard_job).execute_in_process(
+                run_config={"ops": {names.plan_reshard_op: {"config": {"index_uid": uid, "new_shards": 4}}}, **quiet},
+                instance=instance,
+            )
+            parent = plan.output_for_node(names.plan_reshard_op)
+            for chunk in store.children(parent):
+                run = defs.resolve_job_def(names.chunk_job("reshard_backfill")).execute_in_process(
+                    instance=instance, partition_key=chunk.id, run_config=quiet
+                )
+                assert run.success
+            if uid == "films":  # the live index loses documents after the backfill: check fails
+                for target in live.values():
+                    target.delete_documents("films", [str(d["id"]) for d in docs["films"][:3]])
+            config = {"ops": {names.reshard_shadow_op: {"config": {"parent_job_id": parent}}}, **quiet}
+            with dg.execute_job(dg.reconstructable(_verify_job), instance, run_config=config, raise_on_error=False) as v:
+                assert v.success == (uid == "books")
+                steps = {e.step_key for e in v.all_events if e.step_key}
+                runs[uid] = (v.run_id, config)
+        assert check_step in steps, steps
+        books_run, books_config = runs["books"]
+        with dg.execute_job(
+            dg.reconstructable(_verify_job),
+            instance,
+            run_config=books_config,
+            raise_on_error=False,
+            reexecution_options=dg.ReexecutionOptions(parent_run_id=books_run, step_selection=[check_step]),
+        ):
+            pass
+        passed, why, meta = latest_verification(instance)  # what a cutover materialized alone reads
+        assert not passed, f"a failed reshard reads as verified: {why} {meta.get('parent_job_id')}"
