@@ -725,6 +725,23 @@ def _defs() -> dg.Definitions:
     return miroir_definitions()
 
 
+def _plan_and_backfill(defs: dg.Definitions, store: JobStore, instance: dg.DagsterInstance, uid: str) -> str:
+    """Plan a reshard of ``uid`` to 4 shards and run every chunk; the parent job id."""
+    from miroir_pipeline.dagster import MiroirNames
+
+    names = MiroirNames()
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+    plan = defs.resolve_job_def(names.plan_reshard_job).execute_in_process(
+        run_config={"ops": {names.plan_reshard_op: {"config": {"index_uid": uid, "new_shards": 4}}}, **quiet},
+        instance=instance,
+    )
+    parent: str = plan.output_for_node(names.plan_reshard_op)
+    chunk_job = defs.resolve_job_def(names.chunk_job("reshard_backfill"))
+    for chunk in store.children(parent):
+        assert chunk_job.execute_in_process(instance=instance, partition_key=chunk.id, run_config=quiet).success
+    return parent
+
+
 def _verify_job() -> dg.JobDefinition:
     """The verify job, reconstructable (a re-execution is launched from it)."""
     from miroir_pipeline.dagster import MiroirNames
@@ -888,16 +905,7 @@ def test_a_re_executed_cutover_records_the_shadow_of_the_run_it_re_executes(
     with dg.instance_for_test() as instance:
         runs = {}
         for uid in docs:
-            plan = defs.resolve_job_def(names.plan_reshard_job).execute_in_process(
-                run_config={"ops": {names.plan_reshard_op: {"config": {"index_uid": uid, "new_shards": 4}}}, **quiet},
-                instance=instance,
-            )
-            parent = plan.output_for_node(names.plan_reshard_op)
-            for chunk in store.children(parent):
-                run = defs.resolve_job_def(names.chunk_job("reshard_backfill")).execute_in_process(
-                    instance=instance, partition_key=chunk.id, run_config=quiet
-                )
-                assert run.success
+            parent = _plan_and_backfill(defs, store, instance, uid)
             config = {"ops": {names.reshard_shadow_op: {"config": {"parent_job_id": parent}}}, **quiet}
             with dg.execute_job(dg.reconstructable(_verify_job), instance, run_config=config) as verified:
                 assert verified.success
@@ -952,16 +960,7 @@ def test_a_re_executed_check_never_makes_a_failed_reshard_read_as_verified(
     with dg.instance_for_test() as instance:
         runs = {}
         for uid in docs:
-            plan = defs.resolve_job_def(names.plan_reshard_job).execute_in_process(
-                run_config={"ops": {names.plan_reshard_op: {"config": {"index_uid": uid, "new_shards": 4}}}, **quiet},
-                instance=instance,
-            )
-            parent = plan.output_for_node(names.plan_reshard_op)
-            for chunk in store.children(parent):
-                run = defs.resolve_job_def(names.chunk_job("reshard_backfill")).execute_in_process(
-                    instance=instance, partition_key=chunk.id, run_config=quiet
-                )
-                assert run.success
+            parent = _plan_and_backfill(defs, store, instance, uid)
             if uid == "films":  # the live index loses documents after the backfill: check fails
                 for target in live.values():
                     target.delete_documents("films", [str(d["id"]) for d in docs["films"][:3]])
