@@ -186,6 +186,13 @@ class _RefusedByNodes:
             for n, r in by_node.items():
                 self.per_node[n] = self.per_node.get(n, 0) + len(r)
 
+    def _place(self, line_no: int, offset: int, start: int, end: int) -> str:
+        """Where a refused document stands in the dump (its batch's byte range when its line
+        cannot be found)."""
+        if line_no:
+            return f"{_where(self.params)}: line {line_no}, byte offset {offset}"
+        return f"{_where(self.params)}: a line between byte offsets {start} and {end}"
+
     def _agree(
         self, batch: Batch, doc: bytes, by_node: dict[str, list[RefusedDocument]], data: bytes, start: int, end: int
     ) -> None:
@@ -199,11 +206,7 @@ class _RefusedByNodes:
         if not wrote:
             return
         line_no, offset, _ = self._locate(doc, data, start, 0)
-        where = (
-            f"{_where(self.params)}: line {line_no}, byte offset {offset}"
-            if line_no
-            else f"{_where(self.params)}: a line between byte offsets {start} and {end}"
-        )
+        where = self._place(line_no, offset, start, end)
         refused = "; ".join(f"node {node} refused it: {r[0].message}" for node, r in sorted(by_node.items()))
         raise ReplicasDisagree(
             f"{where}: nodes holding the same shard disagree about this document: {refused}; "
@@ -214,11 +217,7 @@ class _RefusedByNodes:
     def _refuse(
         self, doc: bytes, node: str, refused: RefusedDocument, line_no: int, offset: int, start: int, end: int
     ) -> None:
-        where = (
-            f"{_where(self.params)}: line {line_no}, byte offset {offset}"
-            if line_no
-            else f"{_where(self.params)}: a line between byte offsets {start} and {end}"
-        )
+        where = self._place(line_no, offset, start, end)
         if self.dead is None:
             raise InvalidDocumentError(
                 f"{where}: node {node} refused the document: {refused.message}. Fix the line, or "
