@@ -136,6 +136,15 @@ class _Window:
         """An enqueue on a sender thread, only while the lease is held (a batch may wait its
         turn behind a slow send for longer than the lease) and no hand-back is under way; the
         node's own retries check both too."""
+        may_send = self._may_send(target)
+        may_send()
+        with sending_under(may_send):
+            return target.enqueue_routed(index_uid, primary_key, lines, keys, shards, checked=checked)
+
+    def _may_send(self, target: NodeTarget) -> Callable[[], None]:
+        """The check made before anything more is sent to ``target`` or waited for from it:
+        raises once the lease is lost, or :class:`_SendAbandoned` once the chunk is being
+        handed back."""
 
         def may_send() -> None:
             self.guard()
@@ -146,9 +155,7 @@ class _Window:
                     retryable=True,
                 )
 
-        may_send()
-        with sending_under(may_send):
-            return target.enqueue_routed(index_uid, primary_key, lines, keys, shards, checked=checked)
+        return may_send
 
     def settle_oldest(
         self, index_uid: str, primary_key: str, *, block: bool, stop: Callable[[], bool] = lambda: False
@@ -192,36 +199,44 @@ class _Window:
             except TargetError as exc:
                 if target.refusal_of(exc) is None:
                     raise
-                self._isolate(i, index_uid, primary_key)
+                try:
+                    self._isolate(i, index_uid, primary_key)
+                except _SendAbandoned:
+                    return False  # not acknowledged: the next claimer sends the batch again
         return True
 
     def _isolate(self, i: int, index_uid: str, primary_key: str) -> None:
         """Target ``i`` refused documents of a batch in the window. Later batches were enqueued
         after it; once all of them finished, every unsettled batch is written again to that
         target, in order and synchronously (isolating refused documents by halves), so the
-        node ends with each document's latest version whatever it applied meanwhile."""
+        node ends with each document's latest version whatever it applied meanwhile.
+
+        Like a send, it stops (raising :class:`_SendAbandoned`) once the chunk is being handed
+        back, between two polls or two requests: the next claimer writes the batches again."""
         target = self.targets[i]
+        may_send = self._may_send(target)
         for flight in self.batches:  # let the node finish what it has: nothing lands after us
             if i in flight.writes and i not in flight.settled:
-                self._finish_quietly(flight, i)
+                self._finish_quietly(flight, i, may_send)
         for flight in self.batches:
             if i not in flight.writes or i in flight.settled:
                 continue
             b = flight.batch
             try:
-                with sending_under(self.guard):
+                with sending_under(may_send):
                     target.write_routed(index_uid, primary_key, b.lines[i], b.keys[i], b.shards[i], checked=b.checked)
                 flight.settled[i] = None
             except DocumentsRefused as exc:
                 flight.settled[i] = exc
 
-    def _finish_quietly(self, flight: _InFlight, i: int) -> None:
+    def _finish_quietly(self, flight: _InFlight, i: int, may_send: Callable[[], None]) -> None:
         try:
             pending = flight.writes[i].result()
         except TargetError:
             return
         delay = _FIRST_POLL_S
         while True:
+            may_send()
             self.targets[i].refresh([pending])
             try:
                 if pending.check():

@@ -461,3 +461,68 @@ def test_a_write_under_a_guard_stops_retrying_once_the_guard_raises() -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+class _NeverIndexes(http.server.BaseHTTPRequestHandler):
+    """Takes every write and never finishes its task. FAKE: a real node's task cannot be held
+    'processing' for as long as a test needs."""
+
+    polls = 0
+
+    def _answer(self, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer(b'{"taskUid":7,"enqueuedAt":"2026-12-04T00:00:00Z","status":"enqueued"}', 202)
+
+    def do_GET(self) -> None:
+        type(self).polls += 1
+        self._answer(b'{"uid":7,"enqueuedAt":"2026-12-04T00:00:00Z","status":"processing"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_write_under_a_guard_stops_waiting_for_its_task_once_the_guard_raises() -> None:
+    """A write awaiting its task (isolating a refused document, say) checks the guard between
+    polls too: a drain or a lost lease does not wait for the node to finish indexing."""
+
+    class Handler(_NeverIndexes):
+        pass
+
+    class Gone(Exception):
+        pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    target = MeilisearchNode("fake-0", f"http://127.0.0.1:{server.server_address[1]}", task_timeout=20)
+    stop = threading.Event()
+
+    def guard() -> None:
+        if stop.is_set():
+            raise Gone
+
+    def stop_once_polled() -> None:
+        while Handler.polls < 3:
+            time.sleep(0.005)
+        stop.set()
+
+    stopper = threading.Thread(target=stop_once_polled, daemon=True)
+    stopper.start()
+    try:
+        # Without the check, the wait ends only at the task timeout, with a TargetError.
+        with sending_under(guard), pytest.raises(Gone):
+            target.write_documents("books", "id", ndjson(routed([1], 4)), 1)
+    finally:
+        stop.set()
+        stopper.join(5)
+        target.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

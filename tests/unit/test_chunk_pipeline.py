@@ -20,7 +20,13 @@ from typing import Any
 
 import pytest
 
-from miroir_pipeline.fleet.targets.base import NodeTarget, PendingWrite, TargetError, send_guard
+from miroir_pipeline.fleet.targets.base import (
+    NodeTarget,
+    PendingWrite,
+    RefusedDocument,
+    TargetError,
+    send_guard,
+)
 from miroir_pipeline.jobs.pipeline import Batch, run_batches
 from miroir_pipeline.queue import JobStore, open_store
 from miroir_pipeline.queue.contract import JobState, Lease, NewChunk
@@ -313,6 +319,21 @@ def test_a_worker_that_lost_its_lease_sends_nothing_more_from_its_window(tmp_pat
 
 
 
+def run_in_thread(store: JobStore, keeper: LeaseKeeper, node: NodeTarget, shutdown: Shutdown, *, window_bytes: int) -> tuple[threading.Thread, list[BaseException]]:
+    """The chunk's batches sent to ``node`` on a thread of their own; what the run raised."""
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_batches(store, keeper, [node], "idx", "id", iter(batches(BATCHES, 1)), shutdown, window_bytes=window_bytes)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    return runner, outcome
+
+
 class RetryingNode(ScriptedNode):
     """Its first enqueue fails every attempt, as a node answering 503 would, and retries with
     the node target's rule: the send guard is checked before every attempt. FAKE: stands in for
@@ -371,16 +392,7 @@ def test_a_drain_stops_a_send_inside_its_retries_and_hands_back(leased: tuple[Jo
     store, keeper = leased
     node = RetryingNode("a")
     shutdown = Shutdown()
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            run_batches(store, keeper, [node], "idx", "id", iter(batches(BATCHES, 1)), shutdown, window_bytes=1 << 30)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
+    runner, outcome = run_in_thread(store, keeper, node, shutdown, window_bytes=1 << 30)
     assert node.retrying.wait(30)
     shutdown.request("test drain")
     runner.join(20)
@@ -389,3 +401,73 @@ def test_a_drain_stops_a_send_inside_its_retries_and_hands_back(leased: tuple[Jo
     assert not node.writes, "the retried batch was sent after the drain"
     row = store.get(keeper.lease.job_id)
     assert (row.state, row.attempts, row.claimed_by) == (JobState.QUEUED, 0, None)
+
+
+class RefusingNode(ScriptedNode):
+    """A node that refuses a document of batch 0 once the test says so (its task fails with an
+    error about the documents), and whose synchronous rewrite during isolation keeps failing
+    the way a node answering 503 does, retrying under the send guard. FAKE: which of a real
+    node's tasks are still indexing, and for how long, cannot be chosen from outside."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.rewriting = threading.Event()
+        self.rewrites = 0
+
+    def refusal_of(self, exc: TargetError) -> RefusedDocument | None:
+        return RefusedDocument(0, str(exc)) if "refused" in str(exc) else None
+
+    def write_routed(self, index_uid: str, primary_key: str, lines: Sequence[bytes], keys: Sequence[Any], shards: Sequence[int], *, checked: bool = False) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            send_guard()
+            self.rewriting.set()
+            time.sleep(0.01)
+        self.rewrites += 1
+
+
+def assert_handed_back_at_once(store: JobStore, keeper: LeaseKeeper, runner: threading.Thread, outcome: list[BaseException]) -> None:
+    runner.join(20)
+    assert not runner.is_alive(), "the drain waited for the refusal to be isolated"
+    assert len(outcome) == 1 and isinstance(outcome[0], ChunkHandedBack), outcome
+    row = store.get(keeper.lease.job_id)
+    assert (row.state, row.attempts, row.claimed_by) == (JobState.QUEUED, 0, None)
+    assert "last_cursor" not in row.progress, "nothing was acknowledged, nothing is committed"
+
+
+@pytest.mark.timeout(60)
+def test_a_drain_stops_waiting_for_later_batches_before_isolating_a_refusal(leased: tuple[JobStore, LeaseKeeper]) -> None:
+    """Batch 0 is refused while the node is still indexing the batches queued after it, which
+    isolation waits for before writing anything again. A drain then hands the chunk back at
+    once, without waiting for the node and without rewriting anything."""
+    store, keeper = leased
+    node = RefusingNode("a")
+    shutdown = Shutdown()
+    runner, outcome = run_in_thread(store, keeper, node, shutdown, window_bytes=1 << 30)
+    with node.sent:
+        assert node.sent.wait_for(lambda: BATCHES - 1 in node.writes, timeout=30)
+    polls = node.polls
+    node.writes[0].error = TargetError("node a: task 0 failed: document refused", node_id="a")
+    with node.polled:  # batch 0's refusal was seen, and isolation is polling batch 1
+        assert node.polled.wait_for(lambda: node.polls > polls + 4, timeout=30)
+    shutdown.request("test drain")
+    assert_handed_back_at_once(store, keeper, runner, outcome)
+    assert not node.rewriting.is_set(), "a batch was written again after the drain"
+
+
+@pytest.mark.timeout(60)
+def test_a_drain_stops_the_rewrite_that_isolates_a_refusal(leased: tuple[JobStore, LeaseKeeper]) -> None:
+    """Batch 0 is refused and its rewrite (by halves, synchronously) is retrying against a
+    failing node when the worker is asked to drain: the rewrite makes no further attempt and
+    the chunk is handed back at once."""
+    store, keeper = leased
+    node = RefusingNode("a")
+    shutdown = Shutdown()
+    runner, outcome = run_in_thread(store, keeper, node, shutdown, window_bytes=0)
+    with node.sent:
+        assert node.sent.wait_for(lambda: 0 in node.writes, timeout=30)
+    node.writes[0].error = TargetError("node a: task 0 failed: document refused", node_id="a")
+    assert node.rewriting.wait(30)
+    shutdown.request("test drain")
+    assert_handed_back_at_once(store, keeper, runner, outcome)
+    assert node.rewrites == 0

@@ -33,8 +33,9 @@ _SEND_GUARD: ContextVar[Callable[[], None] | None] = ContextVar("miroir_send_gua
 @contextlib.contextmanager
 def sending_under(guard: Callable[[], None]) -> Iterator[None]:
     """Writes made in this block (this thread) check ``guard`` before every request they send,
-    retries included: it raises once nothing more may be sent (the chunk's lease was lost),
-    so a write waiting out a node's errors does not land after the new holder's."""
+    retries included, and between polls of a task they wait for: it raises once nothing more
+    may be sent (the chunk's lease was lost, or it is being handed back), so a write waiting
+    out a node's errors does not land after the new holder's, and a drain waits for nothing."""
     token = _SEND_GUARD.set(guard)
     try:
         yield

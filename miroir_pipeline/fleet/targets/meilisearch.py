@@ -465,6 +465,7 @@ class MeilisearchNode(NodeTarget):
                     node_id=self.node_id,
                     retryable=True,
                 )
+            send_guard()  # a write whose chunk is lost or handed back stops waiting too
             time.sleep(delay)
             delay = min(delay * 2, _MAX_POLL_S)
 
