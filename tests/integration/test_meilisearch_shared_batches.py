@@ -151,6 +151,11 @@ def shared_with_ours(node: NodeWithNeighbour, neighbour: Neighbour) -> bool:
     return bool(ours & neighbour.batches())
 
 
+#: Nested deeper than a node parses (its own message names no document).
+DEEP: object = 0
+for _ in range(130):
+    DEEP = [DEEP]
+
 BAD_GEO = b'{"id":"theirs","_geo":{"lat":"north","lng":1}}\n'  # the node names the document
 BAD_NUMBER = b'{"id":"theirs","x":1e400}\n'  # the node names no document
 
@@ -197,14 +202,15 @@ def test_a_neighbour_failing_every_batch_makes_the_write_retryable_not_a_refusal
         ({"_geo": {"lat": "north", "lng": 1}}, "mine-bad"),
         ({"id": 77, "_geo": {"lat": "north", "lng": 1}}, '`"77"`'),
         ({"x": [1, "HUGE"]}, "number out of range"),
+        ({"x": DEEP}, "recursion limit exceeded"),
     ],
-    ids=["message-names-it", "message-names-an-integer-key", "number-out-of-range"],
+    ids=["message-names-it", "message-names-an-integer-key", "number-out-of-range", "nested-too-deep"],
 )
 def test_our_bad_document_batched_with_a_neighbours_good_one_is_still_refused(
     proc: MeiliProcess, index_uid: str, neighbours: list[Neighbour], bad: dict[str, object], words: str
 ) -> None:
-    """The message names our document, or says a number is out of range and ours has one: it
-    is refused at once, the good one beside it lands. The neighbour shares every write of ours,
+    """The message names our document, or names none but says what ours has (a number out of
+    range, nesting too deep): it is refused at once, the good one beside it lands. The neighbour shares every write of ours,
     the whole batch and each half of it."""
     neighbour = Neighbour(proc, index_uid, b'{"id":"theirs","title":"fine"}\n', rounds=10)
     neighbours.append(neighbour)
@@ -242,3 +248,9 @@ def test_blames_a_number_out_of_range_only_on_a_document_that_has_one() -> None:
     assert blames(message, b'{"id":"a","x":[1' + b"0" * 400 + b"]}", "a") is True
     assert blames("internal: invalid type: integer `3`, expected a map at line 1 column 1", b'{"id":"a"}', "a") is None
     assert blames("in the document with the id: `\"a\"`.", b'{"id":"a"}', "a") is True
+
+
+def test_blames_nesting_too_deep_only_on_a_document_that_nests_too_deep() -> None:
+    message = "Index `x`: internal: recursion limit exceeded at line 1 column 130."
+    assert blames(message, json.dumps({"id": "a", "x": DEEP}).encode(), "a") is True
+    assert blames(message, json.dumps({"id": "a", "x": [[[1]]]}).encode(), "a") is False

@@ -24,6 +24,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from miroir_pipeline.fleet.document_rules import depth_exceeds
 from miroir_pipeline.fleet.routing import SHARD_FIELD
 from miroir_pipeline.fleet.targets._settings import with_shard_filterable
 from miroir_pipeline.fleet.targets.base import (
@@ -160,12 +161,17 @@ def names_document(message: str, key: str | int) -> bool | None:
 
 
 def blames(message: str, line: bytes, key: str | int) -> bool | None:
-    """Whether a node's error is about this document: by the key its message names, or, for a
-    number beyond the float range (a message naming no document), by decoding the document
-    whole as the node did. None when neither can tell."""
+    """Whether a node's error is about this document: by the key its message names, or, for
+    the parse errors that name no document, by checking the document as the node did (its
+    nesting depth; a number beyond the float range, decoding it whole). None when none can
+    tell."""
     named = names_document(message, key)
-    if named is not None or "number out of range" not in message:
+    if named is not None:
         return named
+    if "recursion limit exceeded" in message:
+        return depth_exceeds(line)
+    if "number out of range" not in message:
+        return None
     try:
         doc = msgspec.json.decode(line)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
