@@ -294,7 +294,8 @@ class JobStore(abc.ABC):
     def complete_finished_parents(self, parent_id: str | None = None) -> int:
         """Complete split parents (or just ``parent_id``) whose every chunk is completed but that
         are still in progress (a worker died between completing the last chunk and its parent);
-        returns how many. Run by :meth:`reclaim_expired` and by idle workers."""
+        returns how many. Run by :meth:`reclaim_expired`, and by :meth:`claim` when it finds
+        nothing to claim (for its ``parent_id`` only, when given)."""
 
     @abc.abstractmethod
     def reclaim_expired(self) -> int:

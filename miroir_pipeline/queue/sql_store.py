@@ -12,6 +12,7 @@ before its chunks) it sets :attr:`SqlJobStore.row_locks`; SQLite's single writer
 from __future__ import annotations
 
 import abc
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -53,6 +54,8 @@ from miroir_pipeline.queue.rules import (
 from miroir_pipeline.queue.sql import load_queries, migration_files
 
 __all__ = ["Cursor", "EncodedChunk", "SqlConnection", "SqlJobStore"]
+
+log = logging.getLogger(__name__)
 
 #: A result row: ``sqlite3.Row`` or psycopg's ``DictRow``; both index by column name.
 Row = Any
@@ -347,6 +350,11 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         # every claim, where the sweep cost grew with the queue.
         with self._write() as conn:
             self._fail_exhausted(conn)
+        if self.row_locks:
+            # A parent whose last chunk completed but whose own completion never ran (see
+            # complete) is finished here too, so workers waiting for it to end do not wait on
+            # the dispatch sensor, which may not run at all.
+            self.complete_finished_parents(parent_id)
         return None
 
     def claim_by_id(self, job_id: str, worker_id: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease:
@@ -387,6 +395,7 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         # a crash in between is repaired by complete_finished_parents. With one writer at a
         # time (SQLite) the check runs in the chunk's own transaction.
         last = False
+        check_failed: Exception | None = None
         with self._statement() as conn:
             row = self._fenced(conn, "complete_chunk", lease, progress=encoded)
             updated = self._ts(row["updated_at"])
@@ -404,9 +413,27 @@ class SqlJobStore(JobStore, Generic[ConnT]):
             if parent_id is not None and not self.row_locks:
                 self._rows(conn, "complete_parent_if_done", {"id": parent_id})
             elif parent_id is not None:
-                last = not self._rows(conn, "unfinished_child", {"id": parent_id})
+                try:
+                    last = not self._rows(conn, "unfinished_child", {"id": parent_id})
+                except Exception as exc:  # the chunk is completed whatever happens now
+                    check_failed = exc
         if last:
-            self.complete_finished_parents(parent_id)
+            try:
+                self.complete_finished_parents(parent_id)
+            except Exception as exc:
+                check_failed = exc
+        if check_failed is not None:
+            # Raising would fail the attempt of a chunk that is completed (the fence then
+            # refuses the failure); the parent is finished by the next claim that finds
+            # nothing to claim, or by reclaim_expired.
+            log.warning(
+                "chunk %s completed, but checking whether it finished parent %s failed (%s); "
+                "the next worker to find nothing to claim, or the dispatch sensor, completes "
+                "the parent if it is finished",
+                lease.job_id,
+                parent_id,
+                type(check_failed).__name__,
+            )
         return job
 
     def fail(self, lease: Lease, error: str, *, retryable: bool = True) -> Job:
@@ -465,11 +492,13 @@ class SqlJobStore(JobStore, Generic[ConnT]):
                 if parent_id is not None:
                     return len(self._rows(conn, "complete_parent_if_done", {"id": parent_id}))
                 return len(self._rows(conn, "complete_finished_parents"))
-        if parent_id is None:
-            with self._read() as conn:
+        with self._read() as conn:  # nothing is locked unless a parent may be finished
+            if parent_id is None:
                 candidates = [str(r["id"]) for r in self._rows(conn, "finished_parent_candidates")]
-        else:
-            candidates = [parent_id]
+            elif self._rows(conn, "unfinished_child", {"id": parent_id}):
+                return 0
+            else:
+                candidates = [parent_id]
         completed = 0
         for candidate in candidates:  # a transaction each: a parent's lock is held briefly
             with self._write() as conn:
