@@ -20,7 +20,7 @@ from miroir_pipeline import metrics
 from miroir_pipeline.dagster.names import DEFAULT_KEY_PREFIX
 from miroir_pipeline.fleet.targets.base import NodeTarget
 from miroir_pipeline.fleet.targets.factory import open_target
-from miroir_pipeline.fleet.topology import Topology
+from miroir_pipeline.fleet.topology import Node, Topology
 from miroir_pipeline.jobs.registry import ChunkReport
 from miroir_pipeline.jobs.settings import PipelineSettings, resolve_topology
 from miroir_pipeline.queue import JobStore, open_store
@@ -38,7 +38,7 @@ __all__ = [
 
 _lock = threading.Lock()
 _stores: dict[str, JobStore] = {}
-_targets: dict[tuple[str, str], NodeTarget] = {}
+_targets: dict[Node, NodeTarget] = {}
 
 
 class JobStoreResource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -199,14 +199,15 @@ def runtime_resource(
 
 
 def targets_for(topology: Topology) -> dict[str, NodeTarget]:
-    """Node targets, one per node, kept for the life of the process (connection reuse)."""
+    """Node targets, one per node, kept for the life of the process (connection reuse). A
+    node is the same only with all of its settings: a plan made after the topology changed a
+    node's payload limit or key variable gets a target that applies them."""
     out: dict[str, NodeTarget] = {}
     with _lock:
         for node in topology.all_nodes():
-            key = (node.id, node.url)
-            target = _targets.get(key)
+            target = _targets.get(node)
             if target is None:
                 target = open_target(node)
-                _targets[key] = target
+                _targets[node] = target
             out[node.id] = target
     return out

@@ -165,3 +165,5 @@ def test_a_request_the_node_refuses_as_configured_fails_the_chunk_at_once(
     else:
         assert refused.value.status == 413
         assert "set payload_limit_bytes of this node in the topology" in row.error
+        # A retry would send the same bodies: the chunk keeps the topology it was planned with.
+        assert "plan the import or reshard again" in row.error and "retry the chunk" not in row.error

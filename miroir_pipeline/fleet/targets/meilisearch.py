@@ -415,10 +415,18 @@ class MeilisearchNode(NodeTarget):
         if code == "index_not_found" or (status == 404 and index_uid and code is None):
             return IndexNotFound(text, node_id=self.node_id)
         if status in (401, 403):
-            text += f"; check the node's API key ({self._key_source()}), then retry the chunk"
+            text += (
+                f"; check the node's API key ({self._key_source()}), then retry the chunk (a "
+                "worker reads the key when it first uses the node: restart running workers "
+                "after changing it)"
+            )
             return RequestRefused(text, node_id=self.node_id, status=status)
         if status == 413 or code == "payload_too_large":
-            text += "; set payload_limit_bytes of this node in the topology to what the node takes (its --http-payload-size-limit), then retry the chunk"
+            text += (
+                "; set payload_limit_bytes of this node in the topology to what the node takes "
+                "(its --http-payload-size-limit), then plan the import or reshard again: a "
+                "retried chunk keeps the topology it was planned with"
+            )
             return RequestRefused(text, node_id=self.node_id, status=status)
         return TargetError(text, node_id=self.node_id)
 
