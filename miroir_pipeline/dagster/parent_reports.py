@@ -17,7 +17,9 @@ Who records: the ``<prefix>_parent_reports`` sensor requests one run per finish 
 ``miroir/parent-report`` = ``{parent id}:{state}:{finished at, ms}``), and a command that ran an
 import in its own process calls :func:`record_parent` when it ends. Both look for a run with that
 tag first, so a finish is recorded once; a parent finishing again (a chunk retried from the UI)
-is a new finish, recorded again.
+is a new finish, recorded again. A completed parent whose report run failed (the jobs store or
+the instance was unreachable) is recorded again, up to :data:`REPORT_ATTEMPTS` runs in all; a
+failed parent's run fails by design and is not repeated.
 """
 
 import json
@@ -67,6 +69,11 @@ REPORT_SCAN = 200
 #: A tick re-reads this many seconds before its cursor: a parent whose finish committed late
 #: (Postgres stamps ``now()`` at transaction start) is still seen; run keys drop the repeats.
 REPORT_SLACK_S = 120.0
+#: Report runs of one finish of a completed parent, at most: a run that failed (the jobs store or
+#: the instance was unreachable) is followed by another, so a blip does not leave the import
+#: shown as failed.
+REPORT_ATTEMPTS = 3
+_ENDED_UNRECORDED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 #: Failed chunks listed, with their errors, in a failed parent's metadata.
 MAX_FAILED_CHUNKS_LISTED = 50
 _FINISHED = (JobState.COMPLETED, JobState.FAILED)
@@ -270,12 +277,27 @@ class _Cursor:
         return datetime.fromtimestamp(since, tz=UTC)
 
 
-def _recorded_keys(instance: dg.DagsterInstance, job_name: str, keys: Sequence[str]) -> set[str]:
-    """The report keys among ``keys`` that already have a run (any status) of ``job_name``."""
-    if not keys:
-        return set()
-    records = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, tags={TAG_PARENT_REPORT: list(keys)}))
-    return {r.dagster_run.tags.get(TAG_PARENT_REPORT, "") for r in records}
+def _report_runs(instance: dg.DagsterInstance, job_name: str, keys: Sequence[str]) -> dict[str, list[dg.DagsterRun]]:
+    """The runs of ``job_name`` (any status, newest first) of each report key among ``keys``."""
+    runs: dict[str, list[dg.DagsterRun]] = {key: [] for key in keys}
+    if keys:
+        records = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, tags={TAG_PARENT_REPORT: list(keys)}))
+        for record in records:
+            runs.setdefault(record.dagster_run.tags.get(TAG_PARENT_REPORT, ""), []).append(record.dagster_run)
+    return runs
+
+
+def _next_run_key(key: str, state: str, runs: Sequence[dg.DagsterRun]) -> str | None:
+    """The run key of the next report run of one finish, or None when none is due: a run of it
+    succeeded or is under way, it is a failed parent's (whose run fails by design), or
+    :data:`REPORT_ATTEMPTS` runs of it failed already."""
+    if not runs:
+        return key
+    if state != JobState.COMPLETED or len(runs) >= REPORT_ATTEMPTS:
+        return None
+    if any(run.status not in _ENDED_UNRECORDED for run in runs):
+        return None
+    return f"{key}#attempt-{len(runs) + 1}"
 
 
 def build_parent_report_sensor(
@@ -312,6 +334,7 @@ def build_parent_report_sensor(
         run_requests: list[dg.RunRequest] = []
         partition_requests: list[dg.AddDynamicPartitionsRequest] = []
         unknown: set[str] = set()
+        given_up = 0
         for job_type in sorted({r.type for r in rows}):
             kind = by_type.get(job_type)
             if kind is None:
@@ -320,8 +343,16 @@ def build_parent_report_sensor(
             job_name = names.parent_report_job(kind)
             of_kind = [r for r in rows if r.type == job_type]
             keys = {r.id: report_key(r) for r in of_kind}
-            recorded = _recorded_keys(instance, job_name, list(keys.values()))
-            todo = [r for r in of_kind if keys[r.id] not in recorded]
+            runs = _report_runs(instance, job_name, list(keys.values()))
+            run_keys = {r.id: _next_run_key(keys[r.id], str(r.state), runs[keys[r.id]]) for r in of_kind}
+            todo = [r for r in of_kind if run_keys[r.id] is not None]
+            given_up += sum(
+                1
+                for r in of_kind
+                if r.state == JobState.COMPLETED
+                and len(runs[keys[r.id]]) >= REPORT_ATTEMPTS
+                and all(run.status in _ENDED_UNRECORDED for run in runs[keys[r.id]])
+            )
             partitions_name = names.parent_partitions(kind)
             missing = [r.id for r in todo if not instance.has_dynamic_partition(partitions_name, r.id)]
             if missing:
@@ -330,7 +361,7 @@ def build_parent_report_sensor(
                 )
             run_requests.extend(
                 dg.RunRequest(
-                    run_key=keys[r.id],
+                    run_key=run_keys[r.id],
                     job_name=job_name,
                     partition_key=r.id,
                     tags={TAG_PARENT_REPORT: keys[r.id]},
@@ -346,6 +377,11 @@ def build_parent_report_sensor(
         note = f"{len(rows)} finished parent(s) read, {len(run_requests)} to record"
         if unknown:
             note += f"; no job kind registered for {', '.join(sorted(unknown))}"
+        if given_up:
+            note += (
+                f"; {given_up} completed parent(s) left unrecorded after {REPORT_ATTEMPTS} failed "
+                "report runs each: read those runs' errors, then run the report job for the partition"
+            )
         context.log.info(note)
         if not run_requests and not partition_requests:
             return dg.SensorResult(skip_reason=note, cursor=next_cursor.dump())
@@ -397,7 +433,8 @@ def record_parent(
     (``miroir_definitions(...)``); ``store`` defaults to the one of their jobs resource. Returns
     None when the parent is not finished yet (the sensor records it when it finishes); never
     raises for a failed parent: its run fails by design (see :attr:`ParentRecord.materialized`).
-    A finish already recorded (same report key) is not recorded twice.
+    A finish already recorded, or being recorded (same report key), is not recorded twice; a
+    completed parent's finish whose runs all failed is run again, up to :data:`REPORT_ATTEMPTS`.
     """
     names = MiroirNames(key_prefix)
     if store is None:
@@ -415,14 +452,11 @@ def record_parent(
         raise ValueError(str(exc)) from None
     key = report_key(parent)
     job_name = names.parent_report_job(kind)
-    existing = instance.get_run_records(
-        filters=dg.RunsFilter(job_name=job_name, tags={TAG_PARENT_REPORT: key}), limit=1
-    )
-    if existing:
-        run = existing[0].dagster_run
-        return ParentRecord(
-            parent_id, kind.job_type, str(parent.state), run.run_id, False, run.status == dg.DagsterRunStatus.SUCCESS
-        )
+    runs = _report_runs(instance, job_name, [key])[key]
+    if _next_run_key(key, str(parent.state), runs) is None:
+        succeeded = [run for run in runs if run.status == dg.DagsterRunStatus.SUCCESS]
+        run = (succeeded or runs)[0]
+        return ParentRecord(parent_id, kind.job_type, str(parent.state), run.run_id, False, bool(succeeded))
     instance.add_dynamic_partitions(names.parent_partitions(kind), [parent_id])
     job_def = defs.resolve_job_def(job_name)
     result = job_def.execute_in_process(

@@ -323,6 +323,58 @@ def test_cancelled_parent_fails_its_run_with_the_facts(env: Env) -> None:
         assert not instance.fetch_materializations(key, limit=1).records
 
 
+def test_a_completed_parent_whose_report_run_failed_is_recorded_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The jobs store blips while a completed import is recorded: its report run fails. That
+    run does not count as the record: the command (or a pool worker) records it again, and so
+    does the sensor, under a new run key (the daemon drops a repeated one), until a run
+    succeeds or REPORT_ATTEMPTS runs failed. A failed parent's run, failing by design, is not
+    repeated (test above)."""
+    planned = _plan(env, [orjson.dumps(d) for d in make_docs(50, seed=7)], "blip", chunk_size=1024 * 1024)
+    store_class = type(env.store)
+    real_summary = store_class.parent_summary
+    blips = {"left": 1}
+
+    # FAKE: the jobs store's outage during one report run, which cannot be timed from outside.
+    def summary_once_unreachable(self: JobStore, parent_id: str) -> Any:
+        if blips["left"]:
+            blips["left"] -= 1
+            raise OSError("jobs store unreachable")
+        return real_summary(self, parent_id)
+
+    with dg.instance_for_test() as instance:
+        assert all(r.success for r in _run_chunks(env, instance, planned.chunk_ids))
+        monkeypatch.setattr(store_class, "parent_summary", summary_once_unreachable)
+        first = record_parent(env.defs, instance, planned.parent.id)
+        assert first is not None and first.recorded_now and not first.materialized, "the blip failed the run"
+        key = report_key(env.store.get(planned.parent.id))
+
+        (retry,) = _tick(env, instance).run_requests or []
+        assert retry.partition_key == planned.parent.id and retry.tags[TAG_PARENT_REPORT] == key
+        assert retry.run_key == f"{key}#attempt-2"
+
+        again = record_parent(env.defs, instance, planned.parent.id)
+        assert again is not None and again.recorded_now and again.materialized
+        assert again.run_id != first.run_id
+        assert _status(instance, NAMES.parent_asset_key(DUMP), NAMES.parent_partitions(DUMP)) == ({planned.parent.id}, set())
+        # recorded now: neither the sensor nor the command runs it again
+        assert not _tick(env, instance).run_requests
+        once_more = record_parent(env.defs, instance, planned.parent.id)
+        assert once_more is not None and not once_more.recorded_now and once_more.run_id == again.run_id
+
+        # runs that keep failing stop at REPORT_ATTEMPTS, and the sensor says so
+        blips["left"] = 10
+        for chunk in planned.chunk_ids:
+            env.store.requeue(chunk)
+        _run_chunks(env, instance, planned.chunk_ids)
+        runs = [record_parent(env.defs, instance, planned.parent.id) for _ in range(parent_reports.REPORT_ATTEMPTS + 1)]
+        assert [r.recorded_now for r in runs if r is not None] == [True] * parent_reports.REPORT_ATTEMPTS + [False]
+        result = _tick(env, instance)
+        assert not result.run_requests
+        assert f"left unrecorded after {parent_reports.REPORT_ATTEMPTS} failed report runs" in str(result.skip_reason)
+
+
 # -- all documents invalid -----------------------------------------------------------------------------
 def test_all_invalid_chunk_and_parent_fail_the_warn_check(env: Env) -> None:
     lines = [b'{"title": "no id %d"}' % i for i in range(40)]
