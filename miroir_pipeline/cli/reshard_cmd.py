@@ -294,6 +294,13 @@ def _verify(
     if passed:
         result["verification"] = "passed"
         result["ready_for_cutover"] = verify.success
+        if not verify.success:  # the check passed, but the cutover was not recorded
+            result["error"] = (
+                f"the shadow passed its check, but recording it as ready for cutover failed: "
+                f"{runtime.run_failure(verify)}; run `miroir-pipeline reshard --resume {parent_id}` "
+                "to verify and record it again"
+            )
+        return verify.success
     elif meta:
         result["verification"] = {
             "status": "failed",
@@ -382,8 +389,10 @@ def _print_summary(r: dict[str, Any]) -> None:
     for f in r["failed_chunks"]:
         print(f"  FAILED {f['id']}: {f['error']}")
     v = r["verification"]
-    if v == "passed":
+    if v == "passed" and r.get("ready_for_cutover"):
         print("  verification: passed; the shadow is ready for cutover in Miroir")
+    elif v == "passed":
+        print("  verification: passed; NOT recorded as ready for cutover (below)")
     elif isinstance(v, dict):
         print(f"  verification: FAILED: {v.get('summary')}")
         for kind in ("missing", "extra", "altered"):

@@ -981,3 +981,48 @@ def test_a_re_executed_check_never_makes_a_failed_reshard_read_as_verified(
             pass
         passed, why, meta = latest_verification(instance)  # what a cutover materialized alone reads
         assert not passed, f"a failed reshard reads as verified: {why} {meta.get('parent_job_id')}"
+
+
+def test_the_reshard_command_does_not_call_a_shadow_ready_when_its_cutover_failed(
+    tmp_path: Path,
+    store: JobStore,
+    opened: Callable[[Topology], dict[str, NodeTarget]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The shadow passes its check, but recording it as ready for cutover fails (the Dagster
+    instance's storage failed under it): the command reports the check as passed, says the
+    shadow is NOT ready, how to record it again, and exits 1."""
+    from miroir_pipeline.cli import reshard_cmd
+    from miroir_pipeline.dagster import reshard_assets
+
+    topo = local_topology(tmp_path / "nodes", 8, [["n0", "n1"]])
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump(topo.model_dump(mode="json", exclude_none=True)))
+    monkeypatch.setenv("MIROIR_TOPOLOGY", str(tmp_path / "topology.yaml"))
+    monkeypatch.setenv("MIROIR_JOBS_DSN", f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    load_live(topo, opened(topo), "books", make_docs(120, int_ids=True))
+    real_latest_shadow = reshard_assets._latest_shadow
+
+    # FAKE: the instance's storage failing inside the cutover step alone (the only caller that
+    # names its run), which cannot be timed from outside.
+    def storage_fails_in_the_cutover(instance: Any, names: Any, run_id: str | None = None) -> Any:
+        if run_id is not None:
+            raise OSError("event log storage unavailable")
+        return real_latest_shadow(instance, names, run_id)
+
+    with dg.instance_for_test() as instance:
+        parent = _plan_and_backfill(_defs(), store, instance, "books")
+        monkeypatch.setattr(reshard_assets, "_latest_shadow", storage_fails_in_the_cutover)
+        result: dict[str, Any] = {"per_node": {}}
+        ok = reshard_cmd._verify(parent, instance, result)
+    assert not ok
+    assert result["verification"] == "passed" and result["ready_for_cutover"] is False
+    assert "event log storage unavailable" in result["error"]
+    assert f"miroir-pipeline reshard --resume {parent}" in result["error"]
+    reshard_cmd._print_summary(
+        {**result, "job_id": parent, "index": "books", "old_shards": 8, "new_shards": 4, "shadow_index": "x",
+         "state": "completed", "documents": 120, "chunks_completed": 1, "chunks": 1, "backfill_s": 1,
+         "docs_per_s": 1, "failed_chunks": []}
+    )
+    out = capsys.readouterr().out
+    assert "ready for cutover in Miroir" not in out and "NOT recorded as ready for cutover" in out
