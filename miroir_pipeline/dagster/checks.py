@@ -41,14 +41,21 @@ def has_documents_result(
     documents: int,
     invalid_documents: int,
     dead_letter: str | None = None,
+    refused_dead_letter: str | None = None,
 ) -> dg.AssetCheckResult:
-    """The check's evaluation for a materialization of ``asset_key`` (``what``: "chunk c-0001")."""
+    """The check's evaluation for a materialization of ``asset_key`` (``what``: "chunk c-0001").
+    ``dead_letter``: where invalid lines went (a file, or a parent's folder);
+    ``refused_dead_letter``: where documents a node refused went, when that is elsewhere."""
     failed = documents_check_failed(documents, invalid_documents)
     metadata: dict[str, Any] = {"documents": documents, "invalid_documents": invalid_documents}
     if dead_letter:
         metadata["dead_letter"] = dg.MetadataValue.path(dead_letter)
+    if refused_dead_letter:
+        metadata["refused_dead_letter"] = dg.MetadataValue.path(refused_dead_letter)
     if failed:
         where = f"; dead letters in {dead_letter}" if dead_letter else ""
+        if refused_dead_letter:
+            where += f"{' and' if where else '; dead letters in'} {refused_dead_letter} (refused by a node)"
         description = f"{what}: all {invalid_documents} document(s) were invalid, none written{where}"
     elif invalid_documents:
         description = f"{what}: {documents} document(s) written, {invalid_documents} invalid skipped"

@@ -85,6 +85,7 @@ def build_chunk_asset(
             documents=int(report.documents),
             invalid_documents=int(getattr(report, "invalid_documents", 0) or 0),
             dead_letter=getattr(report, "dead_letter", None),
+            refused_dead_letter=getattr(report, "refused_dead_letter", None),
         )
         if not check.passed:
             context.log.warning(str(check.description))

@@ -230,6 +230,36 @@ def test_fleet_skip_dead_letters_a_node_share_whose_every_document_is_refused(fl
 
 
 @pytest.mark.meilisearch
+def test_a_chunk_whose_documents_nodes_refused_names_the_file_they_went_to(fleet: Any) -> None:
+    """Every invalid document of the chunk was refused by a node, none by the router: the
+    chunk's metadata and its has_documents check name the file those went to, not only the
+    router's (empty) one."""
+    from miroir_pipeline.dagster.checks import has_documents_result
+    from miroir_pipeline.dagster.names import MiroirNames
+
+    root, store, topo, targets, uid = fleet
+    settings = settings_for(root, batch_size=64)
+    dump = root / f"{uid}.ndjson"
+    dump.write_bytes(GEO_BAD + b"\n" + HUGE_NUMBER + b"\n")
+    request = DumpImportRequest(uri=str(dump), index_uid=uid, primary_key="id", on_invalid_document="skip")
+    plan_dump_import(store, request, topo, targets, settings)
+    lease = store.claim(["dump_import"], "w", settings.lease_ttl)
+    assert lease is not None
+    report = process_dump_chunk(store, lease, targets, settings)
+    assert report.invalid_documents == 2 and report.documents == 0
+    meta = report.as_metadata()
+    refused = Path(meta["refused_dead_letter"])
+    assert refused.name == f"{lease.job_id}.refused.ndjson" and len(refused.read_bytes().splitlines()) == 2
+    assert Path(meta["dead_letter"]).read_bytes() == b"", "the router found nothing invalid"
+    names = MiroirNames()
+    check = has_documents_result(
+        names, names.chunk_asset_key("dump_import"), f"chunk {lease.job_id}", documents=report.documents, invalid_documents=report.invalid_documents,
+        dead_letter=report.dead_letter, refused_dead_letter=report.refused_dead_letter,
+    )  # fmt: skip
+    assert not check.passed and f"{refused} (refused by a node)" in str(check.description)
+
+
+@pytest.mark.meilisearch
 def test_fleet_skip_counts_identical_refused_lines_each_at_its_own_line(fleet: Any) -> None:
     """The same bad line twice in one batch is two documents: two dead letters at two lines,
     and the counts (routed, invalid, per node) agree with them."""

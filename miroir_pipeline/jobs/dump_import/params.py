@@ -106,7 +106,9 @@ class ChunkReport:
     invalid_documents: int = 0
     per_node: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
+    #: Where lines the router found invalid go (``skip``), and documents a node refused.
     dead_letter: str | None = None
+    refused_dead_letter: str | None = None
 
     @property
     def mb_per_s(self) -> float:
@@ -130,4 +132,5 @@ class ChunkReport:
             "duration_s": round(self.duration_s, 3),
             "mb_per_s": round(self.mb_per_s, 1),
             "dead_letter": self.dead_letter,
+            "refused_dead_letter": self.refused_dead_letter,
         }

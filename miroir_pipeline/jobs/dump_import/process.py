@@ -113,6 +113,7 @@ def _run_chunk(
             dead.close()
             raise
         report.dead_letter = str(dead.path)
+        report.refused_dead_letter = str(refused_dead.path)
     try:
         data = resolve_planned_dump(params.data_uri, params.data_size, (cursor, params.end))
         line_counter = _LineCounter(data)
