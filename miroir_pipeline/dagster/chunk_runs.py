@@ -16,20 +16,30 @@ from miroir_pipeline.queue.shutdown import ChunkHandedBack
 NOOP_METADATA: dict[str, bool | str] = {"noop": True, "reason": "chunk already completed"}
 
 
+#: Dagster's tag on a run its daemon re-executed by itself (run retries), not an operator.
+_AUTOMATIC_RETRY_TAG = "dagster/retry_number"
+
+
 def lease_for_run(context: dg.AssetExecutionContext, store: JobStore, settings: PipelineSettings) -> Lease | None:
-    """The lease this run processes its partition under; None when there is nothing to do."""
+    """The lease this run processes its partition under; None when there is nothing to do.
+
+    A re-execution (from the UI, or the daemon's run retries) inherits its parent run's tags,
+    among them the claim a pool worker handed to that run, which ended with it: it claims the
+    chunk anew instead, as a run launched for the partition does."""
     tags = context.run.tags
+    reexecution = context.run.parent_run_id is not None
     try:
         lease = acquire_chunk(
             store,
             context.partition_key,
-            tags.get(TAG_WORKER_ID) or default_worker_id(),
+            (None if reexecution else tags.get(TAG_WORKER_ID)) or default_worker_id(),
             settings.lease_ttl,
-            adopt_token=tags.get(TAG_CLAIM_TOKEN),
+            adopt_token=None if reexecution else tags.get(TAG_CLAIM_TOKEN),
             reimport=tags.get(TAG_REIMPORT, "").lower() in ("1", "true", "yes"),
             # The dispatch sensor's runs carry the attempt they were meant to be; only a run an
-            # operator launched retries a chunk that failed for good (or was cancelled) since.
-            retry_failed=TAG_ATTEMPT not in tags,
+            # operator launched (or re-executed) retries a chunk that failed for good (or was
+            # cancelled) since; the daemon's own retries never do.
+            retry_failed=_AUTOMATIC_RETRY_TAG not in tags and (reexecution or TAG_ATTEMPT not in tags),
         )
     except JobNotClaimable as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None

@@ -23,7 +23,13 @@ from dagster._core.storage.partition_status_cache import get_and_update_asset_st
 from dagster._core.test_utils import create_run_for_test
 
 from miroir_pipeline.dagster import MiroirNames, miroir_definitions, parent_reports
-from miroir_pipeline.dagster.names import TAG_PARENT_REPORT
+from miroir_pipeline.dagster.names import (
+    POOL_CHUNK_RUN,
+    TAG_CHUNK_RUN,
+    TAG_CLAIM_TOKEN,
+    TAG_PARENT_REPORT,
+    TAG_WORKER_ID,
+)
 from miroir_pipeline.dagster.parent_reports import ParentRecord, record_parent, report_key
 from miroir_pipeline.dagster.prune import prune_finished, remove_orphaned_partitions
 from miroir_pipeline.dagster.resources import JobStoreResource, targets_for
@@ -373,6 +379,44 @@ def test_a_completed_parent_whose_report_run_failed_is_recorded_again(
         result = _tick(env, instance)
         assert not result.run_requests
         assert f"left unrecorded after {parent_reports.REPORT_ATTEMPTS} failed report runs" in str(result.skip_reason)
+
+
+def _chunk_job() -> dg.JobDefinition:
+    """The dump chunk job, reconstructable (a re-execution is launched from it)."""
+    return miroir_definitions().resolve_job_def(NAMES.chunk_job(DUMP))
+
+
+def test_re_executing_a_pool_run_from_the_ui_claims_the_chunk_anew(env: Env) -> None:
+    """A pool worker hands its claim to the chunk's run in a tag; the run fails once the claim
+    is gone (here: the worker failed the attempt, as it does for a run that died before the
+    chunk started). Re-executing that run from the UI inherits its tags, the stale claim among
+    them: it used to fail again on it; it claims the chunk anew and imports it."""
+    planned = _plan(env, [orjson.dumps(d) for d in make_docs(40, seed=9)], "reexec", chunk_size=1024 * 1024)
+    (chunk,) = planned.chunk_ids
+    lease = env.store.claim([DUMP], "pool-worker-1", 30)
+    assert lease is not None and lease.job_id == chunk
+    env.store.fail(lease, "the Dagster run died before processing the chunk")
+    tags = {TAG_CLAIM_TOKEN: lease.token, TAG_WORKER_ID: "pool-worker-1", TAG_CHUNK_RUN: POOL_CHUNK_RUN, "dagster/partition": chunk}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(NAMES.partitions(DUMP), [chunk])
+        with dg.execute_job(dg.reconstructable(_chunk_job), instance, tags=tags, raise_on_error=False) as first:
+            assert not first.success
+            parent_run = first.dagster_run
+        # What the UI's "Re-execute" sends: the parent run's tags (Dagster's own left out).
+        inherited = {k: v for k, v in parent_run.tags.items() if not k.startswith("dagster/") or k == "dagster/partition"}
+        assert inherited[TAG_CLAIM_TOKEN] == lease.token
+        with dg.execute_job(
+            dg.reconstructable(_chunk_job),
+            instance,
+            tags=inherited,
+            raise_on_error=False,
+            reexecution_options=dg.ReexecutionOptions(parent_run_id=parent_run.run_id),
+        ) as again:
+            failure = "" if again.success else str(again.all_events[-1].message)
+            assert again.success, failure
+    row = env.store.get(chunk)
+    assert row.state == JobState.COMPLETED and row.claimed_by != "pool-worker-1"
+    assert row.progress["docs_routed"] == 40
 
 
 # -- all documents invalid -----------------------------------------------------------------------------
