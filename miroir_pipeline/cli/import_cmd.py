@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from miroir_pipeline.cli import pool, runtime
+from miroir_pipeline.cli import collector, pool, runtime
 from miroir_pipeline.cli.errors import CliError, format_validation_error
 from miroir_pipeline.cli.options import (
     Subparsers,
@@ -294,6 +294,7 @@ def _run_and_report(
     elif from_pool:
         logs.discard()  # this command runs no Dagster; the pool's workers log where they run
         logs = runtime.DagsterLogs(None, logs.level)
+        collector.started()  # loaded; from here on it follows the pool's work, for hours maybe
         with runtime.StopSignal() as stop:
             outcome = runtime.WorkersOutcome(watch([], stop), None, 0)
         if stop.requested:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from miroir_pipeline.cli import pool, runtime
+from miroir_pipeline.cli import collector, pool, runtime
 from miroir_pipeline.cli.errors import CliError, format_validation_error
 from miroir_pipeline.cli.options import (
     Subparsers,
@@ -205,6 +205,7 @@ def _run_and_report(
     if parent.state == JobState.COMPLETED:
         outcome: runtime.WorkersOutcome[ParentSummary] = runtime.WorkersOutcome(before, None, 0)
     elif args.workers == 0:
+        collector.started()  # loaded; from here on it follows the pool's work, for hours maybe
         with runtime.StopSignal() as stop:
             followed = _watch(store, parent_id, old_shards, [], stop, mode=mode)
         if stop.requested:
