@@ -30,7 +30,10 @@ table, the chunk's completion and the parent's countdown in one statement), and 
 folded into the next claim (a prototype: a data-modifying CTE on the claim statement, which starts
 after the completion committed, so it is as exact as the separate check), and the check skipped
 when the completion holds a queued sibling (a prototype: that sibling, locked until the completion
-commits, is skipped by claimers, so it completes later and its own completion sees this one). Variants run interleaved,
+commits, is skipped by claimers, so it completes later and its own completion sees this one), and
+the check skipped when the completion's own snapshot shows a queued sibling (a prototype, with a
+partial index of queued rows; not exact: a sibling claimed and completed within the completion
+statement would leave the parent to the repair sweep). Variants run interleaved,
 each on a fresh database; the ratios are to the statements as the store runs them.
 
     .venv/bin/python benchmarks/claim_throughput.py [--quick] [--rows 20000] [--claimers 1,4,8]
@@ -187,6 +190,24 @@ def held_successor(complete: str) -> str:
     return head + body
 
 
+#: The prototype's index: only queued rows are in it, and a claim or completion (whose new row
+#: version is not queued) adds no entry to it.
+QUEUED_CHILDREN_INDEX = "CREATE INDEX jobs_queued_children_idx ON jobs (parent_job_id) WHERE state = 'queued'"
+
+
+def queued_sibling_seen(complete: str) -> str:
+    """PROTOTYPE: the completion also says whether its snapshot shows a queued sibling; the
+    post-commit check then runs only when it shows none."""
+    body = complete.strip().rstrip(";")
+    body = body.replace(
+        "RETURNING progress, finished_at, updated_at",
+        "RETURNING progress, finished_at, updated_at, EXISTS (SELECT 1 FROM jobs AS c"
+        " WHERE c.parent_job_id = %(parent_id)s AND c.state = 'queued') AS held",
+    )
+    assert "AS held" in body
+    return body
+
+
 #: variant -> (the claim returns the whole row as a dict, parent check after commit, parent
 #: counter, parent check folded into the next claim); without the whole row, the claim returns
 #: the ids only, as a tuple
@@ -197,6 +218,7 @@ BREAKDOWN = {
     "parent counter": (True, False, True, False),
     "check folded into next claim": (True, False, False, True),
     "check unless a sibling held": (True, True, False, False),
+    "check unless a queued sibling": (True, True, False, False),
 }
 
 
@@ -213,9 +235,11 @@ def statements_claimer(variant: str, dsn: str, worker: str, barrier: Barrier, ou
         claim = claim.replace("RETURNING j.*", "RETURNING j.id, j.parent_job_id")
     if counter:
         complete = COUNTER_COMPLETE
-    held = variant == "check unless a sibling held"
-    if held:
+    held = variant in ("check unless a sibling held", "check unless a queued sibling")
+    if variant == "check unless a sibling held":
         complete = held_successor(complete)
+    elif held:
+        complete = queued_sibling_seen(complete)
     if folded:
         claim = claim.replace("WITH candidate AS (", folded_check(parent_check) + "candidate AS (", 1)
         assert "parent_done" in claim
@@ -258,6 +282,11 @@ def run_statements_once(variant: str, dsn: str, rows: int, k: int) -> float:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SET search_path TO miroir")
             conn.execute(COUNTER_COLUMN)
+    if variant == "check unless a queued sibling":
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SET search_path TO miroir")
+            conn.execute(QUEUED_CHILDREN_INDEX)
+            conn.execute("ANALYZE jobs")
     wall, done = _race(partial(statements_claimer, variant), dsn, k)
     with psycopg.connect(dsn, autocommit=True) as conn:
         got = conn.execute(
