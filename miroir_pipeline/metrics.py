@@ -58,6 +58,7 @@ __all__ = [
     "QUEUE_DEPTH_METRIC",
     "QUEUE_DEPTH_REGISTRY",
     "RESHARD_DOCUMENTS_BACKFILLED",
+    "CommittedCount",
     "MetricsPushError",
     "parse_port",
     "prime_job_type",
@@ -126,8 +127,23 @@ DUMP_IMPORT_DOCUMENTS_ROUTED: Final = Counter(
 )
 RESHARD_DOCUMENTS_BACKFILLED: Final = Counter(
     "miroir_reshard_documents_backfilled_total",
-    "Documents re-hashed and written to the shadow index by reshard backfills.",
+    "Documents re-hashed, written to the shadow index and committed by reshard backfills.",
 )
+
+
+class CommittedCount:
+    """Feeds a counter from a chunk's committed progress: by how far a progress figure moved
+    past the highest value it had, so work a retry, a hand-back or a re-read does again is not
+    counted twice, and work not yet acknowledged is not counted at all."""
+
+    def __init__(self, counter: Counter, committed: int) -> None:
+        self.counter = counter
+        self.high = committed  # what earlier attempts of the chunk committed, and counted
+
+    def commit(self, value: int) -> None:
+        if value > self.high:
+            self.counter.inc(value - self.high)
+            self.high = value
 CHUNK_CLAIMS: Final = Counter(
     "miroir_chunk_claims_total",
     "Chunk leases taken by this process (first claims and re-claims).",

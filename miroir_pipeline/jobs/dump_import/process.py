@@ -114,6 +114,15 @@ def _run_chunk(
             raise
         report.dead_letter = str(dead.path)
         report.refused_dead_letter = str(refused_dead.path)
+    routed = metrics.CommittedCount(metrics.DUMP_IMPORT_DOCUMENTS_ROUTED, report.documents)
+    read = metrics.CommittedCount(metrics.DUMP_IMPORT_BYTES_READ, report.bytes)
+
+    def committed(batch: Batch) -> None:
+        routed.commit(int(batch.progress["docs_routed"]))
+        read.commit(int(batch.progress["bytes_processed"]))
+        if on_batch is not None:
+            on_batch(report)
+
     try:
         data = resolve_planned_dump(params.data_uri, params.data_size, (cursor, params.end))
         line_counter = _LineCounter(data)
@@ -128,7 +137,7 @@ def _run_chunk(
             shutdown,
             window_bytes=settings.window_bytes,
             before_commit=lambda batch: refusals.amend(batch, dead),
-            on_commit=(lambda _batch: on_batch(report)) if on_batch is not None else None,
+            on_commit=committed,
             on_refused=refusals.record,
         )
     finally:
@@ -379,8 +388,6 @@ def _batches(
             line_counter.advance(pos, pos + end, result.lines)
             blank_lines += result.blank_lines
             report.documents += result.documents
-            metrics.DUMP_IMPORT_BYTES_READ.inc(end)
-            metrics.DUMP_IMPORT_DOCUMENTS_ROUTED.inc(result.documents)
             pos += end
             if (
                 doc_router.buffered_docs >= settings.batch_size

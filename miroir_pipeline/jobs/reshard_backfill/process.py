@@ -116,6 +116,13 @@ def _run_chunk(
     pos = ShardPosition(shard, offset, prog.get("read_node") if offset else None)
     if offset:
         pos.tail.extend(str(k).encode() for k in prog.get("tail_keys") or ())
+    backfilled = metrics.CommittedCount(metrics.RESHARD_DOCUMENTS_BACKFILLED, report.documents)
+
+    def committed(batch: Batch) -> None:
+        backfilled.commit(int(batch.progress["documents_backfilled"]))
+        if on_batch is not None:
+            on_batch(report, batch.position)
+
     run_batches(
         store,
         keeper,
@@ -128,7 +135,7 @@ def _run_chunk(
         ),
         shutdown,
         window_bytes=settings.window_bytes,
-        on_commit=(lambda batch: on_batch(report, batch.position)) if on_batch is not None else None,
+        on_commit=committed,
         on_refused=lambda batch, refusals: _refused(params, shadow_router, batch, refusals),
     )
     report.duration_s = time.monotonic() - started
@@ -181,7 +188,6 @@ def _batches(
     def batch(next_shard: int, next_offset: int, tail: list[bytes], *, final: bool = False) -> Batch:
         nonlocal lines, keys, shards, docs, nbytes
         report.per_node = dict(zip(router.node_ids, per_node, strict=True))
-        metrics.RESHARD_DOCUMENTS_BACKFILLED.inc(docs)
         at = format_cursor(next_shard, next_offset)
         mid = bool(next_offset)  # inside a shard: what resuming there needs
         done = Batch(
