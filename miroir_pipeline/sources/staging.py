@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -134,10 +135,12 @@ class _StagingDir:
         )
 
     def uri_of(self, path: str) -> str:
+        """The URI workers open ``path`` by: the staging dir's own, with its options (a query
+        such as ``?endpoint_override=…&scheme=http``) kept after the file's name."""
         if self.is_local:
             return path
-        base = self.display.rstrip("/")
-        return base + "/" + posixpath.basename(path)
+        parts = urlsplit(self.display)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + posixpath.basename(path)))
 
     def free_bytes(self) -> int | None:
         if not self.is_local:

@@ -803,3 +803,27 @@ def test_enospc_fake_removes_the_partial_file(
         stage_dump(str(src), str(staging_path), None)
     assert str(staging_path) in str(info.value)
     assert list(staging_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("staging_dir", "expected"),
+    [
+        ("s3://bucket/staging", "s3://bucket/staging/dump-1.jsonl"),
+        ("s3://bucket/staging/", "s3://bucket/staging/dump-1.jsonl"),
+        (
+            "s3://bucket/staging?endpoint_override=127.0.0.1:9&scheme=http",
+            "s3://bucket/staging/dump-1.jsonl?endpoint_override=127.0.0.1:9&scheme=http",
+        ),
+    ],
+    ids=["plain", "trailing-slash", "with-options"],
+)
+def test_a_staged_copy_in_a_remote_staging_dir_is_named_by_a_uri_workers_can_open(staging_dir: str, expected: str) -> None:
+    """The URI written into every chunk keeps the staging dir's options (a MinIO endpoint,
+    say) after the file's name; appended after them, the name became part of the last option
+    and no worker could open the copy."""
+    staged = sources._StagingDir(staging_dir, pafs.LocalFileSystem(), "bucket/staging", False)
+    uri = staged.uri_of("bucket/staging/dump-1.jsonl")
+    assert uri == expected
+    if "endpoint_override" in uri:  # with an endpoint, opening it makes no request
+        _fs, path = pafs.FileSystem.from_uri(uri)
+        assert path == "bucket/staging/dump-1.jsonl"
