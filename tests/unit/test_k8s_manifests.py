@@ -182,6 +182,32 @@ def test_worker_config_files_are_mounted_and_valid(tmp_path: Path) -> None:
         assert var in env, f"dagster.yaml reads ${var}, which the worker does not set"
 
 
+def test_staging_and_dead_letters_are_one_shared_volume_for_workers_and_dagster_runs() -> None:
+    """A dump is expanded where its import is planned (a Dagster run pod, say) and read by the
+    pods that run its chunks; a chunk handed back on a scale-down resumes its dead-letter file
+    in another pod. Both directories must be the same, on a ReadWriteMany volume, in the
+    worker pods and in the code location whose launched runs inherit its config."""
+    claim = one("shared-storage.yaml", "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    worker_pod = one("worker-deployment.yaml", "Deployment")["spec"]["template"]["spec"]
+    user = user_deployment()
+    assert user["includeConfigInLaunchedRuns"]["enabled"] is True
+    places = {
+        "worker": (env_of(worker_container()), worker_container()["volumeMounts"], worker_pod["volumes"]),
+        "code location": (env_of(user), user["volumeMounts"], user["volumes"]),
+    }
+    dirs = {}
+    for where, (env, mounts, volumes) in places.items():
+        by_name = {v["name"]: v for v in volumes}
+        for var in ("MIROIR_STAGING_DIR", "MIROIR_DEAD_LETTER_DIR"):
+            path = env[var]["value"]
+            dirs.setdefault(var, set()).add(path)
+            (mount,) = [m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")]
+            volume = by_name[mount["name"]]
+            assert volume.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"], (where, var)
+    assert all(len(paths) == 1 for paths in dirs.values()), dirs
+
+
 def test_worker_service_is_headless_and_exposes_metrics() -> None:
     svc = one("worker-service.yaml", "Service")
     pod_labels = one("worker-deployment.yaml", "Deployment")["spec"]["template"]["metadata"][
