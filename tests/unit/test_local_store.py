@@ -40,6 +40,19 @@ def store(tmp_path: Path) -> Iterator[LocalNodeStore]:
     s.close()
 
 
+def test_a_write_is_on_disk_when_it_returns(store: LocalNodeStore) -> None:
+    """The chunk's cursor is saved in another database once the write returns: the write must
+    survive a power loss by then (WAL with synchronous=FULL syncs at every commit; NORMAL only
+    at checkpoints, so a power loss could lose writes the cursor has already passed). A power
+    loss cannot be produced here; the setting the write runs under is what is checked."""
+    store.ensure_index("books", "id")
+    store.write_documents("books", "id", ndjson([doc("a")]), 1)
+    with store._lock:  # the connection the writes use
+        conn = store._connection()
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
 def test_resent_document_replaces_old_one(store: LocalNodeStore) -> None:
     store.write_documents("books", "id", ndjson([doc(1, v=1), doc("a", v=1)]), 2)
     # Integer 1 and string "1" are the same document in Meilisearch.
