@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -68,6 +69,15 @@ class Node(BaseModel):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+def _place(url: str) -> str:
+    """Where a node URL points, spelled one way: a local store's normalised path, or a server's
+    scheme and host in lower case with its path."""
+    if url.startswith("local://"):
+        return "local://" + os.path.normpath(url[len("local://"):])
+    parts = urlsplit(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
+
+
 class Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -101,6 +111,16 @@ class Topology(BaseModel):
                     f"replication_factor: {self.replication_factor} is larger than group {g.id}, "
                     f"which has {len(g.nodes)} node(s)"
                 )
+        places: dict[str, str] = {}
+        for n in self.all_nodes():
+            place = _place(n.url)
+            if place in places:
+                raise ValueError(
+                    f"groups: nodes {places[place]!r} and {n.id!r} have the same URL ({n.url}); "
+                    "each node is a server (or local store) of its own, so one would hold both "
+                    "nodes' shards and the replicas meant to be apart would be one copy"
+                )
+            places[place] = n.id
         return self
 
     def all_nodes(self) -> list[Node]:

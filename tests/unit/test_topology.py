@@ -98,6 +98,10 @@ _DELETE = object()
         (["groups", 0, "nodes"], [], ["groups[0].nodes"]),
         (["groups"], [], ["groups"]),
         (["surprise"], 1, ["surprise"]),
+        # Two nodes on one server (or store), spelled differently: their replicas would be one copy.
+        (["groups", 0, "nodes", 1, "url"], "http://127.0.0.1:7700/", ["'a' and 'b'", "same URL"]),
+        (["groups", 1, "nodes", 1, "url"], "local:///x/./c", ["'c' and 'd'", "same URL"]),
+        (["groups", 1, "nodes", 1, "url"], "http://127.0.0.1:7700", ["'a' and 'd'", "same URL"]),
     ],
 )
 def test_invalid_topology_names_the_field(
