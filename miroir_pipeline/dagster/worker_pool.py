@@ -59,6 +59,10 @@ def _report_lock(instance: dg.DagsterInstance) -> contextlib.AbstractContextMana
 
 #: How often a worker refreshes the queue depth it serves (between chunks, while idle).
 QUEUE_DEPTH_EVERY_S = 5.0
+#: How often a pool worker completes parents whose chunks have all completed but which a crash
+#: left in progress (between chunks too): a claim that finds nothing does it, but a pool that
+#: never runs dry would otherwise leave it to the dispatch sensor, which may not run at all.
+PARENT_SWEEP_EVERY_S = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +164,7 @@ class Worker:
         return self.stats
 
     def _loop(self, work: WorkSignal) -> None:
-        published = float("-inf")
+        published = swept = float("-inf")
         idle = False
         while not self.shutdown.requested:
             if self.max_chunks is not None and self.stats.chunks_run >= self.max_chunks:
@@ -169,6 +173,9 @@ class Worker:
                 if time.monotonic() - published >= QUEUE_DEPTH_EVERY_S:
                     self._publish_queue_depth()
                     published = time.monotonic()
+                if self.parent_id is None and time.monotonic() - swept >= PARENT_SWEEP_EVERY_S:
+                    swept = time.monotonic()
+                    self.store.complete_finished_parents()
                 lease = self._claim()
                 done = lease is None and self.exit_when_empty and self._nothing_left()
             except Exception:

@@ -425,10 +425,11 @@ class SqlJobStore(JobStore, Generic[ConnT]):
         if check_failed is not None:
             # Raising would fail the attempt of a chunk that is completed (the fence then
             # refuses the failure); the parent is finished by the next claim that finds
-            # nothing to claim, or by reclaim_expired.
+            # nothing to claim, a pool worker's periodic sweep, or reclaim_expired.
             log.warning(
                 "chunk %s completed, but checking whether it finished parent %s failed (%s); "
-                "the next worker to find nothing to claim, or the dispatch sensor, completes "
+                "the next worker to find nothing to claim, a pool worker's periodic sweep, or "
+                "the dispatch sensor completes "
                 "the parent if it is finished",
                 lease.job_id,
                 parent_id,
